@@ -1,0 +1,35 @@
+"""lightning_nan: keep Lightning training alive through NaN/Inf, find out why, show it in TensorBoard.
+
+``from lightning_nan import NaNGuard`` gives callbacks for ``pytorch_lightning.Trainer``;
+``from lightning_nan.lightning import NaNGuard`` the same for ``lightning.pytorch.Trainer``.
+``lightning_nan.core`` is plain PyTorch, for hand-written loops. Importing ``lightning_nan`` alone
+does not import Lightning: the callbacks load on first use.
+
+>>> import lightning_nan
+>>> lightning_nan.NaNGuard.__module__
+'lightning_nan._pytorch_lightning'
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lightning_nan.core import *  # noqa: F403
+from lightning_nan.core import __all__ as _core_all
+
+if TYPE_CHECKING:
+    from lightning_nan._pytorch_lightning import NaNGuard
+
+__version__ = "0.1.0.dev0"
+
+_CALLBACKS = ("NaNGuard",)
+
+__all__ = [*_CALLBACKS, *_core_all]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLBACKS:
+        from lightning_nan import _pytorch_lightning
+
+        return getattr(_pytorch_lightning, name)
+    raise AttributeError(f"module 'lightning_nan' has no attribute {name!r}")

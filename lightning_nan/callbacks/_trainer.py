@@ -1,0 +1,44 @@
+"""What the callbacks need from a Trainer, read the same way from either Lightning namespace."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_nan.core.distributed import all_reduce_max
+
+
+def run_dir(trainer: Any) -> str:
+    """The trainer's log dir, or ``default_root_dir`` without a logger (a collective under DDP)."""
+    return trainer.log_dir or trainer.default_root_dir or os.getcwd()
+
+
+def grad_scaler(trainer: Any) -> Any:
+    """The fp16 GradScaler of the trainer's precision plugin, or ``None``."""
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def max_reducer(trainer: Any) -> Callable[[Tensor], Tensor]:
+    """An element-wise max over ranks with one collective and no host sync."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return all_reduce_max
+    if getattr(trainer, "world_size", 1) > 1:  # a strategy not built on torch.distributed
+        return lambda t: trainer.strategy.reduce(t, reduce_op="max")
+    return lambda t: t
+
+
+def log_metrics(trainer: Any, metrics: dict[str, float]) -> None:
+    """Send scalars to every logger of the trainer at the current global step (rank zero only)."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def callbacks_of(trainer: Any, cls: type) -> list[Any]:
+    """The trainer's callbacks that are instances of ``cls``."""
+    return [cb for cb in trainer.callbacks if isinstance(cb, cls)]

@@ -1,0 +1,205 @@
+"""NaNGuard: the Lightning callback around :class:`~lightning_nan.core.step_guard.StepGuard`."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from lightning_nan.callbacks._trainer import callbacks_of, grad_scaler, log_metrics, max_reducer, run_dir
+from lightning_nan.core.errors import NonFiniteWarning
+from lightning_nan.core.events import EscalationHandler, IncidentListener
+from lightning_nan.core.incident import Incident
+from lightning_nan.core.jsonl import append_jsonl
+from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard
+
+INCIDENTS_FILE = "nan_incidents.jsonl"
+
+
+class NaNGuardBase:
+    """Skip every optimizer step whose loss, gradients, weights (or inputs) are NaN/Inf.
+
+    Checks, per optimizer step: the loss of every micro-batch (gradient accumulation included), the
+    gradients (after AMP unscaling, before clipping), the weights the previous step produced (every
+    ``check_params_every_n_steps``), and optionally the input batch. All of it in one fused norm pass
+    and one device-to-host transfer; under DDP the ranks agree, so a fault on one rank skips the step
+    on all of them. A skipped step leaves weights, optimizer moments and optimizer step counters
+    untouched (its gradients are set to ``None``); the trainer's ``global_step`` and LR schedulers
+    still advance, as they do for steps GradScaler skips.
+
+    With fp16 AMP, GradScaler's own overflow skips are not failures (counted as ``scaler_overflows``);
+    a non-finite loss or a loss scale under ``min_loss_scale`` is. After ``max_consecutive`` skips in
+    a row, or as soon as the weights are non-finite, the guard escalates: callbacks with
+    ``on_nan_escalation`` (rollback) may recover, otherwise it raises
+    :class:`~lightning_nan.core.errors.NonFiniteError`. Every callback with ``on_nan_incident`` hears
+    of each incident (see :mod:`lightning_nan.core.events`).
+
+    Args:
+        max_consecutive: skipped steps in a row before escalating (default 20, see
+            :data:`~lightning_nan.core.step_guard.DEFAULT_MAX_CONSECUTIVE`).
+        check_inputs: also check the floating-point tensors of each input batch.
+        check_params_every_n_steps: check the weights every n optimizer steps (0: never).
+        min_loss_scale: fp16 loss scale below which a step counts as failed.
+        incidents_path: where to append incidents as JSON lines; default
+            ``<trainer.log_dir>/nan_incidents.jsonl`` (or ``default_root_dir`` without a logger).
+        log_every_n_steps: how often to log the counters; default: the trainer's ``log_every_n_steps``.
+            Steps with an incident are always logged.
+
+    Logged through the trainer's loggers:
+
+    ==============================  ====================================================
+    key                             value
+    ==============================  ====================================================
+    ``nan_guard/skipped_steps``     steps skipped so far
+    ``nan_guard/consecutive_skips`` skipped steps in a row right now
+    ``nan_guard/incidents``         incidents recorded so far
+    ``nan_guard/scaler_overflows``  fp16 steps GradScaler skipped by itself
+    ==============================  ====================================================
+
+    Example:
+        >>> import torch, pytorch_lightning as pl
+        >>> from lightning_nan import NaNGuard
+        >>> class Model(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = torch.nn.Linear(2, 1)
+        ...     def training_step(self, batch, batch_idx):
+        ...         (x,) = batch
+        ...         return self.layer(x).pow(2).mean()
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> data = torch.ones(8, 2)
+        >>> data[3, 0] = float("nan")  # the second batch of two is poisoned
+        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=2)
+        >>> guard = NaNGuard()
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[guard], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> with warnings.catch_warnings(record=True):
+        ...     trainer.fit(Model(), loader)
+        >>> [(i.step, i.kind, i.action) for i in guard.incidents]
+        [(1, 'loss', 'skipped')]
+        >>> all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
+        True
+    """
+
+    def __init__(
+        self,
+        *,
+        max_consecutive: int = DEFAULT_MAX_CONSECUTIVE,
+        check_inputs: bool = False,
+        check_params_every_n_steps: int = 1,
+        min_loss_scale: float = 1.0,
+        incidents_path: str | os.PathLike[str] | None = None,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        if not isinstance(check_inputs, bool):
+            raise ValueError(f"Expected `check_inputs` to be a bool, got {check_inputs!r}")
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"Expected `log_every_n_steps` to be None or an int >= 1, got {log_every_n_steps!r}")
+        super().__init__()
+        self.guard = StepGuard(
+            max_consecutive=max_consecutive,
+            check_params_every_n_steps=check_params_every_n_steps,
+            min_loss_scale=min_loss_scale,
+        )
+        self.check_inputs = check_inputs
+        self.incidents_path = None if incidents_path is None else os.fspath(incidents_path)
+        self.log_every_n_steps = log_every_n_steps
+        self._path: str | None = None
+
+    @property
+    def incidents(self) -> list[Incident]:
+        """Every incident so far, oldest first."""
+        return self.guard.incidents
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.guard.skipped_steps
+
+    @property
+    def consecutive_skips(self) -> int:
+        return self.guard.consecutive_skips
+
+    @property
+    def path(self) -> str | None:
+        """The incidents file of the current run (known once ``fit`` has started)."""
+        return self._path
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        guards = callbacks_of(trainer, NaNGuardBase)
+        if len(guards) > 1:
+            raise ValueError(
+                f"The Trainer has {len(guards)} NaNGuard callbacks; keep one (several would skip and count each step twice)."
+            )
+        self.guard.set_parameter_names(pl_module)
+        self.guard.reduce = max_reducer(trainer)
+        self.guard.listeners = [
+            cb
+            for cb in trainer.callbacks
+            if cb is not self and isinstance(cb, (IncidentListener, EscalationHandler))
+        ]
+        self.guard.on_record = lambda incident: self._record(trainer, incident)
+        self._path = self.incidents_path or os.path.join(run_dir(trainer), INCIDENTS_FILE)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        for opt in trainer.optimizers:
+            if isinstance(opt, torch.optim.LBFGS):
+                raise ValueError(
+                    "NaNGuard cannot skip LBFGS steps (LBFGS evaluates its closure several times per step). "
+                    "Use another optimizer, or remove NaNGuard from the Trainer's callbacks."
+                )
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.guard.observe_batch(batch, batch_idx, check_inputs=self.check_inputs)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        self.guard.observe_loss(loss)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        verdict = self.guard.check(
+            optimizer,
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            scaler=grad_scaler(trainer),
+            extra={"trainer": trainer, "pl_module": pl_module},
+        )
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if verdict.incident is not None or trainer.global_step % every == 0:
+            log_metrics(trainer, self.metrics())
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.guard.check_params_every_n_steps > 0:
+            self.guard.check_parameters(
+                pl_module.parameters(),
+                step=trainer.global_step,
+                epoch=trainer.current_epoch,
+                extra={"trainer": trainer, "pl_module": pl_module},
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.guard.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.guard.load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ output
+    def metrics(self) -> dict[str, float]:
+        """The counters, under the keys this callback logs."""
+        return {
+            "nan_guard/skipped_steps": float(self.guard.skipped_steps),
+            "nan_guard/consecutive_skips": float(self.guard.consecutive_skips),
+            "nan_guard/incidents": float(len(self.guard.incidents)),
+            "nan_guard/scaler_overflows": float(self.guard.scaler_overflows),
+        }
+
+    def _record(self, trainer: Any, incident: Incident) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self._path is not None:
+            append_jsonl(self._path, [incident.to_dict()])
+        warnings.warn(f"NaNGuard: {incident.summary()}", NonFiniteWarning, stacklevel=2)

@@ -1,0 +1,92 @@
+"""The incident event protocol: how the guard tells other components what happened.
+
+The guard detects, agrees across ranks and skips; everything else (bisection, LR backoff, rollback,
+diagnosis) reacts to its events. Any object with the method below takes part; in a Lightning
+``Trainer`` every callback that has it is subscribed automatically, in the order of ``callbacks``.
+
+``on_nan_incident(event) -> None``
+    Called once per incident, on every rank (the decision is already agreed), after the step was
+    skipped and before the incident is recorded. A listener may fill ``event.incident.samples``,
+    ``.module``, ``.cause``, ``.advice`` or add to ``.detail``; what it writes is what gets recorded.
+
+``on_nan_escalation(event) -> bool``
+    Called when skipping cannot help: the weights are non-finite, or ``max_consecutive`` steps in a
+    row were skipped. Handlers are asked in order until one returns ``True``, meaning "I restored a
+    finite state, carry on" (a rollback, say). Every rank must return the same answer; the guard
+    checks that they do. When no handler returns ``True`` the guard raises
+    :class:`~lightning_nan.core.errors.NonFiniteError`.
+
+>>> from lightning_nan.core.incident import Incident
+>>> class Printer:
+...     def on_nan_incident(self, event):
+...         print("saw", event.incident.kind, "at step", event.incident.step)
+>>> event = IncidentEvent(Incident(step=4, kind="grad"))
+>>> notify([Printer(), object()], event)
+saw grad at step 4
+>>> isinstance(Printer(), IncidentListener), isinstance(object(), IncidentListener)
+(True, False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+from lightning_nan.core.incident import Incident
+
+
+@dataclass
+class IncidentEvent:
+    """What a listener gets: the incident and the live objects needed to act on it.
+
+    Attributes:
+        incident: the record; listeners may fill its fields.
+        optimizer: the optimizer whose step was skipped (``None`` for checks outside a step).
+        batches: ``(batch_idx, batch)`` for every batch that fed the skipped step (several with
+            gradient accumulation), as the training step received them.
+        grad_norms: per-parameter gradient 2-norms of the step (float32, on the device), in the order
+            of ``param_names``; ``None`` when gradients were not checked.
+        param_names: the names of the optimizer's parameters that had gradients.
+        guard: the :class:`~lightning_nan.core.step_guard.StepGuard` that raised the event.
+        extra: framework objects, e.g. ``{"trainer": trainer, "pl_module": module}`` under Lightning.
+    """
+
+    incident: Incident
+    optimizer: Any = None
+    batches: Sequence[tuple[int, Any]] = ()
+    grad_norms: Tensor | None = None
+    param_names: Sequence[str] = ()
+    guard: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class IncidentListener(Protocol):
+    """Reacts to every incident (bisection, backoff, diagnosis)."""
+
+    def on_nan_incident(self, event: IncidentEvent) -> None: ...
+
+
+@runtime_checkable
+class EscalationHandler(Protocol):
+    """Tries to recover when skipping cannot help (rollback); returns ``True`` if it did."""
+
+    def on_nan_escalation(self, event: IncidentEvent) -> bool: ...
+
+
+def notify(listeners: Iterable[Any], event: IncidentEvent) -> None:
+    """Call ``on_nan_incident`` on every listener that has it, in order."""
+    for listener in listeners:
+        if isinstance(listener, IncidentListener):
+            listener.on_nan_incident(event)
+
+
+def escalate(handlers: Iterable[Any], event: IncidentEvent) -> str | None:
+    """Ask handlers in order; return the class name of the first that recovered, else ``None``."""
+    for handler in handlers:
+        if isinstance(handler, EscalationHandler) and handler.on_nan_escalation(event):
+            return type(handler).__name__
+    return None

@@ -1,0 +1,95 @@
+"""The incident record: what turned non-finite, where, when, and what was done about it.
+
+>>> inc = Incident(step=7, kind="loss", advice="use log_softmax")
+>>> inc.summary()
+'step 7: non-finite loss, cause unknown -> skipped. use log_softmax'
+>>> Incident.from_dict(inc.to_dict()) == inc
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+#: What was found non-finite. ``"scale"``: the fp16 GradScaler's loss scale fell below its floor.
+IncidentKind = Literal["loss", "grad", "param", "input", "scale"]
+KINDS: tuple[str, ...] = ("loss", "grad", "param", "input", "scale")
+
+#: Filled in by the diagnosis; ``"unknown"`` until then.
+CAUSES: tuple[str, ...] = ("unknown", "divergence", "dirty_data", "unsafe_op", "overflow")
+
+
+@dataclass
+class Incident:
+    """One non-finite event, as recorded in ``guard.incidents`` and ``nan_incidents.jsonl``.
+
+    Attributes:
+        step: the optimizer step that was attempted (``trainer.global_step`` at the check).
+        kind: what was non-finite: ``loss``, ``grad``, ``param``, ``input`` or ``scale``.
+        cause: why (see :data:`CAUSES`); ``"unknown"`` until a diagnosis fills it.
+        module: the first module whose output turned non-finite, when localization ran.
+        samples: data set indices of the culprit samples, when bisection ran.
+        advice: one sentence a user can act on.
+        epoch: the training epoch, when known.
+        batch_idx: the batch (or, with accumulation, the batches) that fed this step.
+        ranks: the ranks that saw the fault (``[0]`` when not distributed).
+        params: the first parameter names with non-finite gradients or values.
+        detail: free-form facts (loss value, gradient norm, consecutive skips, ...).
+        action: ``skipped``, ``escalated``, ``raised`` or ``recovered by <Name>``.
+        time: wall-clock time of the check, seconds since the epoch.
+    """
+
+    step: int
+    kind: str
+    cause: str = "unknown"
+    module: str | None = None
+    samples: list[int] | None = None
+    advice: str = ""
+    epoch: int | None = None
+    batch_idx: list[int] | None = None
+    ranks: list[int] = field(default_factory=lambda: [0])
+    params: list[str] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
+    action: str = "skipped"
+    time: float = field(default_factory=time.time, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Expected `kind` in {KINDS}, got {self.kind!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy (primitives, lists and dicts only)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Incident:
+        """Rebuild from :meth:`to_dict` output; unknown keys (from newer versions) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def where(self) -> str:
+        """Where the fault was seen, in words: parameters, batches, ranks."""
+        parts = []
+        if self.params:
+            shown = ", ".join(self.params[:3]) + (f" (+{len(self.params) - 3} more)" if len(self.params) > 3 else "")
+            parts.append(f"in {shown}")
+        if self.module:
+            parts.append(f"first in module {self.module}")
+        if self.batch_idx:
+            parts.append(f"batch {', '.join(map(str, self.batch_idx))}")
+        if self.epoch is not None:
+            parts.append(f"epoch {self.epoch}")
+        if self.ranks and self.ranks != [0]:
+            parts.append(f"rank {', '.join(map(str, self.ranks))}")
+        if self.samples:
+            parts.append(f"samples {self.samples}")
+        return ", ".join(parts)
+
+    def summary(self) -> str:
+        """One line: step, what, where, cause, action and advice."""
+        where = self.where()
+        where = f" ({where})" if where else ""
+        return f"step {self.step}: non-finite {self.kind}{where}, cause {self.cause} -> {self.action}. {self.advice}".rstrip()

@@ -1,0 +1,399 @@
+"""StepGuard: skip an optimizer step whose loss, inputs, gradients or weights are not finite.
+
+Pure PyTorch; the Lightning callback :class:`~lightning_nan.NaNGuard` is a thin wrapper around it.
+Per optimizer step it runs one fused norm pass over the gradients (and, every
+``check_params_every_n_steps`` steps, one over the weights), agrees with the other ranks, and reads
+the result back with a single device-to-host transfer. On a fault it sets every gradient of the
+optimizer to ``None``, so the following ``optimizer.step()`` changes nothing: no weight, no momentum
+or Adam moment, no per-parameter step counter.
+
+>>> import torch
+>>> model = torch.nn.Linear(2, 1)
+>>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+>>> guard = StepGuard(model)
+>>> before = [p.detach().clone() for p in model.parameters()]
+>>> loss = model(torch.tensor([[1.0, float("nan")]])).sum()
+>>> guard.observe_loss(loss)
+>>> loss.backward()
+>>> verdict = guard.check(opt)
+>>> verdict.skipped, verdict.incident.kind
+(True, 'loss')
+>>> opt.step()  # a no-op: the gradients are gone
+>>> all(torch.equal(a, b) for a, b in zip(before, model.parameters())), opt.state == {}
+(True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_nan.core.distributed import all_reduce_max, ranks_where, world
+from lightning_nan.core.errors import NonFiniteError
+from lightning_nan.core.events import IncidentEvent, escalate, notify
+from lightning_nan.core.incident import Incident
+from lightning_nan.core.norms import any_nonfinite, iter_tensors, tensor_norms, total_norm
+
+#: Default for ``max_consecutive``. While steps are skipped the weights do not change, so a run of
+#: skips is either a run of bad batches or a model that fails on every batch. If even half of all
+#: batches were bad, 20 bad batches in a row would come up by chance about once in a million
+#: steps (0.5**20); 20 skips in a row therefore means the model, not the data, is broken.
+DEFAULT_MAX_CONSECUTIVE = 20
+
+ADVICE = {
+    "loss": (
+        "The loss was NaN/Inf: look for log(0), 0/0, exp overflow or a saturated softmax "
+        "(use log_softmax, an epsilon, clamping); if it recurs, lower the learning rate or clip gradients."
+    ),
+    "grad": (
+        "The gradients were NaN/Inf with a finite loss: clip gradients (GradientClipping) or lower the "
+        "learning rate; check ops with unbounded derivatives (sqrt or pow near 0, division)."
+    ),
+    "param": (
+        "The weights are NaN/Inf, so skipping steps cannot help: restore a good state (CheckpointRollback or "
+        "your last checkpoint), then lower the learning rate and clip gradients."
+    ),
+    "input": (
+        "The input batch holds NaN/Inf: clean the data set, or let BatchBisection find and quarantine the samples."
+    ),
+    "scale": (
+        "The fp16 loss scale collapsed: nearly every step overflows. Use precision='bf16-mixed', lower the "
+        "learning rate, or normalise the inputs."
+    ),
+}
+
+# The order of the agreed flags; the first one set names the incident's kind.
+_FLAG_KINDS = ("param", "input", "loss", "grad", "scale")
+
+
+@dataclass
+class StepVerdict:
+    """The outcome of :meth:`StepGuard.check`.
+
+    Attributes:
+        skipped: the gradients were cleared: ``optimizer.step()`` will change nothing.
+        incident: the recorded incident, when there was one.
+        scaler_overflow: only the gradients were non-finite and a GradScaler is active: the scaler
+            skips this step and lowers its scale by itself, which is not counted as a failure.
+    """
+
+    skipped: bool = False
+    incident: Incident | None = None
+    scaler_overflow: bool = False
+
+
+class StepGuard:
+    """Detects non-finite values around each optimizer step and skips that step.
+
+    Args:
+        named_parameters: a module, or ``(name, parameter)`` pairs, used to name offending parameters.
+        max_consecutive: escalate after this many skipped steps in a row (see
+            :data:`DEFAULT_MAX_CONSECUTIVE` for why 20).
+        check_params_every_n_steps: check the weights at every n-th step (0: never). The weights checked
+            at step n are those the previous step produced.
+        min_loss_scale: with an fp16 GradScaler, a loss scale below this counts as a failure
+            (1.0 by default, as DeepSpeed's ``min_loss_scale``).
+        listeners: objects with ``on_nan_incident`` / ``on_nan_escalation`` (see :mod:`~lightning_nan.core.events`).
+        reduce: in-place element-wise max over ranks; the default uses ``torch.distributed`` when initialised.
+        on_record: called with each incident once listeners have filled it in (to log or write it).
+
+    Call :meth:`observe_batch` and :meth:`observe_loss` for every micro-batch, then :meth:`check`
+    right before ``optimizer.step()`` (after ``scaler.unscale_(optimizer)`` under fp16 AMP, before
+    any clipping).
+    """
+
+    def __init__(
+        self,
+        named_parameters: torch.nn.Module | Iterable[tuple[str, Tensor]] | None = None,
+        *,
+        max_consecutive: int = DEFAULT_MAX_CONSECUTIVE,
+        check_params_every_n_steps: int = 1,
+        min_loss_scale: float = 1.0,
+        listeners: Sequence[Any] = (),
+        reduce: Callable[[Tensor], Tensor] = all_reduce_max,
+        on_record: Callable[[Incident], None] | None = None,
+    ) -> None:
+        if not isinstance(max_consecutive, int) or isinstance(max_consecutive, bool) or max_consecutive < 1:
+            raise ValueError(f"Expected `max_consecutive` to be an int >= 1, got {max_consecutive!r}")
+        if (
+            not isinstance(check_params_every_n_steps, int)
+            or isinstance(check_params_every_n_steps, bool)
+            or check_params_every_n_steps < 0
+        ):
+            raise ValueError(
+                f"Expected `check_params_every_n_steps` to be an int >= 0 (0 disables it), got {check_params_every_n_steps!r}"
+            )
+        if not isinstance(min_loss_scale, (int, float)) or not min_loss_scale > 0:
+            raise ValueError(f"Expected `min_loss_scale` > 0, got {min_loss_scale!r}")
+        self.max_consecutive = max_consecutive
+        self.check_params_every_n_steps = check_params_every_n_steps
+        self.min_loss_scale = float(min_loss_scale)
+        self.listeners: list[Any] = list(listeners)
+        self.reduce = reduce
+        self.on_record = on_record
+        self._names: dict[int, str] = {}
+        if named_parameters is not None:
+            self.set_parameter_names(named_parameters)
+
+        self.checks = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.scaler_overflows = 0
+        self.incidents: list[Incident] = []
+        #: Per-parameter gradient 2-norms of the last check (float32, on the device) and their names,
+        #: so that clipping and monitoring can reuse them instead of a second pass.
+        self.last_grad_norms: Tensor | None = None
+        self.last_grad_names: list[str] = []
+
+        self._loss_flags: list[Tensor] = []
+        self._loss_where: list[int | None] = []
+        self._input_flags: list[Tensor] = []
+        self._window: list[tuple[int, Any]] = []
+        self._recent: list[tuple[int, Any]] = []
+
+    # ------------------------------------------------------------------ observation
+    def set_parameter_names(self, named_parameters: torch.nn.Module | Iterable[tuple[str, Tensor]]) -> None:
+        """(Re)build the parameter-name table used in messages."""
+        if isinstance(named_parameters, torch.nn.Module):
+            named_parameters = named_parameters.named_parameters()
+        self._names = {id(p): name for name, p in named_parameters}
+
+    def observe_batch(self, batch: Any, batch_idx: int | None = None, *, check_inputs: bool = True) -> None:
+        """Note the batch about to be fed forward; with ``check_inputs``, flag NaN/Inf in its float tensors."""
+        if batch_idx is None:
+            batch_idx = (self._window[-1][0] + 1) if self._window else 0
+        self._window.append((batch_idx, batch))
+        if check_inputs:
+            tensors = [t for _, t in iter_tensors(batch)]
+            if tensors:
+                self._input_flags.append(any_nonfinite(tensor_norms(tensors, math.inf)))
+
+    def observe_loss(self, loss: Tensor, batch_idx: int | None = None) -> None:
+        """Flag a non-finite loss (call once per backward; no host synchronisation)."""
+        self._loss_flags.append(any_nonfinite(loss.detach()))
+        self._loss_where.append(batch_idx if batch_idx is not None else (self._window[-1][0] if self._window else None))
+
+    # ------------------------------------------------------------------ the check
+    def check(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        scaler: Any = None,
+        extra: dict[str, Any] | None = None,
+    ) -> StepVerdict:
+        """Decide whether the coming ``optimizer.step()`` is safe; if not, clear its gradients.
+
+        Every rank must call this at the same step. Raises
+        :class:`~lightning_nan.core.errors.NonFiniteError` when skipping cannot help and no
+        escalation handler recovered.
+        """
+        step = self.checks if step is None else step
+        self.checks += 1
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        with_grad = [p for p in params if p.grad is not None]
+        device = with_grad[0].grad.device if with_grad else (params[0].device if params else torch.device("cpu"))
+        false = torch.zeros((), dtype=torch.bool, device=device)
+
+        grad_norms = tensor_norms([p.grad for p in with_grad]) if with_grad else None
+        self.last_grad_norms = grad_norms
+        self.last_grad_names = [self._name(p, i) for i, p in enumerate(with_grad)]
+        check_params = self.check_params_every_n_steps > 0 and step % self.check_params_every_n_steps == 0
+        param_max = tensor_norms(params, math.inf) if (check_params and params) else None
+        scale = _loss_scale(scaler)
+
+        loss_flags = _stack(self._loss_flags, device)
+        input_flags = _stack(self._input_flags, device)
+        local = torch.stack(
+            [
+                input_flags.any() if input_flags.numel() else false,
+                loss_flags.any() if loss_flags.numel() else false,
+                any_nonfinite(grad_norms) if grad_norms is not None else false,
+                any_nonfinite(param_max) if param_max is not None else false,
+                (scale.to(device) < self.min_loss_scale) if scale is not None else false,
+            ]
+        ).float()
+        agreed = self.reduce(local.clone())
+        # The one device-to-host transfer of a healthy step.
+        host = torch.cat([agreed, local, loss_flags.float()]).tolist()
+        flags = dict(zip(("input", "loss", "grad", "param", "scale"), (v > 0 for v in host[:5])))
+        local_flags = dict(zip(("input", "loss", "grad", "param", "scale"), (v > 0 for v in host[5:10])))
+        bad_loss_at = [w for w, v in zip(self._loss_where, host[10:]) if v > 0]
+
+        batches = self._window or self._recent
+        self._recent = self._window[-1:] or self._recent
+        self._window, self._loss_flags, self._loss_where, self._input_flags = [], [], [], []
+
+        if not any(flags.values()):
+            self.consecutive_skips = 0
+            return StepVerdict()
+        if scaler is not None and flags["grad"] and not (flags["loss"] or flags["input"] or flags["param"] or flags["scale"]):
+            # GradScaler found the same overflow during unscale_ and skips this step itself.
+            self.scaler_overflows += 1
+            return StepVerdict(scaler_overflow=True)
+
+        for p in params:
+            p.grad = None
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        kind = next(k for k in _FLAG_KINDS if flags[k])
+        incident = Incident(
+            step=step,
+            kind=kind,
+            advice=ADVICE[kind],
+            epoch=epoch,
+            batch_idx=sorted({i for i, _ in batches}) or None,
+            ranks=ranks_where(any(local_flags.values()), self.reduce, device),
+            params=self._offenders(kind, with_grad, grad_norms, params, param_max),
+            detail=self._details(kind, grad_norms, scale, bad_loss_at, batches),
+        )
+        event = IncidentEvent(
+            incident=incident,
+            optimizer=optimizer,
+            batches=list(batches),
+            grad_norms=grad_norms,
+            param_names=self.last_grad_names,
+            guard=self,
+            extra=dict(extra or {}),
+        )
+        self._dispatch(event, device)
+        return StepVerdict(skipped=True, incident=incident)
+
+    def check_parameters(
+        self, params: Iterable[Tensor], *, step: int | None = None, epoch: int | None = None, extra: dict[str, Any] | None = None
+    ) -> Incident | None:
+        """Check weights outside a step (e.g. once training ended); escalate if any is non-finite.
+
+        A collective under DDP: call it on every rank.
+        """
+        params = list(params)
+        if not params:
+            return None
+        device = params[0].device
+        param_max = tensor_norms(params, math.inf)
+        if not self.reduce(any_nonfinite(param_max).float().reshape(1)).item() > 0:
+            return None
+        incident = Incident(
+            step=self.checks if step is None else step,
+            kind="param",
+            advice=ADVICE["param"],
+            epoch=epoch,
+            ranks=ranks_where(not bool(torch.isfinite(param_max).all()), self.reduce, device),
+            params=self._offenders("param", [], None, params, param_max),
+            action="found after training",
+        )
+        self._dispatch(IncidentEvent(incident=incident, guard=self, extra=dict(extra or {})), device)
+        return incident
+
+    def _dispatch(self, event: IncidentEvent, device: torch.device) -> None:
+        """Tell listeners, escalate when skipping cannot help, record; raise if nobody recovered."""
+        incident = event.incident
+        notify(self.listeners, event)
+        raise_error = False
+        if incident.kind == "param" or self.consecutive_skips >= self.max_consecutive:
+            incident.detail["escalation"] = (
+                "The weights are non-finite, so skipping the step cannot help."
+                if incident.kind == "param"
+                else f"{self.consecutive_skips} steps in a row were skipped (max_consecutive={self.max_consecutive}); "
+                "the weights no longer change, so the next batches will fail the same way."
+            )
+            recovered_by = self._agreed(escalate(self.listeners, event), device)
+            if recovered_by:
+                incident.action = f"recovered by {recovered_by}"
+                self.consecutive_skips = 0
+            else:
+                incident.action = "raised"
+                raise_error = True
+        self.incidents.append(incident)
+        if self.on_record is not None:
+            self.on_record(incident)
+        if raise_error:
+            raise NonFiniteError(incident, self.incidents[:-1])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and incidents, as primitives."""
+        return {
+            "checks": self.checks,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "scaler_overflows": self.scaler_overflows,
+            "incidents": [i.to_dict() for i in self.incidents],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; missing keys keep their defaults."""
+        self.checks = int(state.get("checks", self.checks))
+        self.skipped_steps = int(state.get("skipped_steps", self.skipped_steps))
+        self.consecutive_skips = int(state.get("consecutive_skips", self.consecutive_skips))
+        self.scaler_overflows = int(state.get("scaler_overflows", self.scaler_overflows))
+        self.incidents = [Incident.from_dict(d) for d in state.get("incidents", [])]
+
+    # ------------------------------------------------------------------ failure path (rare: syncs allowed)
+    def _name(self, p: Tensor, i: int) -> str:
+        return self._names.get(id(p), f"param[{i}]")
+
+    def _offenders(
+        self, kind: str, with_grad: list[Tensor], grad_norms: Tensor | None, params: list[Tensor], param_max: Tensor | None
+    ) -> list[str]:
+        if kind == "param" and param_max is not None:
+            return [self._name(p, i) for i, (p, v) in enumerate(zip(params, param_max.tolist())) if not math.isfinite(v)]
+        if grad_norms is not None:
+            return [self._name(p, i) for i, (p, v) in enumerate(zip(with_grad, grad_norms.tolist())) if not math.isfinite(v)]
+        return []
+
+    def _details(
+        self, kind: str, grad_norms: Tensor | None, scale: Tensor | None, bad_loss_at: list[Any], batches: list[Any]
+    ) -> dict[str, Any]:
+        detail: dict[str, Any] = {"consecutive_skips": self.consecutive_skips}
+        if grad_norms is not None:
+            detail["grad_norm"] = _number(float(total_norm(grad_norms)))
+        if bad_loss_at:
+            detail["loss_batches"] = bad_loss_at
+        if scale is not None:
+            detail["loss_scale"] = _number(float(scale))
+        if kind == "input":
+            detail["input_fields"] = sorted(
+                {f"batch {idx}{path}" for idx, batch in batches for path, t in iter_tensors(batch) if not bool(torch.isfinite(t).all())}
+            )
+        return detail
+
+    def _agreed(self, recovered_by: str | None, device: torch.device) -> str | None:
+        """Make sure all ranks agree on whether a handler recovered."""
+        if world()[1] == 1:
+            return recovered_by
+        flags = self.reduce(torch.tensor([float(recovered_by is not None), float(recovered_by is None)], device=device)).tolist()
+        if flags[0] > 0 and flags[1] > 0:
+            raise RuntimeError(
+                "Escalation handlers disagreed across ranks (some recovered, some did not); every handler must "
+                "return the same answer on all ranks."
+            )
+        return recovered_by
+
+
+def _stack(flags: list[Tensor], device: torch.device) -> Tensor:
+    if not flags:
+        return torch.zeros(0, dtype=torch.bool, device=device)
+    return torch.stack([f.to(device, non_blocking=True) for f in flags])
+
+
+def _loss_scale(scaler: Any) -> Tensor | None:
+    """The GradScaler's current scale as a tensor, without a host sync when possible."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, Tensor):
+        return scale.reshape(())
+    return torch.tensor(float(scaler.get_scale()))
+
+
+
+def _number(x: float) -> float | str:
+    """Keep JSON strict: non-finite floats become the strings 'nan', 'inf', '-inf'."""
+    return x if math.isfinite(x) else str(x)
