@@ -38,7 +38,3 @@ def log_metrics(trainer: Any, metrics: dict[str, float]) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
 
-
-def callbacks_of(trainer: Any, cls: type) -> list[Any]:
-    """The trainer's callbacks that are instances of ``cls``."""
-    return [cb for cb in trainer.callbacks if isinstance(cb, cls)]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lightning_nan.callbacks._trainer import callbacks_of, grad_scaler, log_metrics, max_reducer, run_dir
+from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir
 from lightning_nan.core.errors import NonFiniteWarning
 from lightning_nan.core.events import EscalationHandler, IncidentListener
 from lightning_nan.core.incident import Incident
@@ -131,11 +131,6 @@ class NaNGuardBase:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        guards = callbacks_of(trainer, NaNGuardBase)
-        if len(guards) > 1:
-            raise ValueError(
-                f"The Trainer has {len(guards)} NaNGuard callbacks; keep one (several would skip and count each step twice)."
-            )
         self.guard.set_parameter_names(pl_module)
         self.guard.reduce = max_reducer(trainer)
         self.guard.listeners = [

@@ -67,8 +67,9 @@ ADVICE = {
     ),
 }
 
-# The order of the agreed flags; the first one set names the incident's kind.
-_FLAG_KINDS = ("param", "input", "loss", "grad", "scale")
+# Which agreed flag names the incident when several are set (under a GradScaler a gradient overflow
+# alone is not a failure, so a collapsed scale outranks it).
+_FLAG_KINDS = ("param", "input", "loss", "scale", "grad")
 
 
 @dataclass
@@ -76,10 +77,11 @@ class StepVerdict:
     """The outcome of :meth:`StepGuard.check`.
 
     Attributes:
-        skipped: the gradients were cleared: ``optimizer.step()`` will change nothing.
+        skipped: a failed step: the gradients were cleared, ``optimizer.step()`` will change nothing.
         incident: the recorded incident, when there was one.
         scaler_overflow: only the gradients were non-finite and a GradScaler is active: the scaler
-            skips this step and lowers its scale by itself, which is not counted as a failure.
+            skips this step and lowers its scale by itself, which is not counted as a failure (the
+            gradients are cleared all the same, in case the fault came after ``unscale_``).
     """
 
     skipped: bool = False
@@ -233,13 +235,13 @@ class StepGuard:
         if not any(flags.values()):
             self.consecutive_skips = 0
             return StepVerdict()
+        for p in params:  # harmless where GradScaler skips anyway; safe if it missed a late fault
+            p.grad = None
         if scaler is not None and flags["grad"] and not (flags["loss"] or flags["input"] or flags["param"] or flags["scale"]):
-            # GradScaler found the same overflow during unscale_ and skips this step itself.
+            # GradScaler saw the same overflow in unscale_: it skips the step and lowers its scale itself.
             self.scaler_overflows += 1
             return StepVerdict(scaler_overflow=True)
 
-        for p in params:
-            p.grad = None
         self.skipped_steps += 1
         self.consecutive_skips += 1
         kind = next(k for k in _FLAG_KINDS if flags[k])

@@ -1,0 +1,291 @@
+"""StepGuard in a hand-written PyTorch loop: skips are exact, escalation and events work, one host sync."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from lightning_nan.core import Incident, NonFiniteError, StepGuard
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    return {"params": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()["state"])}
+
+
+def identical(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
+    return a == b
+
+
+def train(guard: StepGuard, model, opt, steps: int, faults: dict[int, str]):
+    """Run `steps` steps; `faults[i]` plants 'loss' (NaN loss), 'grad' (one Inf gradient element) or 'param'."""
+    g = torch.Generator().manual_seed(123)
+    snaps = [snapshot(model, opt)]
+    verdicts = []
+    for i in range(steps):
+        x, y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+        if faults.get(i) == "param":
+            with torch.no_grad():
+                model[2].weight[0, 3] = float("nan")
+        guard.observe_batch((x, y), i)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if faults.get(i) == "loss":
+            loss = loss * float("nan")
+        guard.observe_loss(loss)
+        loss.backward()
+        if faults.get(i) == "grad":
+            model[0].weight.grad[2, 1] = float("inf")
+        verdicts.append(guard.check(opt, step=i))
+        opt.step()
+        opt.zero_grad()
+        snaps.append(snapshot(model, opt))
+    return snaps, verdicts
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_skipped_steps_leave_weights_and_optimizer_state_bit_identical(opt_name):
+    model = make_model()
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    guard = StepGuard(model)
+    snaps, verdicts = train(guard, model, opt, steps=7, faults={2: "loss", 4: "grad"})
+    assert [v.skipped for v in verdicts] == [False, False, True, False, True, False, False]
+    for i in range(7):
+        same = identical(snaps[i], snaps[i + 1])
+        assert same == (i in (2, 4)), f"step {i}: unchanged={same}"
+    if opt_name != "sgd_momentum":  # Adam's per-parameter step counter did not move on skipped steps
+        assert all(s["step"].item() == 5 for s in opt.state.values())
+    assert [(inc.step, inc.kind) for inc in guard.incidents] == [(2, "loss"), (4, "grad")]
+    assert guard.incidents[1].params == ["0.weight"]
+    assert guard.incidents[0].batch_idx == [2]
+    assert guard.skipped_steps == 2 and guard.consecutive_skips == 0
+
+
+def test_nan_weight_raises_with_parameter_name_step_and_advice():
+    model = make_model()
+    opt = OPTIMIZERS["sgd_momentum"](model.parameters())
+    records: list[Incident] = []
+    guard = StepGuard(model, on_record=records.append)
+    with pytest.raises(NonFiniteError) as info:
+        train(guard, model, opt, steps=5, faults={3: "param"})
+    err = info.value
+    assert err.incident.kind == "param" and err.incident.step == 3
+    assert err.incident.params == ["2.weight"]
+    assert err.incident.action == "raised"
+    msg = str(err)
+    assert "param at step 3" in msg and "2.weight" in msg and "skipping the step cannot help" in msg
+    assert "learning rate" in msg  # what to try
+    assert records == [err.incident]  # recorded before raising
+
+
+def test_param_check_interval():
+    model = make_model()
+    opt = OPTIMIZERS["sgd_momentum"](model.parameters())
+    guard = StepGuard(model, check_params_every_n_steps=0)
+    with torch.no_grad():
+        model[0].bias[0] = float("nan")
+    guard.check(opt, step=0)  # no gradients and weights unchecked: nothing to see
+    assert guard.incidents == []
+    with pytest.raises(NonFiniteError, match="0.bias"):
+        guard.check_parameters(model.parameters(), step=9)
+
+
+class Recovering:
+    """An escalation handler that 'restores' a finite state by zeroing the NaN weights."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_nan_escalation(self, event):
+        self.events.append(event)
+        return True
+
+
+class Listener:
+    def __init__(self):
+        self.events = []
+
+    def on_nan_incident(self, event):
+        self.events.append(event)
+        event.incident.samples = [41]  # what bisection will do
+
+
+def test_consecutive_skips_escalate_to_handlers_then_raise():
+    model = make_model()
+    opt = OPTIMIZERS["adam"](model.parameters())
+    listener, handler = Listener(), Recovering()
+    recorded = []
+    guard = StepGuard(model, max_consecutive=3, listeners=[listener, handler], on_record=recorded.append)
+    train(guard, model, opt, steps=4, faults={0: "loss", 1: "loss", 2: "loss"})
+    assert [i.action for i in guard.incidents] == ["skipped", "skipped", "recovered by Recovering"]
+    assert guard.consecutive_skips == 0 and len(handler.events) == 1
+    assert "3 steps in a row" in guard.incidents[2].detail["escalation"]
+    # listeners ran first, and what they filled in was recorded
+    assert [e.incident.step for e in listener.events] == [0, 1, 2]
+    assert all(r.samples == [41] for r in recorded)
+    event = listener.events[0]
+    assert event.optimizer is opt and event.batches[0][0] == 0 and event.guard is guard
+    assert event.param_names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+    guard.listeners = []  # nobody to recover now
+    with pytest.raises(NonFiniteError, match="3 steps in a row") as info:
+        train(guard, model, opt, steps=3, faults={0: "loss", 1: "loss", 2: "loss"})
+    assert len(info.value.history) == 5
+
+
+def test_gradient_accumulation_skips_the_whole_window():
+    model = make_model()
+    opt = OPTIMIZERS["sgd_momentum"](model.parameters())
+    guard = StepGuard(model)
+    before = snapshot(model, opt)
+    for i in range(3):  # three micro-batches, the second one poisoned
+        x = torch.randn(4, 4)
+        guard.observe_batch(x, i)
+        loss = model(x).sum() * (float("nan") if i == 1 else 1.0)
+        guard.observe_loss(loss)
+        loss.backward()
+    verdict = guard.check(opt, step=0)
+    opt.step()
+    assert verdict.skipped and identical(before, snapshot(model, opt))
+    assert verdict.incident.batch_idx == [0, 1, 2]
+    assert verdict.incident.detail["loss_batches"] == [1]
+
+
+def test_input_check_names_the_field():
+    model = make_model()
+    opt = OPTIMIZERS["sgd_momentum"](model.parameters())
+    guard = StepGuard(model)
+    x = torch.randn(4, 4)
+    x[2, 0] = float("inf")
+    guard.observe_batch({"x": x, "y": torch.zeros(4, 1)}, 5)
+    loss = model(x).sum()
+    guard.observe_loss(loss)
+    loss.backward()
+    incident = guard.check(opt, step=0).incident
+    assert incident.kind == "input" and incident.detail["input_fields"] == ["batch 5['x']"]
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """Counts the tensor methods that copy a value to the host (each is a device sync on GPU)."""
+
+    SYNCS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.SYNCS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_healthy_step_costs_exactly_one_host_transfer():
+    model = make_model()
+    opt = OPTIMIZERS["adam"](model.parameters())
+    guard = StepGuard(model)
+    for i in range(2):  # two micro-batches with input checks
+        x = torch.randn(4, 4)
+        guard.observe_batch(x, i)
+        loss = model(x).sum()
+        guard.observe_loss(loss)
+        loss.backward()
+    with HostSyncCounter() as counter:
+        verdict = guard.check(opt, step=0)
+    assert not verdict.skipped
+    assert counter.count == 1
+
+
+def test_fp16_grad_scaler_overflow_is_not_a_failure_but_nan_loss_and_collapsed_scale_are():
+    model = make_model()
+    opt = OPTIMIZERS["sgd_momentum"](model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    guard = StepGuard(model, min_loss_scale=1.0)
+
+    def step(fault):
+        x = torch.randn(8, 4)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(x).float().pow(2).mean()
+        if fault == "loss":
+            loss = loss * float("nan")
+        scaled = scaler.scale(loss)
+        guard.observe_loss(scaled)
+        scaled.backward()
+        if fault == "grad":  # an fp16 overflow, as GradScaler sees it in unscale_
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.unscale_(opt)
+        if fault == "late":  # a fault after unscale_ that the scaler cannot see
+            model[0].weight.grad[0, 0] = float("inf")
+        before = snapshot(model, opt)["params"]
+        verdict = guard.check(opt, scaler=scaler)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        return verdict, identical(before, model.state_dict())
+
+    verdict, unchanged = step("grad")  # the scaler's own overflow skip
+    assert verdict.scaler_overflow and not verdict.skipped and unchanged
+    assert guard.incidents == [] and guard.scaler_overflows == 1 and scaler.get_scale() == 8.0
+    verdict, unchanged = step(None)
+    assert not verdict.skipped and not unchanged
+    verdict, unchanged = step("late")
+    assert verdict.scaler_overflow and unchanged and scaler.get_scale() == 8.0  # no overflow seen by the scaler
+    verdict, unchanged = step("loss")
+    assert verdict.skipped and unchanged and verdict.incident.kind == "loss"
+    assert scaler.get_scale() == 4.0  # the NaN loss overflowed too
+    for _ in range(3):  # 4 -> 2 -> 1 -> 0.5
+        step("grad")
+    verdict, _ = step(None)
+    assert verdict.incident is not None and verdict.incident.kind == "scale"
+    assert verdict.incident.detail["loss_scale"] == 0.5
+
+
+def test_state_dict_round_trip():
+    model = make_model()
+    opt = OPTIMIZERS["sgd_momentum"](model.parameters())
+    guard = StepGuard(model)
+    train(guard, model, opt, steps=3, faults={1: "loss", 2: "grad"})
+    fresh = StepGuard(model)
+    fresh.load_state_dict(guard.state_dict())
+    assert fresh.state_dict() == guard.state_dict()
+    assert fresh.consecutive_skips == 2 and fresh.skipped_steps == 2
+    assert [i.kind for i in fresh.incidents] == ["loss", "grad"]
+    fresh.load_state_dict({})  # old or empty checkpoints load
+    assert fresh.skipped_steps == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_consecutive": 0}, "max_consecutive"),
+        ({"max_consecutive": 2.5}, "max_consecutive"),
+        ({"check_params_every_n_steps": -1}, "check_params_every_n_steps"),
+        ({"min_loss_scale": 0}, "min_loss_scale"),
+        ({"min_loss_scale": math.nan}, "min_loss_scale"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StepGuard(**kwargs)
+
+
+def test_incident_kind_is_validated():
+    with pytest.raises(ValueError, match="kind"):
+        Incident(step=0, kind="weights")

@@ -1,0 +1,47 @@
+"""The examples do what the README says they do."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import exploding_cnn  # noqa: E402
+
+
+def test_exploding_cnn_plain_dies_in_the_first_epoch_and_guarded_finishes(tmp_path):
+    steps_per_epoch = len(exploding_cnn.make_patches())
+    assert steps_per_epoch == 66
+    x, _ = exploding_cnn.make_patches().tensors
+    assert x.shape[1:] == (1, 28, 28) and x.min() >= 0 and x.max() > 200  # unnormalised 0-255
+
+    plain, _ = exploding_cnn.run(guarded=False, epochs=1, root=str(tmp_path / "plain"))
+    first = exploding_cnn.first_nan(plain.losses)
+    assert first is not None and first < steps_per_epoch
+    assert math.isnan(plain.losses[-1]) and not exploding_cnn.weights_finite(plain)
+
+    guarded, guard = exploding_cnn.run(guarded=True, epochs=20, root=str(tmp_path / "guarded"))
+    assert len(guarded.losses) == 20 * steps_per_epoch  # all 20 epochs ran
+    assert exploding_cnn.weights_finite(guarded)
+    assert guard.incidents and guard.incidents[0].step == first  # the same first failure, now skipped
+    assert all(i.action == "skipped" for i in guard.incidents)
+    assert all(bool(torch.isfinite(p).all()) for p in guarded.parameters())
+
+
+def test_readme_hand_written_loop_runs():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- loop -->\n```python\n(.*?)```", readme, re.S)
+    assert block, "README lost its hand-written loop example"
+    code = block.group(1)
+    assert len(code.strip().splitlines()) <= 14
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    guard, model = namespace["guard"], namespace["model"]
+    assert [i.kind for i in guard.incidents] == ["loss"]
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
