@@ -73,15 +73,19 @@ class NaNGuardBase:
         >>> data = torch.ones(8, 2)
         >>> data[3, 0] = float("nan")  # the second batch of two is poisoned
         >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=2)
+        >>> import tempfile
         >>> guard = NaNGuard()
         >>> trainer = pl.Trainer(max_epochs=1, callbacks=[guard], logger=False, enable_checkpointing=False,
-        ...                      enable_progress_bar=False, enable_model_summary=False)
+        ...                      enable_progress_bar=False, enable_model_summary=False,
+        ...                      default_root_dir=tempfile.mkdtemp())
         >>> with warnings.catch_warnings(record=True):
         ...     trainer.fit(Model(), loader)
         >>> [(i.step, i.kind, i.action) for i in guard.incidents]
         [(1, 'loss', 'skipped')]
         >>> all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
         True
+        >>> os.path.basename(guard.path)
+        'nan_incidents.jsonl'
     """
 
     def __init__(

@@ -147,16 +147,21 @@ class StepGuard:
         self.consecutive_skips = 0
         self.scaler_overflows = 0
         self.incidents: list[Incident] = []
-        #: Per-parameter gradient 2-norms of the last check (float32, on the device) and their names,
-        #: so that clipping and monitoring can reuse them instead of a second pass.
+        #: Per-parameter gradient 2-norms of the last check (float32, on the device), in the order of
+        #: :attr:`last_grad_names`, so that clipping and monitoring can reuse them instead of a second pass.
         self.last_grad_norms: Tensor | None = None
-        self.last_grad_names: list[str] = []
+        self._last_with_grad: list[Tensor] = []
 
         self._loss_flags: list[Tensor] = []
         self._loss_where: list[int | None] = []
         self._input_flags: list[Tensor] = []
         self._window: list[tuple[int, Any]] = []
         self._recent: list[tuple[int, Any]] = []
+
+    @property
+    def last_grad_names(self) -> list[str]:
+        """Names of the parameters behind :attr:`last_grad_norms` (built on demand)."""
+        return [self._name(p, i) for i, p in enumerate(self._last_with_grad)]
 
     # ------------------------------------------------------------------ observation
     def set_parameter_names(self, named_parameters: torch.nn.Module | Iterable[tuple[str, Tensor]]) -> None:
@@ -204,8 +209,7 @@ class StepGuard:
         false = torch.zeros((), dtype=torch.bool, device=device)
 
         grad_norms = tensor_norms([p.grad for p in with_grad]) if with_grad else None
-        self.last_grad_norms = grad_norms
-        self.last_grad_names = [self._name(p, i) for i, p in enumerate(with_grad)]
+        self.last_grad_norms, self._last_with_grad = grad_norms, with_grad
         check_params = self.check_params_every_n_steps > 0 and step % self.check_params_every_n_steps == 0
         param_max = tensor_norms(params, math.inf) if (check_params and params) else None
         scale = _loss_scale(scaler)
