@@ -28,7 +28,7 @@ def max_reducer(trainer: Any) -> Callable[[Tensor], Tensor]:
         return all_reduce_max
     if getattr(trainer, "world_size", 1) > 1:  # a strategy not built on torch.distributed
         return lambda t: trainer.strategy.reduce(t, reduce_op="max")
-    return lambda t: t
+    return all_reduce_max  # a no-op in a single process
 
 
 def log_metrics(trainer: Any, metrics: dict[str, float]) -> None:

@@ -112,6 +112,7 @@ class NaNGuardBase:
         self.incidents_path = None if incidents_path is None else os.fspath(incidents_path)
         self.log_every_n_steps = log_every_n_steps
         self._path: str | None = None
+        self._rank_zero = True
 
     @property
     def incidents(self) -> list[Incident]:
@@ -131,6 +132,10 @@ class NaNGuardBase:
         """The incidents file of the current run (known once ``fit`` has started)."""
         return self._path
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Lightning binds the module's `log`/`log_dict` onto every callback; they are re-bound on the next fit.
+        return {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
+
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -142,7 +147,8 @@ class NaNGuardBase:
             for cb in trainer.callbacks
             if cb is not self and isinstance(cb, (IncidentListener, EscalationHandler))
         ]
-        self.guard.on_record = lambda incident: self._record(trainer, incident)
+        self.guard.on_record = self._record
+        self._rank_zero = trainer.is_global_zero
         self._path = self.incidents_path or os.path.join(run_dir(trainer), INCIDENTS_FILE)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -196,8 +202,8 @@ class NaNGuardBase:
             "nan_guard/scaler_overflows": float(self.guard.scaler_overflows),
         }
 
-    def _record(self, trainer: Any, incident: Incident) -> None:
-        if not trainer.is_global_zero:
+    def _record(self, incident: Incident) -> None:
+        if not self._rank_zero:
             return
         if self._path is not None:
             append_jsonl(self._path, [incident.to_dict()])

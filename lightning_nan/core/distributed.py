@@ -5,6 +5,8 @@
 tensor([0., 1.])
 >>> world()
 (0, 1)
+>>> gather_objects({"rank": 0})
+[{'rank': 0}]
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ def all_reduce_max(tensor: Tensor, group: Any = None) -> Tensor:
     return tensor
 
 
-def ranks_where(flag: bool, reduce: Any = all_reduce_max, device: torch.device | None = None) -> list[int]:
-    """The ranks on which ``flag`` is true (a collective: call it on every rank)."""
-    rank, size = world()
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), indexed by rank (a collective: call it on every rank)."""
+    size = world()[1]
     if size == 1:
-        return [0] if flag else []
-    vec = torch.zeros(size, device=device)
-    vec[rank] = float(flag)
-    return [i for i, v in enumerate(reduce(vec).tolist()) if v > 0]
+        return [obj]
+    out: list[Any] = [None] * size
+    torch.distributed.all_gather_object(out, obj)
+    return out

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_nan.core.distributed import all_reduce_max, ranks_where, world
+from lightning_nan.core.distributed import all_reduce_max, gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import IncidentEvent, escalate, notify
 from lightning_nan.core.incident import Incident
@@ -249,15 +249,20 @@ class StepGuard:
         self.skipped_steps += 1
         self.consecutive_skips += 1
         kind = next(k for k in _FLAG_KINDS if flags[k])
+        ranks, offenders, detail = _merge_ranks(
+            local_flags[kind],
+            self._offenders(kind, with_grad, grad_norms, params, param_max),
+            self._details(kind, grad_norms, scale, bad_loss_at, batches),
+        )
         incident = Incident(
             step=step,
             kind=kind,
             advice=ADVICE[kind],
             epoch=epoch,
             batch_idx=sorted({i for i, _ in batches}) or None,
-            ranks=ranks_where(any(local_flags.values()), self.reduce, device),
-            params=self._offenders(kind, with_grad, grad_norms, params, param_max),
-            detail=self._details(kind, grad_norms, scale, bad_loss_at, batches),
+            ranks=ranks,
+            params=offenders,
+            detail=detail,
         )
         event = IncidentEvent(
             incident=incident,
@@ -285,13 +290,17 @@ class StepGuard:
         param_max = tensor_norms(params, math.inf)
         if not self.reduce(any_nonfinite(param_max).float().reshape(1)).item() > 0:
             return None
+        ranks, offenders, detail = _merge_ranks(
+            not bool(torch.isfinite(param_max).all()), self._offenders("param", [], None, params, param_max), {}
+        )
         incident = Incident(
             step=self.checks if step is None else step,
             kind="param",
             advice=ADVICE["param"],
             epoch=epoch,
-            ranks=ranks_where(not bool(torch.isfinite(param_max).all()), self.reduce, device),
-            params=self._offenders("param", [], None, params, param_max),
+            ranks=ranks,
+            params=offenders,
+            detail=detail,
             action="found after training",
         )
         self._dispatch(IncidentEvent(incident=incident, guard=self, extra=dict(extra or {})), device)
@@ -323,6 +332,13 @@ class StepGuard:
             raise NonFiniteError(incident, self.incidents[:-1])
 
     # ------------------------------------------------------------------ state
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle configuration and counters only: runtime links (listeners, recorder, batches) are dropped."""
+        state = self.__dict__.copy()
+        state.update(listeners=[], on_record=None, reduce=all_reduce_max, last_grad_norms=None)
+        state.update(_last_with_grad=[], _loss_flags=[], _loss_where=[], _input_flags=[], _window=[], _recent=[])
+        return state
+
     def state_dict(self) -> dict[str, Any]:
         """Counters and incidents, as primitives."""
         return {
@@ -350,7 +366,7 @@ class StepGuard:
     ) -> list[str]:
         if kind == "param" and param_max is not None:
             return [self._name(p, i) for i, (p, v) in enumerate(zip(params, param_max.tolist())) if not math.isfinite(v)]
-        if grad_norms is not None:
+        if kind == "grad" and grad_norms is not None:  # after a bad loss or input every gradient is NaN: no clue
             return [self._name(p, i) for i, (p, v) in enumerate(zip(with_grad, grad_norms.tolist())) if not math.isfinite(v)]
         return []
 
@@ -381,6 +397,23 @@ class StepGuard:
                 "return the same answer on all ranks."
             )
         return recovered_by
+
+
+def _merge_ranks(saw: bool, params: list[str], detail: dict[str, Any]) -> tuple[list[int], list[str], dict[str, Any]]:
+    """Combine every rank's view of an agreed fault (a collective on the failure path only).
+
+    Returns the ranks that saw it, the offending parameter names of those ranks (in rank order, no
+    repeats), and the details of the first of them, with every such rank's details under
+    ``per_rank`` when there are several; so rank zero records what the faulty ranks saw.
+    """
+    views = gather_objects((saw, params, detail))
+    ranks = [r for r, (s, _, _) in enumerate(views) if s]
+    chosen = ranks or [0]
+    names = list(dict.fromkeys(n for r in chosen for n in views[r][1]))
+    merged = dict(views[chosen[0]][2])
+    if len(ranks) > 1 and any(views[r][2] != views[chosen[0]][2] for r in ranks):
+        merged["per_rank"] = {str(r): views[r][2] for r in ranks}
+    return ranks, names, merged
 
 
 def _stack(flags: list[Tensor], device: torch.device) -> Tensor:

@@ -251,13 +251,7 @@ def test_escalation_reraised_ends_both_ranks_without_a_hang(tmp_path_factory):
         assert res["raised"] and f"at step {last}" in res["error_message"]
 
 
-# ------------------------------------------------------------- known diagnostic gaps (see their reasons)
-@pytest.mark.xfail(
-    strict=True,
-    reason="Incident.ranks blames every rank: DDP all-reduces rank 1's NaN gradients, so rank 0's local grad "
-    "flag is set too, and StepGuard.check passes any(local_flags) to ranks_where instead of the flag of the "
-    "incident's kind",
-)
+# ------------------------------------------------------------- what rank zero records
 def test_nan_loss_incident_names_only_the_faulty_rank(tmp_path_factory):
     run = _run(tmp_path_factory, "pytorch_lightning", "loss")
     _ok(run)
@@ -265,13 +259,9 @@ def test_nan_loss_incident_names_only_the_faulty_rank(tmp_path_factory):
         assert res["incidents"][0]["ranks"] == [1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="params and detail are computed from each rank's local gradients and loss flags; rank 0 (the one "
-    "that writes nan_incidents.jsonl and warns) lacks rank 1's offending parameters / loss_batches",
-)
 @pytest.mark.parametrize("scenario", ["loss", "grad"])
 def test_incident_is_the_same_on_every_rank(tmp_path_factory, scenario):
+    """Every rank (so rank zero, which writes the file) records what the faulty rank saw."""
     run = _run(tmp_path_factory, "pytorch_lightning", scenario)
     _ok(run)
     strip = lambda i: {k: v for k, v in i.items() if k != "time"}  # noqa: E731

@@ -1,0 +1,46 @@
+"""Contract every lightning_nan callback keeps: constructible, picklable, fit twice, save and resume.
+
+New callbacks join by adding their constructor arguments to ``REGISTRY``.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+from faulty import loader, model_class, trainer_kwargs
+
+REGISTRY: dict[str, list[dict]] = {
+    "NaNGuard": [{}, {"max_consecutive": 5, "check_inputs": True, "check_params_every_n_steps": 3}],
+}
+CASES = [(name, kwargs) for name, variants in REGISTRY.items() for kwargs in variants]
+
+
+@pytest.mark.parametrize("name, kwargs", CASES)
+def test_contract(ns, tmp_path, name, kwargs):
+    cb = getattr(ns.lib, name)(**kwargs)
+    assert isinstance(cb, ns.pl.Callback)
+    assert type(pickle.loads(pickle.dumps(cb))) is type(cb)
+
+    ckpt = ns.pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    model = model_class(ns.pl)(faults={1: "loss"})
+    trainer = ns.pl.Trainer(callbacks=[cb, ckpt], **trainer_kwargs(tmp_path, enable_checkpointing=True))
+    trainer.fit(model, loader())
+    state = copy.deepcopy(cb.state_dict())
+    # picklable after fit too (ddp_spawn and deep copies need it), with its counters
+    clone = pickle.loads(pickle.dumps(cb))
+    assert clone.state_dict() == state and copy.deepcopy(cb).state_dict() == state
+
+    # the same instance survives a second fit
+    trainer = ns.pl.Trainer(callbacks=[cb], **trainer_kwargs(tmp_path / "again"))
+    trainer.fit(model_class(ns.pl)(), loader())
+
+    # and a fresh instance resumes the saved state
+    fresh = getattr(ns.lib, name)(**kwargs)
+    trainer = ns.pl.Trainer(callbacks=[fresh], **trainer_kwargs(tmp_path / "resume", max_epochs=2))
+    trainer.fit(model_class(ns.pl)(), loader(), ckpt_path=ckpt.last_model_path)
+    for key, value in state.items():
+        if isinstance(value, int):
+            assert fresh.state_dict()[key] >= value, key
+    assert fresh.state_dict()["incidents"][: len(state["incidents"])] == state["incidents"]
