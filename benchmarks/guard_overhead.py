@@ -13,13 +13,16 @@ round, so drift of the machine (thermal, other processes) hits all of them alike
 first in the callbacks list, takes ``time.perf_counter()`` at ``on_train_batch_start`` of step
 ``warmup`` and at ``on_train_batch_end`` of the last step; Trainer start-up and the warm-up steps
 are excluded. Each round's time is divided by the same round's plain time; the table reports the
-median over rounds (and the min-max of the per-round ratio).
+median over rounds (and the min-max of the per-round ratio). In the guarded runs the wall time of
+each call of NaNGuard's three per-step hooks is recorded too (the last column: the guard's cost in
+place, caches as cold as they really are). The script also reports how busy the machine was with
+other processes, and warns when it was not idle.
 
 It then times the guard's own work in isolation (the three hooks, called directly on the same model
-with real gradients, many times in a loop), which resolves overheads far below the run-to-run noise
-of the end-to-end numbers.
+with real gradients, many times in a loop), which resolves overheads below the run-to-run noise
+of the end-to-end numbers, and breaks it down.
 
-    python benchmarks/guard_overhead.py             # default: 8 rounds x (10 warm-up + 60 measured steps)
+    python benchmarks/guard_overhead.py             # default: 20 rounds x (10 warm-up + 60 measured steps)
     python benchmarks/guard_overhead.py --quick     # smoke run, a few seconds
     make bench                                      # the same as the first line, in the project venv
 """
@@ -33,9 +36,11 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
@@ -112,11 +117,71 @@ VARIANTS: dict[str, Callable[[], dict]] = {
 }
 
 
-def run_once(variant: str, *, warmup: int, steps: int, batch_size: int, data: TensorDataset, root: str) -> float:
-    """One short fit; seconds per step over the measured steps."""
+def _system_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent since boot (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class ForeignLoad:
+    """Average number of cores that other processes kept busy while the block ran (None off Linux)."""
+
+    def __enter__(self) -> ForeignLoad:
+        self.value: float | None = None
+        self._busy, self._own, self._wall = _system_busy_seconds(), _own_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy = _system_busy_seconds()
+        wall = time.perf_counter() - self._wall
+        if busy is not None and self._busy is not None and wall > 0:
+            self.value = max(0.0, (busy - self._busy - (_own_seconds() - self._own)) / wall)
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+GUARD_HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step")
+
+
+def time_hooks(guard: NaNGuard) -> dict[str, list[float]]:
+    """Wrap the guard's per-step hooks (on the instance) to record each call's wall time."""
+    record: dict[str, list[float]] = {name: [] for name in GUARD_HOOKS}
+    for name in GUARD_HOOKS:
+        hook, out = getattr(guard, name), record[name]
+
+        def timed(*args, _hook=hook, _out=out, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _hook(*args, **kwargs)
+            finally:
+                _out.append(time.perf_counter() - t0)
+
+        setattr(guard, name, timed)
+    return record
+
+
+@dataclass
+class RunResult:
+    per_step: float  #: seconds per measured step
+    hooks_per_step: float | None  #: seconds per measured step spent inside NaNGuard's hooks
+    foreign_load: float | None  #: cores other processes kept busy meanwhile
+
+
+def run_once(variant: str, *, warmup: int, steps: int, batch_size: int, data: TensorDataset, root: str) -> RunResult:
+    """One short fit of ``variant``."""
     pl.seed_everything(0, verbose=False)
     model = BenchCNN()
     extra = VARIANTS[variant]()
+    guards = [cb for cb in extra.get("callbacks", []) if isinstance(cb, NaNGuard)]
+    hook_times = time_hooks(guards[0]) if guards else None
     timer = StepTimer(warmup, warmup + steps - 1)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -133,68 +198,79 @@ def run_once(variant: str, *, warmup: int, steps: int, batch_size: int, data: Te
     )
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
     gc.collect()
-    trainer.fit(model, loader)
-    return timer.per_step()
+    with ForeignLoad() as load:
+        trainer.fit(model, loader)
+    hooks = None
+    if hook_times is not None:  # one call of each hook per step; skip the warm-up steps' calls
+        hooks = sum(sum(calls[warmup : warmup + steps]) for calls in hook_times.values()) / steps
+    return RunResult(timer.per_step(), hooks, load.value)
 
 
-def guard_in_isolation(*, batch_size: int, data: TensorDataset, repeats: int) -> dict[str, float]:
-    """Seconds per call of the guard's per-step work, on the benchmark model with real gradients."""
-    from lightning_nan.core.norms import tensor_norms
-    from lightning_nan.core.step_guard import StepGuard
+def guard_in_isolation(*, batch_size: int, data: TensorDataset, repeats: int, root: str) -> list[tuple[str, float]]:
+    """Seconds per optimizer step of the guard's own work, on the benchmark model with real gradients.
 
-    torch.manual_seed(0)
+    The NaNGuard rows call the callback's three per-step hooks directly, with the Trainer of a finished
+    one-step fit (so Lightning's property look-ups are included, its hook dispatch is not). The
+    "alternative" rows time other ways to check the weights, for comparison; the library uses none of them.
+    """
+    from lightning_nan.core.norms import any_nonfinite, tensor_norms
+
+    pl.seed_everything(0, verbose=False)
     model = BenchCNN()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=batch_size))
+    opt = trainer.optimizers[0]
     x, y = data.tensors[0][:batch_size], data.tensors[1][:batch_size]
+    batch = [x, y]
     loss = F.cross_entropy(model(x), y)
     loss.backward()
     params = list(model.parameters())
     grads = [p.grad for p in params]
-    batch = [x, y]
 
     def timeit(fn: Callable[[int], object]) -> float:
         for i in range(min(50, repeats)):
             fn(i)
         best = math.inf
-        for _ in range(5):  # best of 5 blocks: the least disturbed estimate
+        for _ in range(5):  # best of 5 loops: the least disturbed estimate
             t0 = time.perf_counter()
             for i in range(repeats):
                 fn(i)
             best = min(best, (time.perf_counter() - t0) / repeats)
         return best
 
-    guard = StepGuard(model)
+    def hooks(cb: NaNGuard) -> Callable[[int], None]:
+        cb.setup(trainer, model, "fit")
 
-    def full(i: int, check_inputs: bool = False) -> None:
-        guard.observe_batch(batch, i, check_inputs=check_inputs)
-        guard.observe_loss(loss)
-        guard.check(opt, step=i)
+        def step(i: int) -> None:
+            cb.on_train_batch_start(trainer, model, batch, i)
+            cb.on_before_backward(trainer, model, loss)
+            cb.on_before_optimizer_step(trainer, model, opt)
 
-    out = {
-        "StepGuard: observe_batch + observe_loss + check": timeit(full),
-        "  same, check_inputs=True": timeit(lambda i: full(i, True)),
-        "  same, check_params_every_n_steps=0": 0.0,
-        "  _foreach_norm(grads) + stack": timeit(lambda i: tensor_norms(grads)),
-        "  _foreach_norm(params, inf) + stack": timeit(lambda i: tensor_norms(params, math.inf)),
-        "  observe_loss alone": 0.0,
-    }
-    no_params = StepGuard(model, check_params_every_n_steps=0)
+        return step
 
-    def full_no_params(i: int) -> None:
-        no_params.observe_batch(batch, i, check_inputs=False)
-        no_params.observe_loss(loss)
-        no_params.check(opt, step=i)
+    def loss_only(cb: NaNGuard) -> Callable[[int], None]:
+        def step(i: int) -> None:
+            cb.on_before_backward(trainer, model, loss)
+            cb.guard._losses.clear()
+            cb.guard._loss_where.clear()
 
-    out["  same, check_params_every_n_steps=0"] = timeit(full_no_params)
-    lone = StepGuard(model)
+        return step
 
-    def loss_only(i: int) -> None:
-        lone.observe_loss(loss)
-        lone._loss_flags.clear()
-        lone._loss_where.clear()
-
-    out["  observe_loss alone"] = timeit(loss_only)
-    return out
+    return [
+        ("NaNGuard(): its 3 hooks per step", timeit(hooks(NaNGuard()))),
+        ("NaNGuard(check_inputs=True)", timeit(hooks(NaNGuard(check_inputs=True)))),
+        ("NaNGuard(check_params_every_n_steps=0)", timeit(hooks(NaNGuard(check_params_every_n_steps=0)))),
+        ("part: on_before_backward (keeps the loss)", timeit(loss_only(NaNGuard()))),
+        ("part: fused _foreach_norm(grads + params, 2) + stack", timeit(lambda i: tensor_norms(grads + params))),
+        ("part: _foreach_norm(grads, 2) + stack", timeit(lambda i: tensor_norms(grads))),
+        (
+            "former weight check: _foreach_norm(params, inf) + stack + isfinite",
+            timeit(lambda i: any_nonfinite(tensor_norms(params, math.inf))),
+        ),
+    ]
 
 
 def quiet_lightning() -> None:
@@ -218,7 +294,7 @@ def lightning_version() -> str:
     return lightning.__version__
 
 
-def environment() -> list[tuple[str, str]]:
+def environment(threads_from_cli: bool = False) -> list[tuple[str, str]]:
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -233,20 +309,28 @@ def environment() -> list[tuple[str, str]]:
         ("lightning", lightning_version()),
         ("CPU", cpu),
         ("CPU cores (os.cpu_count)", str(os.cpu_count())),
-        ("torch threads (intra-op, default)", str(torch.get_num_threads())),
+        (
+            "torch threads (intra-op)",
+            f"{torch.get_num_threads()} ({'set by --threads' if threads_from_cli else 'torch default, not changed'})",
+        ),
         ("CUDA available", str(torch.cuda.is_available())),
     ]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
     parser.add_argument("--steps", type=int, default=60, help="measured steps per run (default 60)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per run (default 10)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--repeats", type=int, default=500, help="loop length of the isolated guard timing")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads(N) first (default: leave torch's default)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.rounds, args.steps, args.warmup, args.batch_size, args.repeats = 2, 5, 2, 8, 20
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
@@ -254,13 +338,13 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_lightning()
 
-    import tempfile
-
     data = make_data((args.warmup + args.steps) * args.batch_size)
     names = list(VARIANTS)
     times: dict[str, list[float]] = {n: [] for n in names}
+    hooks: dict[str, list[float]] = {n: [] for n in names}
+    loads: list[float] = []
     print("## Environment\n")
-    for key, value in environment():
+    for key, value in environment(args.threads is not None):
         print(f"- {key}: {value}")
     print(
         f"\nSettings: {args.rounds} rounds x {len(names)} variants; per run {args.warmup} warm-up + "
@@ -271,37 +355,62 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as root:
         for r in range(args.rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
+            round_loads = []
             for name in order:
-                times[name].append(
-                    run_once(name, warmup=args.warmup, steps=args.steps, batch_size=args.batch_size, data=data, root=root)
-                )
+                res = run_once(name, warmup=args.warmup, steps=args.steps, batch_size=args.batch_size, data=data, root=root)
+                times[name].append(res.per_step)
+                if res.hooks_per_step is not None:
+                    hooks[name].append(res.hooks_per_step)
+                if res.foreign_load is not None:
+                    round_loads.append(res.foreign_load)
+            loads += round_loads
             print(
                 f"round {r + 1}/{args.rounds}: "
                 + ", ".join(f"{n} {times[n][-1] * 1e3:.2f}" for n in names)
-                + " ms/step",
+                + " ms/step"
+                + (f"; other processes: {max(round_loads):.2f} cores" if round_loads else ""),
                 file=sys.stderr,
                 flush=True,
             )
 
     plain = times["plain"]
-    print("## End to end (ms per optimizer step, median over rounds)\n")
-    print("| variant | ms/step (median) | ratio vs plain (median) | ratio min-max over rounds |")
-    print("|---|---:|---:|---:|")
+    plain_step = statistics.median(plain)
+    print("## End to end (per optimizer step, median over rounds)\n")
+    print(
+        "| variant | ms/step (median) | ratio vs plain (median) | ratio min-max over rounds "
+        "| inside NaNGuard's hooks, us/step (median) |"
+    )
+    print("|---|---:|---:|---:|---:|")
     for name in names:
         ratios = [t / p for t, p in zip(times[name], plain)]
+        inside = (
+            f"{statistics.median(hooks[name]) * 1e6:.0f} ({100 * statistics.median(hooks[name]) / plain_step:.1f}% of plain)"
+            if hooks[name]
+            else "-"
+        )
         print(
             f"| {name} | {statistics.median(times[name]) * 1e3:.2f} | {statistics.median(ratios):.3f} "
-            f"| {min(ratios):.3f}-{max(ratios):.3f} |"
+            f"| {min(ratios):.3f}-{max(ratios):.3f} | {inside} |"
         )
-    plain_step = statistics.median(plain)
+    if loads:
+        print(
+            f"\nOther processes kept {statistics.median(loads):.2f} cores busy during the median run "
+            f"({max(loads):.2f} at most)."
+        )
+        if max(loads) > 0.25:
+            print(
+                f"**Warning: the machine was not idle (up to {max(loads):.2f} of {os.cpu_count()} cores used by other "
+                "processes); with torch's default thread count this inflates and scatters the times. Re-run on an idle machine.**"
+            )
 
-    iso = guard_in_isolation(batch_size=args.batch_size, data=data, repeats=args.repeats)
+    with tempfile.TemporaryDirectory() as root:
+        iso = guard_in_isolation(batch_size=args.batch_size, data=data, repeats=args.repeats, root=root)
     print("\n## The guard's own work in isolation (best of 5 loops, same model, real gradients)\n")
-    print("| work per optimizer step | us/call | % of plain step |")
+    print(f"(% of the median plain step, {plain_step * 1e3:.2f} ms)\n")
+    print("| work per optimizer step | us | % of plain step |")
     print("|---|---:|---:|")
-    for name, sec in iso.items():
-        print(f"| {name.strip() if not name.startswith('  ') else '&nbsp;&nbsp;' + name.strip()} "
-              f"| {sec * 1e6:.1f} | {100 * sec / plain_step:.2f}% |")
+    for name, sec in iso:
+        print(f"| {name} | {sec * 1e6:.1f} | {100 * sec / plain_step:.2f}% |")
     print(f"\n(total wall time {time.perf_counter() - started:.0f} s)")
 
 

@@ -24,13 +24,15 @@ import torch
 from torch import Tensor
 
 
+@torch.no_grad()
 def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """Per-tensor ``norm_type``-norms as one float32 tensor (one fused kernel per device).
 
     A tensor holding NaN gets a NaN norm, one holding ±Inf an Inf norm (for ``norm_type=inf`` too),
     so ``isfinite`` of the result flags exactly the tensors that are not finite — except that a
     2-norm can also overflow float32 when the elements are finite but beyond ~1.8e19, which is
-    reported as non-finite, as :func:`torch.nn.utils.clip_grad_norm_` does.
+    reported as non-finite, as :func:`torch.nn.utils.clip_grad_norm_` does. Never records autograd
+    history, so it is safe on parameters.
     """
     if len(tensors) == 0:
         return torch.zeros(0)

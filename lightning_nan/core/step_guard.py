@@ -37,7 +37,7 @@ from lightning_nan.core.distributed import all_reduce_max, gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import IncidentEvent, escalate, notify
 from lightning_nan.core.incident import Incident
-from lightning_nan.core.norms import any_nonfinite, iter_tensors, tensor_norms, total_norm
+from lightning_nan.core.norms import iter_tensors, tensor_norms, total_norm
 
 #: Default for ``max_consecutive``. While steps are skipped the weights do not change, so a run of
 #: skips is either a run of bad batches or a model that fails on every batch. If even half of all
@@ -70,6 +70,7 @@ ADVICE = {
 # Which agreed flag names the incident when several are set (under a GradScaler a gradient overflow
 # alone is not a failure, so a collapsed scale outranks it).
 _FLAG_KINDS = ("param", "input", "loss", "scale", "grad")
+_FLAGS = ("input", "loss", "grad", "param", "scale")  # the order of the screened values
 
 
 @dataclass
@@ -152,9 +153,9 @@ class StepGuard:
         self.last_grad_norms: Tensor | None = None
         self._last_with_grad: list[Tensor] = []
 
-        self._loss_flags: list[Tensor] = []
+        self._losses: list[Tensor] = []
         self._loss_where: list[int | None] = []
-        self._input_flags: list[Tensor] = []
+        self._input_sums: list[Tensor] = []
         self._window: list[tuple[int, Any]] = []
         self._recent: list[tuple[int, Any]] = []
 
@@ -178,11 +179,11 @@ class StepGuard:
         if check_inputs:
             tensors = [t for _, t in iter_tensors(batch)]
             if tensors:
-                self._input_flags.append(any_nonfinite(tensor_norms(tensors, math.inf)))
+                self._input_sums.append(tensor_norms(tensors).sum())
 
     def observe_loss(self, loss: Tensor, batch_idx: int | None = None) -> None:
-        """Flag a non-finite loss (call once per backward; no host synchronisation)."""
-        self._loss_flags.append(any_nonfinite(loss.detach()))
+        """Keep the loss for the step's check (call once per backward; no host synchronisation)."""
+        self._losses.append(loss.detach())
         self._loss_where.append(batch_idx if batch_idx is not None else (self._window[-1][0] if self._window else None))
 
     # ------------------------------------------------------------------ the check
@@ -205,38 +206,51 @@ class StepGuard:
         self.checks += 1
         params = [p for group in optimizer.param_groups for p in group["params"]]
         with_grad = [p for p in params if p.grad is not None]
-        device = with_grad[0].grad.device if with_grad else (params[0].device if params else torch.device("cpu"))
-        false = torch.zeros((), dtype=torch.bool, device=device)
-
-        grad_norms = tensor_norms([p.grad for p in with_grad]) if with_grad else None
+        grads = [p.grad for p in with_grad]
+        check_params = bool(params) and self.check_params_every_n_steps > 0 and step % self.check_params_every_n_steps == 0
+        # The one fused pass: gradient and weight 2-norms in a single foreach call.
+        norms = tensor_norms(grads + params if check_params else grads)
+        device = norms.device if norms.numel() else (params[0].device if params else torch.device("cpu"))
+        grad_norms = norms[: len(grads)] if grads else None
         self.last_grad_norms, self._last_with_grad = grad_norms, with_grad
-        check_params = self.check_params_every_n_steps > 0 and step % self.check_params_every_n_steps == 0
-        param_max = tensor_norms(params, math.inf) if (check_params and params) else None
         scale = _loss_scale(scaler)
-
-        loss_flags = _stack(self._loss_flags, device)
-        input_flags = _stack(self._input_flags, device)
-        local = torch.stack(
-            [
-                input_flags.any() if input_flags.numel() else false,
-                loss_flags.any() if loss_flags.numel() else false,
-                any_nonfinite(grad_norms) if grad_norms is not None else false,
-                any_nonfinite(param_max) if param_max is not None else false,
-                (scale.to(device) < self.min_loss_scale) if scale is not None else false,
-            ]
-        ).float()
-        agreed = self.reduce(local.clone())
-        # The one device-to-host transfer of a healthy step.
-        host = torch.cat([agreed, local, loss_flags.float()]).tolist()
-        flags = dict(zip(("input", "loss", "grad", "param", "scale"), (v > 0 for v in host[:5])))
-        local_flags = dict(zip(("input", "loss", "grad", "param", "scale"), (v > 0 for v in host[5:10])))
-        bad_loss_at = [w for w, v in zip(self._loss_where, host[10:]) if v > 0]
-
+        losses, loss_where, inputs = self._losses, self._loss_where, self._input_sums
         batches = self._window or self._recent
         self._recent = self._window[-1:] or self._recent
-        self._window, self._loss_flags, self._loss_where, self._input_flags = [], [], [], []
+        self._window, self._losses, self._loss_where, self._input_sums = [], [], [], []
 
-        if not any(flags.values()):
+        zero = torch.zeros((), device=device)
+        values = torch.stack(
+            [
+                torch.stack([v.to(device, non_blocking=True) for v in inputs]).sum() if inputs else zero,
+                torch.stack([_scalar(v).to(device, non_blocking=True) for v in losses]).sum() if losses else zero,
+                grad_norms.sum() if grads else zero,
+                norms[len(grads) :].sum() if check_params else zero,
+                scale.to(device, non_blocking=True) if scale is not None else zero + self.min_loss_scale,
+            ]
+        )
+        if world()[1] > 1:  # agree: a fault on one rank is every rank's fault
+            flags = torch.cat([~torch.isfinite(values[:4]), values[4:] < self.min_loss_scale]).float()
+            host = [v > 0 for v in self.reduce(flags).tolist()]  # the one host transfer of a healthy step
+        else:
+            host = values.tolist()  # the one host transfer of a healthy step
+            host = [not math.isfinite(v) for v in host[:4]] + [host[4] < self.min_loss_scale]
+        if not any(host):
+            self.consecutive_skips = 0
+            return StepVerdict()
+
+        # ---- failure path (rare): exact per-tensor checks, several syncs allowed, agreed again
+        screened = dict(zip(_FLAGS, host))
+        local = {
+            "input": screened["input"] and any(not _finite(t) for _, b in batches for _, t in iter_tensors(b)),
+            "loss": screened["loss"] and any(not _finite(v) for v in losses),
+            "grad": screened["grad"] and not _finite(grad_norms),  # a 2-norm that overflows counts, as in torch
+            "param": screened["param"] and any(not _finite(p) for p in params),
+            "scale": screened["scale"] and scale is not None and float(scale) < self.min_loss_scale,
+        }
+        views = gather_objects(local)
+        flags = {k: any(v[k] for v in views) for k in _FLAGS}
+        if not any(flags.values()):  # finite, only large enough for a 2-norm to overflow
             self.consecutive_skips = 0
             return StepVerdict()
         for p in params:  # harmless where GradScaler skips anyway; safe if it missed a late fault
@@ -249,9 +263,10 @@ class StepGuard:
         self.skipped_steps += 1
         self.consecutive_skips += 1
         kind = next(k for k in _FLAG_KINDS if flags[k])
+        bad_loss_at = [w for w, v in zip(loss_where, losses) if not _finite(v)]
         ranks, offenders, detail = _merge_ranks(
-            local_flags[kind],
-            self._offenders(kind, with_grad, grad_norms, params, param_max),
+            local[kind],
+            self._offenders(kind, with_grad, grad_norms, params),
             self._details(kind, grad_norms, scale, bad_loss_at, batches),
         )
         incident = Incident(
@@ -287,12 +302,11 @@ class StepGuard:
         if not params:
             return None
         device = params[0].device
-        param_max = tensor_norms(params, math.inf)
-        if not self.reduce(any_nonfinite(param_max).float().reshape(1)).item() > 0:
+        screened = not _finite(self.reduce(tensor_norms(params).sum().reshape(1)))
+        saw = screened and any(not _finite(p) for p in params)  # exact, past a 2-norm overflow
+        if not any(gather_objects(saw)):
             return None
-        ranks, offenders, detail = _merge_ranks(
-            not bool(torch.isfinite(param_max).all()), self._offenders("param", [], None, params, param_max), {}
-        )
+        ranks, offenders, detail = _merge_ranks(saw, self._offenders("param", [], None, params), {})
         incident = Incident(
             step=self.checks if step is None else step,
             kind="param",
@@ -336,7 +350,7 @@ class StepGuard:
         """Pickle configuration and counters only: runtime links (listeners, recorder, batches) are dropped."""
         state = self.__dict__.copy()
         state.update(listeners=[], on_record=None, reduce=all_reduce_max, last_grad_norms=None)
-        state.update(_last_with_grad=[], _loss_flags=[], _loss_where=[], _input_flags=[], _window=[], _recent=[])
+        state.update(_last_with_grad=[], _losses=[], _loss_where=[], _input_sums=[], _window=[], _recent=[])
         return state
 
     def state_dict(self) -> dict[str, Any]:
@@ -361,11 +375,9 @@ class StepGuard:
     def _name(self, p: Tensor, i: int) -> str:
         return self._names.get(id(p), f"param[{i}]")
 
-    def _offenders(
-        self, kind: str, with_grad: list[Tensor], grad_norms: Tensor | None, params: list[Tensor], param_max: Tensor | None
-    ) -> list[str]:
-        if kind == "param" and param_max is not None:
-            return [self._name(p, i) for i, (p, v) in enumerate(zip(params, param_max.tolist())) if not math.isfinite(v)]
+    def _offenders(self, kind: str, with_grad: list[Tensor], grad_norms: Tensor | None, params: list[Tensor]) -> list[str]:
+        if kind == "param":
+            return [self._name(p, i) for i, p in enumerate(params) if not _finite(p)]
         if kind == "grad" and grad_norms is not None:  # after a bad loss or input every gradient is NaN: no clue
             return [self._name(p, i) for i, (p, v) in enumerate(zip(with_grad, grad_norms.tolist())) if not math.isfinite(v)]
         return []
@@ -382,7 +394,7 @@ class StepGuard:
             detail["loss_scale"] = _number(float(scale))
         if kind == "input":
             detail["input_fields"] = sorted(
-                {f"batch {idx}{path}" for idx, batch in batches for path, t in iter_tensors(batch) if not bool(torch.isfinite(t).all())}
+                {f"batch {idx}{path}" for idx, batch in batches for path, t in iter_tensors(batch) if not _finite(t)}
             )
         return detail
 
@@ -416,10 +428,14 @@ def _merge_ranks(saw: bool, params: list[str], detail: dict[str, Any]) -> tuple[
     return ranks, names, merged
 
 
-def _stack(flags: list[Tensor], device: torch.device) -> Tensor:
-    if not flags:
-        return torch.zeros(0, dtype=torch.bool, device=device)
-    return torch.stack([f.to(device, non_blocking=True) for f in flags])
+def _finite(t: Tensor) -> bool:
+    """Exact check, with a host sync: for the failure path only."""
+    return bool(torch.isfinite(t).all())
+
+
+def _scalar(loss: Tensor) -> Tensor:
+    """A float32 scalar that is non-finite exactly when ``loss`` has a NaN/Inf (or sums past float32)."""
+    return loss.float() if loss.dim() == 0 else loss.float().sum()
 
 
 def _loss_scale(scaler: Any) -> Tensor | None:

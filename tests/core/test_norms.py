@@ -66,3 +66,8 @@ def test_iter_tensors_walks_nested_batches():
     batch = {"a": (torch.zeros(1), torch.arange(3)), "s": Sample(torch.ones(2), torch.tensor([1]), "x"), "n": None}
     paths = [p for p, _ in iter_tensors(batch)]
     assert paths == ["['a'][0]", "['s'].image"]  # integer tensors and strings are skipped
+
+
+def test_norms_of_parameters_record_no_autograd_history():
+    p = torch.nn.Parameter(torch.ones(3))
+    assert not tensor_norms([p]).requires_grad

@@ -289,3 +289,22 @@ def test_bad_arguments_are_named(kwargs, match):
 def test_incident_kind_is_validated():
     with pytest.raises(ValueError, match="kind"):
         Incident(step=0, kind="weights")
+
+
+def test_finite_but_huge_weights_and_inputs_are_not_faults():
+    """A 2-norm overflows past ~1.8e19; the exact re-check keeps such finite values from counting."""
+    model = make_model()
+    opt = OPTIMIZERS["sgd_momentum"](model.parameters())
+    guard = StepGuard(model)
+    with torch.no_grad():
+        model[0].weight[0, 0] = 1e20  # finite, but its 2-norm is inf in float32
+    x = torch.randn(4, 4)
+    guard.observe_batch({"x": x, "unused": torch.full((3,), 1e38)}, 0)
+    loss = model(x).pow(2).mean()
+    guard.observe_loss(loss)
+    loss.backward()
+    for p in model.parameters():  # finite gradients
+        p.grad = torch.ones_like(p)
+    verdict = guard.check(opt, step=0)
+    assert not verdict.skipped and guard.incidents == [] and guard.consecutive_skips == 0
+    assert guard.check_parameters(model.parameters()) is None
