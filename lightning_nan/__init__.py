@@ -18,11 +18,11 @@ from lightning_nan.core import *  # noqa: F403
 from lightning_nan.core import __all__ as _core_all
 
 if TYPE_CHECKING:
-    from lightning_nan._pytorch_lightning import NaNGuard
+    from lightning_nan._pytorch_lightning import GradientClipping, NaNGuard, NormMonitor
 
 __version__ = "0.1.0.dev0"
 
-_CALLBACKS = ("NaNGuard",)
+_CALLBACKS = ("GradientClipping", "NaNGuard", "NormMonitor")
 
 __all__ = [*_CALLBACKS, *_core_all]
 

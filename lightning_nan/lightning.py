@@ -8,7 +8,9 @@ True
 
 from lightning.pytorch import Callback
 
+from lightning_nan.callbacks.gradient_clipping import GradientClippingBase
 from lightning_nan.callbacks.nan_guard import NaNGuardBase
+from lightning_nan.callbacks.norm_monitor import NormMonitorBase
 from lightning_nan.core import *  # noqa: F403
 from lightning_nan.core import __all__ as _core_all
 
@@ -17,4 +19,12 @@ class NaNGuard(NaNGuardBase, Callback):
     """:class:`~lightning_nan.callbacks.nan_guard.NaNGuardBase` for ``lightning.pytorch.Trainer``."""
 
 
-__all__ = ["NaNGuard", *_core_all]
+class GradientClipping(GradientClippingBase, Callback):
+    """:class:`~lightning_nan.callbacks.gradient_clipping.GradientClippingBase` for ``lightning.pytorch.Trainer``."""
+
+
+class NormMonitor(NormMonitorBase, Callback):
+    """:class:`~lightning_nan.callbacks.norm_monitor.NormMonitorBase` for ``lightning.pytorch.Trainer``."""
+
+
+__all__ = ["GradientClipping", "NaNGuard", "NormMonitor", *_core_all]

@@ -8,12 +8,13 @@ from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_key
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir
 from lightning_nan.core.errors import NonFiniteWarning
 from lightning_nan.core.events import EscalationHandler, IncidentListener
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl
-from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard
+from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, StepVerdict
 
 INCIDENTS_FILE = "nan_incidents.jsonl"
 
@@ -113,6 +114,7 @@ class NaNGuardBase:
         self.log_every_n_steps = log_every_n_steps
         self._path: str | None = None
         self._rank_zero = True
+        self._checked: tuple[tuple[int, int], StepVerdict] | None = None
 
     @property
     def incidents(self) -> list[Incident]:
@@ -134,7 +136,9 @@ class NaNGuardBase:
 
     def __getstate__(self) -> dict[str, Any]:
         # Lightning binds the module's `log`/`log_dict` onto every callback; they are re-bound on the next fit.
-        return {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
+        state["_checked"] = None
+        return state
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -150,6 +154,7 @@ class NaNGuardBase:
         self.guard.on_record = self._record
         self._rank_zero = trainer.is_global_zero
         self._path = self.incidents_path or os.path.join(run_dir(trainer), INCIDENTS_FILE)
+        self._checked = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         for opt in trainer.optimizers:
@@ -166,6 +171,16 @@ class NaNGuardBase:
         self.guard.observe_loss(loss)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        verdict = self.ensure_checked(trainer, pl_module, optimizer)
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if verdict.incident is not None or trainer.global_step % every == 0:
+            log_metrics(trainer, self.metrics())
+
+    def ensure_checked(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> StepVerdict:
+        """Check the current optimizer step once (callbacks that clip or monitor call this first)."""
+        key = step_key(trainer, optimizer)
+        if self._checked is not None and self._checked[0] == key:
+            return self._checked[1]
         verdict = self.guard.check(
             optimizer,
             step=trainer.global_step,
@@ -173,9 +188,10 @@ class NaNGuardBase:
             scaler=grad_scaler(trainer),
             extra={"trainer": trainer, "pl_module": pl_module},
         )
-        every = self.log_every_n_steps or trainer.log_every_n_steps
-        if verdict.incident is not None or trainer.global_step % every == 0:
-            log_metrics(trainer, self.metrics())
+        self._checked = (key, verdict)
+        skipped = verdict.skipped or verdict.scaler_overflow
+        publish(trainer, optimizer, StepGrads(self.guard._last_with_grad, self.guard.last_grad_norms, skipped))
+        return verdict
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.guard.check_params_every_n_steps > 0:

@@ -1,0 +1,360 @@
+"""Gradient clipping that never turns finite gradients non-finite, with no host synchronisation.
+
+Every rule works on the device: thresholds and running statistics are tensors, updated with
+``torch.where``, so a step whose gradient norm is NaN/Inf leaves them untouched and is not clipped
+(the guard skips it). The pieces compose as in :func:`torch.nn.utils.clip_grad_norm_`:
+per-tensor norms (:func:`~lightning_nan.core.norms.tensor_norms`) -> total norm -> coefficient ->
+:func:`scale_grads_`.
+
+>>> import torch
+>>> g = [torch.tensor([3.0, 4.0])]
+>>> coef = clip_coefficient(torch.tensor(5.0), 1.0)
+>>> scale_grads_(g, coef); g[0]
+tensor([0.6000, 0.8000])
+>>> clip_coefficient(torch.tensor(float("nan")), 1.0)  # torch's clip would give NaN here
+tensor(1.)
+>>> rule = AutoClip(percentile=50, window=3)
+>>> [round(float(rule.threshold(torch.tensor(n))), 2) for n in (1.0, 3.0, float("nan"), 2.0)]
+[1.0, 2.0, 2.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_nan.core.norms import tensor_norms, total_norm
+
+METHODS = ("norm", "value", "autoclip", "agc", "zclip")
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float | Tensor, eps: float = 1e-6) -> Tensor:
+    """``min(1, max_norm / (total_norm + eps))`` as in torch, but 1 when either norm is not finite."""
+    coef = torch.clamp(max_norm / (total_norm + eps), max=1.0)
+    ok = torch.isfinite(total_norm)
+    if isinstance(max_norm, Tensor):
+        ok = ok & torch.isfinite(max_norm)
+    return torch.where(ok, coef, torch.ones_like(coef))
+
+
+@torch.no_grad()
+def scale_grads_(grads: Sequence[Tensor], coef: Tensor) -> None:
+    """Multiply gradients by ``coef`` in place (one fused kernel per device)."""
+    for device, group in _by_device(grads).items():
+        torch._foreach_mul_(group, coef.to(device, non_blocking=True))
+
+
+@torch.no_grad()
+def clip_grads_value_(grads: Sequence[Tensor], clip_value: float) -> None:
+    """Clamp gradients to ``[-clip_value, clip_value]`` in place, as :func:`torch.nn.utils.clip_grad_value_`."""
+    for group in _by_device(grads).values():
+        torch._foreach_clamp_min_(group, -clip_value)
+        torch._foreach_clamp_max_(group, clip_value)
+
+
+def unitwise_norm(x: Tensor) -> Tensor:
+    """Norm per output unit: over all dims but the first (whole tensor for scalars and vectors)."""
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x.float())
+    return torch.linalg.vector_norm(x.float(), dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+@torch.no_grad()
+def adaptive_clip_(params: Sequence[Tensor], clip_factor: float = 0.01, eps: float = 1e-3) -> None:
+    """Unit-wise adaptive gradient clipping (Brock et al. 2021), in place.
+
+    For each output unit, when ``|G| / max(|W|, eps) > clip_factor`` the unit's gradient is scaled to
+    ``clip_factor * max(|W|, eps)``. A unit whose gradient norm is not finite is left alone.
+
+    >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+    >>> w.grad = torch.tensor([[1.0, 0.0], [1e-6, 0.0]])
+    >>> adaptive_clip_([w], clip_factor=0.1)
+    >>> w.grad  # unit 0 capped at 0.1 * 5; unit 1 under 0.1 * eps
+    tensor([[5.0000e-01, 0.0000e+00],
+            [1.0000e-06, 0.0000e+00]])
+    """
+    with_grad = [p for p in params if p.grad is not None]
+    if with_grad:
+        _agc_with_fraction(with_grad, clip_factor, eps)
+
+
+class AutoClip:
+    """AutoClip (Seetharaman et al. 2020): the threshold is the ``percentile``-th percentile of the
+    total gradient norms seen so far (the current one included), over the last ``window`` finite ones.
+
+    The history is a device tensor; non-finite norms never enter it.
+    """
+
+    def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
+        if not 0 < percentile <= 100:
+            raise ValueError(f"Expected `percentile` in (0, 100], got {percentile!r}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"Expected `window` to be an int >= 1, got {window!r}")
+        self.percentile = float(percentile)
+        self.window = window
+        self.history: Tensor | None = None
+
+    def threshold(self, total_norm: Tensor) -> Tensor:
+        """Record ``total_norm`` (if finite) and return the current threshold (NaN: nothing seen yet)."""
+        norm = total_norm.detach().float().reshape(1)
+        if self.history is None or self.history.device != norm.device:
+            self.history = torch.full((self.window,), math.nan, device=norm.device)
+        shifted = torch.cat([self.history[1:], norm])
+        self.history = torch.where(torch.isfinite(norm), shifted, self.history)
+        return torch.nanquantile(self.history, self.percentile / 100.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": None if self.history is None else self.history.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        history = state.get("history")
+        if history is not None:
+            values = torch.tensor(history, dtype=torch.float32)[-self.window :]
+            self.history = torch.cat([torch.full((self.window - len(values),), math.nan), values])
+
+
+class ZClip:
+    """Z-score clipping (Kumar et al. 2025) over an EMA of the gradient norm's mean and variance.
+
+    The first ``warmup`` finite norms initialise the mean and variance (clipping only to
+    ``max_norm`` meanwhile). Then a norm whose z-score exceeds ``z_thresh`` is clipped to
+    ``mean + z_thresh * std / (z / z_thresh)`` (the paper's adaptive scaling), the EMA is updated
+    with the clipped value, and ``max_norm``, when given, caps every threshold. Matches the reference
+    ``zclip`` package (mode "zscore", clip_option "adaptive_scaling"), without its host syncs.
+    """
+
+    def __init__(
+        self, alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25, max_norm: float | None = None, eps: float = 1e-6
+    ) -> None:
+        if not 0 < alpha < 1:
+            raise ValueError(f"Expected `alpha` in (0, 1), got {alpha!r}")
+        if not z_thresh > 0:
+            raise ValueError(f"Expected `z_thresh` > 0, got {z_thresh!r}")
+        if not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"Expected `warmup` to be an int >= 1, got {warmup!r}")
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"Expected `max_norm` > 0 or None, got {max_norm!r}")
+        self.alpha, self.z_thresh, self.warmup, self.max_norm, self.eps = alpha, z_thresh, warmup, max_norm, eps
+        self.buffer: Tensor | None = None  # warm-up norms, NaN where not yet seen
+        self.mean: Tensor | None = None
+        self.var: Tensor | None = None
+        self.seen: Tensor | None = None  # finite norms seen (a device counter)
+
+    def _init(self, device: torch.device) -> None:
+        self.buffer = torch.full((self.warmup,), math.nan, device=device)
+        self.mean = torch.zeros((), device=device)
+        self.var = torch.zeros((), device=device)
+        self.seen = torch.zeros((), device=device)
+
+    def threshold(self, total_norm: Tensor) -> Tensor:
+        """Update the statistics with ``total_norm`` (if finite) and return the norm to clip to.
+
+        Returns ``total_norm`` itself (no clipping) when it is not a spike and no cap applies.
+        """
+        g = total_norm.detach().float().reshape(())
+        if self.buffer is None or self.buffer.device != g.device:
+            self._init(g.device)
+        assert self.buffer is not None and self.mean is not None and self.var is not None and self.seen is not None
+        finite = torch.isfinite(g)
+        warm = self.seen < self.warmup
+        # warm-up: collect; the norm that fills the buffer initialises mean and (population) variance
+        slot = torch.arange(self.warmup, device=g.device) == self.seen.long()
+        buffer = torch.where(slot & finite & warm, g, self.buffer)
+        filled = warm & finite & (self.seen + 1 >= self.warmup)
+        init_mean = buffer.nanmean()
+        init_var = ((buffer - init_mean) ** 2).nanmean()
+        # after warm-up: z-score against the EMA
+        std = self.var.sqrt()
+        z = (g - self.mean) / (std + self.eps)
+        spike = z > self.z_thresh
+        adaptive = self.mean + (self.z_thresh * std) / (z / self.z_thresh)
+        clip_to = torch.where(spike & ~warm, adaptive, g)
+        new_mean = self.alpha * self.mean + (1 - self.alpha) * clip_to
+        new_var = self.alpha * self.var + (1 - self.alpha) * (clip_to - new_mean) ** 2
+        update = finite & ~warm
+        self.mean = torch.where(filled, init_mean, torch.where(update, new_mean, self.mean))
+        self.var = torch.where(filled, init_var, torch.where(update, new_var, self.var))
+        self.buffer = buffer
+        self.seen = self.seen + finite.float()
+        if self.max_norm is not None:
+            clip_to = torch.clamp(clip_to, max=self.max_norm)
+        return clip_to
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.buffer is None:
+            return {}
+        return {k: getattr(self, k).tolist() for k in ("buffer", "mean", "var", "seen")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("buffer") is not None:
+            for k in ("buffer", "mean", "var", "seen"):
+                setattr(self, k, torch.tensor(state[k], dtype=torch.float32))
+
+
+@dataclass
+class ClipStats:
+    """What one clipping step saw and did (device tensors; ``None`` where a method has no such value).
+
+    Attributes:
+        total_norm: the total gradient norm before clipping.
+        threshold: the norm clipped to (``norm``, ``autoclip``, ``zclip``).
+        coef: the factor the gradients were multiplied by (1: untouched).
+        clipped_units: the fraction of units AGC clipped (``agc``).
+    """
+
+    total_norm: Tensor | None = None
+    threshold: Tensor | None = None
+    coef: Tensor | None = None
+    clipped_units: Tensor | None = None
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+class GradientClipper:
+    """One of five clipping methods behind one call, for any training loop.
+
+    ``norm`` (``max_norm``, ``norm_type``) is :func:`torch.nn.utils.clip_grad_norm_`, except that a
+    non-finite total norm leaves the gradients alone; ``value`` (``clip_value``) is
+    :func:`torch.nn.utils.clip_grad_value_`; ``autoclip`` (``percentile``, ``window``) clips to a
+    percentile of past norms (:class:`AutoClip`); ``agc`` (``clip_factor``, ``eps``) is unit-wise
+    adaptive clipping (:func:`adaptive_clip_`); ``zclip`` (``alpha``, ``z_thresh``, ``warmup``,
+    ``max_norm``) is z-score clipping (:class:`ZClip`).
+
+    >>> model = torch.nn.Linear(3, 1)
+    >>> model(torch.ones(1, 3)).sum().mul(100).backward()
+    >>> stats = GradientClipper("norm", max_norm=1.0).clip_(model.parameters())
+    >>> round(float(stats.total_norm), 1), round(float(total_norm(tensor_norms([p.grad for p in model.parameters()]))), 3)
+    (200.0, 1.0)
+    """
+
+    def __init__(
+        self,
+        method: str = "norm",
+        *,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        clip_value: float | None = None,
+        percentile: float = 10.0,
+        window: int = 1000,
+        clip_factor: float = 0.01,
+        eps: float = 1e-3,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup: int = 25,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"Expected `method` in {METHODS}, got {method!r}")
+        if method == "norm" and (max_norm is None or not max_norm > 0):
+            raise ValueError(f"method='norm' needs `max_norm` > 0, got {max_norm!r}")
+        if method == "zclip" and max_norm is not None and not max_norm > 0:
+            raise ValueError(f"Expected `max_norm` > 0 or None, got {max_norm!r}")
+        if method == "value" and (clip_value is None or not clip_value > 0):
+            raise ValueError(f"method='value' needs `clip_value` > 0, got {clip_value!r}")
+        if method == "agc" and not (clip_factor > 0 and eps > 0):
+            raise ValueError(f"method='agc' needs `clip_factor` > 0 and `eps` > 0, got {clip_factor!r}, {eps!r}")
+        if not (norm_type > 0 or math.isinf(norm_type)):
+            raise ValueError(f"Expected `norm_type` > 0 or inf, got {norm_type!r}")
+        self.method = method
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.norm_type = float(norm_type)
+        self.clip_value = clip_value
+        self.clip_factor, self.eps = clip_factor, eps
+        #: ids of parameters AGC leaves alone (e.g. :func:`final_layer_parameters`).
+        self.exclude: set[int] = set()
+        #: gradients are sharded across ranks (FSDP): the total norm is all-reduced to the global one.
+        self.sharded = False
+        self.rule: AutoClip | ZClip | None = None
+        if method == "autoclip":
+            self.rule = AutoClip(percentile, window)
+        elif method == "zclip":
+            self.rule = ZClip(alpha=alpha, z_thresh=z_thresh, warmup=warmup, max_norm=max_norm)
+
+    @torch.no_grad()
+    def clip_(self, params: Iterable[Tensor], norms: Tensor | None = None) -> ClipStats:
+        """Clip the gradients of ``params`` in place.
+
+        ``norms``: their per-tensor gradient 2-norms if already computed this step (e.g. by the
+        guard), in the order of the parameters that have gradients; reused instead of a second pass.
+        """
+        params = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in params]
+        if not grads:
+            return ClipStats()
+        if norms is None or self.norm_type != 2.0 or len(norms) != len(grads):
+            norms = tensor_norms(grads, self.norm_type)
+        total = total_norm(norms, self.norm_type)
+        if self.sharded:
+            total = _global_norm(total, self.norm_type)
+        if self.method == "value":
+            clip_grads_value_(grads, float(self.clip_value))  # type: ignore[arg-type]
+            return ClipStats(total_norm=total)
+        if self.method == "agc":
+            clipped = [p for p in params if id(p) not in self.exclude]
+            fraction = _agc_with_fraction(clipped, self.clip_factor, self.eps) if clipped else torch.zeros_like(total)
+            return ClipStats(total_norm=total, clipped_units=fraction)
+        if self.method == "norm":
+            threshold = torch.full_like(total, float(self.max_norm))  # type: ignore[arg-type]
+            coef = clip_coefficient(total, float(self.max_norm))  # type: ignore[arg-type]
+        else:
+            assert self.rule is not None
+            threshold = self.rule.threshold(total)
+            clip = torch.isfinite(total) & torch.isfinite(threshold) & (total > threshold)
+            coef = torch.where(clip, threshold / (total + 1e-6), torch.ones_like(total))
+        scale_grads_(grads, coef)
+        return ClipStats(total_norm=total, threshold=threshold, coef=coef)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.rule is None else self.rule.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.rule is not None:
+            self.rule.load_state_dict(state)
+
+
+def final_layer_parameters(module: torch.nn.Module) -> list[Tensor]:
+    """The parameters of the last ``nn.Linear`` in ``module`` (the classifier AGC's paper leaves unclipped)."""
+    last = None
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            last = m
+    return [] if last is None else list(last.parameters())
+
+
+def _agc_with_fraction(params: Sequence[Tensor], clip_factor: float, eps: float) -> Tensor:
+    """:func:`adaptive_clip_`, returning the fraction of units clipped (a device scalar)."""
+    clipped, units = [], 0
+    for p in params:
+        assert p.grad is not None
+        max_norm = unitwise_norm(p).clamp_min(eps) * clip_factor
+        grad_norm = unitwise_norm(p.grad)
+        clip = torch.isfinite(grad_norm) & (grad_norm > max_norm)
+        p.grad.mul_(torch.where(clip, max_norm / grad_norm.clamp_min(1e-6), torch.ones_like(grad_norm)).to(p.grad.dtype))
+        clipped.append(clip.sum())
+        units += clip.numel()
+    return torch.stack(clipped).sum().float() / max(units, 1)
+
+
+def _global_norm(local: Tensor, norm_type: float) -> Tensor:
+    """Combine per-rank norms of sharded gradients into the norm of all of them."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    if math.isinf(norm_type):
+        out = local.clone()
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+        return out
+    out = local.pow(norm_type)
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out.pow(1.0 / norm_type)
+
+
+def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[Tensor]]:
+    groups: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
