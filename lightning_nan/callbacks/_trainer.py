@@ -31,10 +31,10 @@ def max_reducer(trainer: Any) -> Callable[[Tensor], Tensor]:
     return all_reduce_max  # a no-op in a single process
 
 
-def log_metrics(trainer: Any, metrics: dict[str, float]) -> None:
-    """Send scalars to every logger of the trainer at the current global step (rank zero only)."""
+def log_metrics(trainer: Any, metrics: dict[str, float], step: int | None = None) -> None:
+    """Send scalars to every logger of the trainer at ``step`` (default: the global step), rank zero only."""
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
+        logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
 

@@ -85,6 +85,7 @@ class NormMonitorBase:
         self.eps = eps
         self._names: dict[int, str] = {}
         self._pending: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id -> (param, weight before, grad norm)
+        self._step = 0  # the optimizer step the pending values belong to
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -113,6 +114,8 @@ class NormMonitorBase:
         grads = step_grads(trainer, pl_module, optimizer)
         if grads.norms is None:
             return
+        if not self._pending:
+            self._step = trainer.global_step
         for p, g in zip(grads.params, grads.norms.unbind()):
             if id(p) in self._names:
                 self._pending[id(p)] = (p, p.detach().clone(), g)
@@ -122,13 +125,17 @@ class NormMonitorBase:
             return
         pending, self._pending = list(self._pending.values()), {}
         params = [p.detach() for p, _, _ in pending]
-        both = tensor_norms(params + list(torch._foreach_sub(params, [before for _, before, _ in pending])))
-        weights, updates = both[: len(params)], both[len(params) :]
+        befores = [before for _, before, _ in pending]
+        n = len(params)
+        fused = tensor_norms(params + list(torch._foreach_sub(params, befores)) + befores)  # one pass
+        weights, updates, weights_before = fused[:n], fused[n : 2 * n], fused[2 * n :]
         grad_norms = torch.stack([g.to(weights.device) for _, _, g in pending])
         names = [self._names[id(p)] for p, _, _ in pending]
         if self.group_by == "module":
-            names, (weights, updates, grad_norms) = _group_by_module(names, [weights, updates, grad_norms])
-        ratios = updates / (weights + self.eps)
+            names, (weights, updates, grad_norms, weights_before) = _group_by_module(
+                names, [weights, updates, grad_norms, weights_before]
+            )
+        ratios = updates / (weights_before + self.eps)
         values = torch.cat([weights, grad_norms, ratios]).tolist()  # the one transfer of a logging step
         n = len(names)
         metrics = {}
@@ -136,7 +143,7 @@ class NormMonitorBase:
             metrics[f"norms/weight/{name}"] = values[i]
             metrics[f"norms/grad/{name}"] = values[n + i]
             metrics[f"norms/update_ratio/{name}"] = values[2 * n + i]
-        log_metrics(trainer, metrics)
+        log_metrics(trainer, metrics, step=self._step)
         if self.histograms and trainer.is_global_zero:
             self._histograms(trainer, [(self._names[id(p)], p) for p, _, _ in pending])
 
@@ -146,9 +153,9 @@ class NormMonitorBase:
             if not hasattr(writer, "add_histogram"):
                 continue
             for name, p in named:
-                writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), trainer.global_step)
+                writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), self._step)
                 if p.grad is not None:
-                    writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), trainer.global_step)
+                    writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), self._step)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -109,11 +109,14 @@ class AutoClip:
         return torch.nanquantile(self.history, self.percentile / 100.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": None if self.history is None else self.history.tolist()}
+        """The recorded norms, oldest first (empty slots are not stored)."""
+        if self.history is None:
+            return {"history": []}
+        return {"history": self.history[torch.isfinite(self.history)].tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         history = state.get("history")
-        if history is not None:
+        if history:
             values = torch.tensor(history, dtype=torch.float32)[-self.window :]
             self.history = torch.cat([torch.full((self.window - len(values),), math.nan), values])
 

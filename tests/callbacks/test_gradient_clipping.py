@@ -1,0 +1,165 @@
+"""GradientClipping with real Trainers, in both namespaces: parity with Lightning, guard-first, one pass."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from faulty import identical, loader, model_class, recorder_class, trainer_kwargs, unchanged_batches
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def fit(ns, tmp_path, callbacks=(), model=None, faults=None, **kw):
+    model = model or model_class(ns.pl)(faults=faults)
+    recorder = recorder_class(ns.pl)()
+    trainer = ns.pl.Trainer(callbacks=[*callbacks, recorder], **trainer_kwargs(tmp_path, **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader())
+    return trainer, recorder
+
+
+class Scaled(torch.nn.Module):
+    pass
+
+
+def big_grads_model(ns, **kwargs):
+    """The faulty test model with a loss scaled up, so that clipping at 0.5 really clips."""
+    base = model_class(ns.pl)
+
+    class Big(base):
+        def _loss(self, batch, batch_idx):
+            return super()._loss(batch, batch_idx) * 50.0
+
+    return Big(**kwargs)
+
+
+@pytest.mark.parametrize("algorithm, kwargs", [("norm", {"method": "norm", "max_norm": 0.5}), ("value", {"method": "value", "clip_value": 0.05})])
+def test_same_weights_as_lightnings_own_clipping(ns, tmp_path, algorithm, kwargs):
+    limit = kwargs.get("max_norm", kwargs.get("clip_value"))
+    _, ours = fit(ns, tmp_path / "ours", [ns.lib.GradientClipping(**kwargs)], model=big_grads_model(ns, optimizer="adam"))
+    _, theirs = fit(
+        ns, tmp_path / "theirs", model=big_grads_model(ns, optimizer="adam"), gradient_clip_val=limit, gradient_clip_algorithm=algorithm
+    )
+    _, unclipped = fit(ns, tmp_path / "none", model=big_grads_model(ns, optimizer="adam"))
+    assert identical(ours.snaps, theirs.snaps)  # bit for bit, every step
+    assert not identical(ours.snaps[-1]["params"], unclipped.snaps[-1]["params"])  # and it did clip
+
+
+def test_same_as_lightning_under_fp16_amp_after_unscaling(ns, tmp_path):
+    amp = pytest.importorskip(f"{ns.pl.__name__}.plugins.precision")
+
+    def plugin():
+        return amp.MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0))
+
+    _, ours = fit(ns, tmp_path / "a", [ns.lib.GradientClipping("norm", max_norm=0.5)], model=big_grads_model(ns), plugins=[plugin()])
+    _, theirs = fit(ns, tmp_path / "b", model=big_grads_model(ns), plugins=[plugin()], gradient_clip_val=0.5)
+    assert identical(ours.snaps, theirs.snaps)
+
+
+def test_manual_optimization_clips_inside_opt_step(ns, tmp_path):
+    base = model_class(ns.pl)
+
+    class ManualClip(base):
+        """Clips itself the documented Lightning way, for comparison."""
+
+        def __init__(self, clip):
+            super().__init__(manual=True)
+            self.clip = clip
+
+        def _loss(self, batch, batch_idx):
+            return super()._loss(batch, batch_idx) * 50.0
+
+        def on_before_optimizer_step(self, optimizer):
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 0.5)
+
+    _, ours = fit(ns, tmp_path / "a", [ns.lib.GradientClipping("norm", max_norm=0.5)], model=ManualClip(clip=False))
+    _, theirs = fit(ns, tmp_path / "b", model=ManualClip(clip=True))
+    assert identical(ours.snaps, theirs.snaps)
+
+
+def test_refuses_trainer_gradient_clip_val(ns, tmp_path):
+    with pytest.raises(ValueError, match=r"replaces Trainer\(gradient_clip_val=1.0\)"):
+        fit(ns, tmp_path, [ns.lib.GradientClipping("norm", max_norm=1.0)], gradient_clip_val=1.0)
+
+
+@pytest.mark.parametrize("guard_first", [True, False])
+def test_guard_decides_first_and_skipped_steps_stay_out_of_the_statistics(ns, tmp_path, guard_first):
+    clip = ns.lib.GradientClipping("autoclip", percentile=50)
+    guard = ns.NaNGuard()
+    callbacks = [guard, clip] if guard_first else [clip, guard]
+    _, rec = fit(ns, tmp_path, callbacks, faults={2: "loss", 5: "grad"})
+    assert unchanged_batches(rec.snaps) == [2, 5]
+    assert len(clip.clipper.rule.state_dict()["history"]) == 8 - 2  # the two skipped steps never entered
+    assert [i.step for i in guard.incidents] == [2, 5]
+
+
+@pytest.mark.parametrize("callbacks", ["clip", "guard+clip", "clip+guard", "guard+clip+monitor"])
+def test_one_pass_over_the_gradients_per_step(ns, tmp_path, monkeypatch, callbacks):
+    calls: list[int] = []
+    real = torch._foreach_norm
+
+    class Probe(ns.pl.Callback):
+        def on_train_batch_start(self, *args):
+            calls.append(0)
+
+        def on_train_end(self, *args):  # the guard's one check of the final weights
+            calls.append(0)
+
+    def counting(tensors, *args, **kwargs):
+        calls[-1] += 1
+        return real(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_norm", counting)
+    made = {
+        "clip": ns.lib.GradientClipping("zclip", warmup=2),
+        "guard": ns.NaNGuard(),
+        "monitor": ns.lib.NormMonitor(every_n_steps=4),
+    }
+    fit(ns, tmp_path, [Probe(), *(made[name] for name in callbacks.split("+"))])
+    monitor_steps = {0, 4} if "monitor" in callbacks else set()
+    # one fused norm pass per step (the guard's or the clipper's), plus the monitor's weights pass when it logs
+    assert calls[:8] == [1 + (i in monitor_steps) for i in range(8)]
+    assert calls[8:] == [int("guard" in callbacks)]
+
+
+def test_zclip_in_a_trainer_logs_what_it_did(ns, tmp_path):
+    logger = ns.pl.loggers.TensorBoardLogger(str(tmp_path), name="clip")
+
+    class Probe(ns.pl.Callback):
+        """Runs before the clipper: the total norm before clipping, computed independently."""
+
+        def __init__(self):
+            self.norms = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad.double() for p in pl_module.parameters() if p.grad is not None]
+            self.norms[trainer.global_step] = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item()
+
+    probe = Probe()
+    clip = ns.lib.GradientClipping("zclip", warmup=3, max_norm=2.0)
+    trainer, _ = fit(ns, tmp_path, [probe, clip], model=big_grads_model(ns), logger=logger, log_every_n_steps=1)
+    trainer.logger.finalize("success")
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    total = {e.step: e.value for e in acc.Scalars("grad_clip/total_norm")}
+    coef = {e.step: e.value for e in acc.Scalars("grad_clip/coef")}
+    threshold = {e.step: e.value for e in acc.Scalars("grad_clip/threshold")}
+    assert sorted(total) == list(range(8))
+    for step, value in total.items():
+        assert value == pytest.approx(probe.norms[step], rel=1e-5)
+        assert threshold[step] <= 2.0 + 1e-6  # the absolute cap
+        assert coef[step] == pytest.approx(min(1.0, threshold[step] / (value + 1e-6)), rel=1e-5)
+    assert min(coef.values()) < 1.0
+
+
+def test_agc_excludes_the_final_layer_by_default(ns, tmp_path):
+    clip = ns.lib.GradientClipping("agc", clip_factor=1e-4)
+    _, clipped = fit(ns, tmp_path / "a", [clip], model=big_grads_model(ns))
+    _, plain = fit(ns, tmp_path / "b", model=big_grads_model(ns))
+    first_clipped, first_plain = clipped.snaps[1]["params"], plain.snaps[1]["params"]
+    assert torch.equal(first_clipped["head.weight"], first_plain["head.weight"])  # the classifier: not clipped
+    assert not torch.equal(first_clipped["body.0.weight"], first_plain["body.0.weight"])
+    assert float(clip.last["clipped_units"]) > 0

@@ -1,0 +1,198 @@
+"""The clipping core against references: torch's own clipping, float64 formulas, the reference zclip package."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_nan.core.clipping import AutoClip, GradientClipper, ZClip, adaptive_clip_, final_layer_parameters
+
+
+def params_with_grads(seed: int = 0, scale: float = 10.0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(8, 3, 3, 3), (8,), (16, 8), (16,), (4, 16), (4,)]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * scale
+    return params
+
+
+def clone_grads(params):
+    return [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_norm_is_bit_identical_to_torch(norm_type, max_norm):
+    ours, theirs = params_with_grads(), params_with_grads()
+    stats = GradientClipper("norm", max_norm=max_norm, norm_type=norm_type).clip_(ours)
+    total = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type=norm_type)
+    assert torch.equal(stats.total_norm, total)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+
+
+def test_value_is_bit_identical_to_torch():
+    ours, theirs = params_with_grads(), params_with_grads()
+    GradientClipper("value", clip_value=3.0).clip_(ours)
+    torch.nn.utils.clip_grad_value_(theirs, 3.0)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("method, kwargs", [("norm", {"max_norm": 1.0}), ("autoclip", {}), ("zclip", {"warmup": 1})])
+def test_a_nan_total_norm_never_spreads_to_finite_gradients(method, kwargs):
+    params = params_with_grads()
+    params[0].grad[0, 0, 0, 0] = float("nan")
+    before = clone_grads(params)
+    clipper = GradientClipper(method, **kwargs)
+    stats = clipper.clip_(params)
+    assert math.isnan(float(stats.total_norm)) and float(stats.coef) == 1.0
+    for b, p in zip(before[1:], params[1:]):
+        assert torch.equal(b, p.grad)  # torch's clip_grad_norm_ would have made them all NaN
+    if clipper.rule is not None:  # and the NaN step left no trace in the statistics
+        state = clipper.rule.state_dict()
+        assert _finite_entries(state) == [] or not any(math.isnan(v) for v in _finite_entries(state))
+        if "history" in state:
+            assert _finite_entries(state) == []  # nothing recorded
+        else:
+            assert state["seen"] == 0.0
+
+
+def _finite_entries(state):
+    if "history" in state:
+        return state["history"]
+    return [state["mean"], state["var"]] if state else []
+
+
+def test_autoclip_matches_a_float64_percentile_of_the_finite_history():
+    rule = AutoClip(percentile=10, window=5)
+    g = torch.Generator().manual_seed(3)
+    seq = (torch.rand(12, generator=g) * 10).tolist()
+    seq[4] = float("nan")
+    seq[7] = float("inf")
+    history: list[float] = []
+    for value in seq:
+        ours = float(rule.threshold(torch.tensor(value)))
+        if math.isfinite(value):
+            history = (history + [value])[-5:]
+        expected = torch.quantile(torch.tensor(history, dtype=torch.float64), 0.10).item()
+        assert ours == pytest.approx(expected, rel=1e-6)
+
+
+def test_autoclip_clips_to_the_threshold():
+    clipper = GradientClipper("autoclip", percentile=50, window=10)
+    for scale in (1.0, 1.0, 100.0):
+        params = params_with_grads(scale=scale)
+        stats = clipper.clip_(params)
+    after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])).item()
+    assert float(stats.coef) < 0.05 and after == pytest.approx(float(stats.threshold), rel=1e-4)
+
+
+def agc_reference(params, clip_factor, eps):
+    """timm's adaptive_clip_grad, in float64: an independent implementation of the paper's rule."""
+    out = []
+    for p in params:
+        w, g = p.detach().double(), p.grad.double()
+        dims = tuple(range(1, w.ndim))
+        wn = w.norm() if w.ndim <= 1 else torch.linalg.vector_norm(w, dim=dims, keepdim=True)
+        gn = g.norm() if g.ndim <= 1 else torch.linalg.vector_norm(g, dim=dims, keepdim=True)
+        max_norm = wn.clamp(min=eps) * clip_factor
+        out.append(torch.where(gn < max_norm, g, g * (max_norm / gn.clamp(min=1e-6))))
+    return out
+
+
+def test_agc_matches_the_reference_formula():
+    params = params_with_grads(scale=0.05)
+    for p in params[2:4]:  # small gradients there: those units stay unclipped
+        p.grad.mul_(0.01)
+    expected = agc_reference(params, 0.01, 1e-3)
+    stats = GradientClipper("agc").clip_(params)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad.double(), e, rtol=1e-5, atol=1e-9)
+    assert 0 < float(stats.clipped_units) < 1
+
+
+def test_agc_leaves_a_non_finite_unit_alone_and_the_excluded_layer_untouched():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 5.0)
+    model[0].weight.grad[2, 1] = float("inf")
+    head = final_layer_parameters(model)
+    assert head == list(model[2].parameters())
+    before = {id(p): p.grad.clone() for p in model.parameters()}
+    clipper = GradientClipper("agc")
+    clipper.exclude = {id(p) for p in head}
+    clipper.clip_(model.parameters())
+    w = model[0].weight.grad
+    assert torch.equal(w[2], before[id(model[0].weight)][2])  # the unit with the Inf: untouched
+    assert bool(torch.isfinite(torch.cat([w[:2].flatten(), w[3:].flatten()])).all())
+    assert float(w[0].norm()) < 5.0  # the finite units were clipped
+    assert all(torch.equal(p.grad, before[id(p)]) for p in head)
+    adaptive_clip_([model[2].weight])  # the function form clips what it is given
+    assert not torch.equal(model[2].weight.grad, before[id(model[2].weight)])
+
+
+@pytest.mark.parametrize("max_norm", [None, 2.5])
+def test_zclip_matches_the_reference_package(max_norm):
+    zclip = pytest.importorskip("zclip")
+    g = torch.Generator().manual_seed(0)
+    norms = (torch.rand(90, generator=g) * 2 + 1).tolist()
+    norms[40], norms[41], norms[70] = 30.0, 12.0, 9.0  # spikes
+    reference = zclip.ZClip(alpha=0.97, z_thresh=2.5, max_grad_norm=max_norm, warmup_steps=25)
+    ours = GradientClipper("zclip", max_norm=max_norm)
+    ref_model = torch.nn.Linear(1, 2, bias=False)
+    our_param = torch.nn.Parameter(torch.zeros(2, 1))
+    inserted = 0
+    for i, n in enumerate(norms):
+        if i in (10, 50):  # a NaN step, seen only by ours: it must change nothing
+            our_param.grad = torch.tensor([[float("nan")], [0.0]])
+            ours.clip_([our_param])
+            inserted += 1
+        grad = torch.tensor([[0.6 * n], [0.8 * n]])  # total norm n
+        ref_model.weight.grad = grad.clone()
+        reference.step(ref_model)
+        our_param.grad = grad.clone()
+        ours.clip_([our_param])
+        torch.testing.assert_close(our_param.grad, ref_model.weight.grad, rtol=2e-5, atol=1e-6)
+    rule = ours.rule
+    assert float(rule.mean) == pytest.approx(reference.mean, rel=1e-5)
+    assert float(rule.var) == pytest.approx(reference.var, rel=1e-4)
+    assert inserted == 2
+
+
+def test_rule_state_round_trips():
+    for method in ("autoclip", "zclip"):
+        a = GradientClipper(method, warmup=2) if method == "zclip" else GradientClipper(method)
+        for s in (1.0, 2.0, 3.0, 50.0):
+            a.clip_(params_with_grads(scale=s))
+        b = GradientClipper(method, warmup=2) if method == "zclip" else GradientClipper(method)
+        b.load_state_dict(a.state_dict())
+        assert b.state_dict() == a.state_dict()
+        pa, pb = params_with_grads(scale=20.0), params_with_grads(scale=20.0)
+        a.clip_(pa)
+        b.clip_(pb)
+        assert all(torch.equal(x.grad, y.grad) for x, y in zip(pa, pb))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("norm",), "max_norm"),
+        (("value",), "clip_value"),
+        (("clipit",), "method"),
+        (("autoclip",), None),
+    ],
+)
+def test_arguments_are_checked(args, match):
+    if match is None:
+        GradientClipper(*args)
+        with pytest.raises(ValueError, match="percentile"):
+            GradientClipper("autoclip", percentile=0)
+        with pytest.raises(ValueError, match="alpha"):
+            GradientClipper("zclip", alpha=1.5)
+        with pytest.raises(ValueError, match="max_norm"):
+            GradientClipper("zclip", max_norm=-1.0)
+        return
+    with pytest.raises(ValueError, match=match):
+        GradientClipper(*args)
