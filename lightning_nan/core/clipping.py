@@ -102,8 +102,9 @@ class AutoClip:
     def threshold(self, total_norm: Tensor) -> Tensor:
         """Record ``total_norm`` (if finite) and return the current threshold (NaN: nothing seen yet)."""
         norm = total_norm.detach().float().reshape(1)
-        if self.history is None or self.history.device != norm.device:
+        if self.history is None:
             self.history = torch.full((self.window,), math.nan, device=norm.device)
+        self.history = self.history.to(norm.device)  # e.g. loaded from a checkpoint on the CPU
         shifted = torch.cat([self.history[1:], norm])
         self.history = torch.where(torch.isfinite(norm), shifted, self.history)
         return torch.nanquantile(self.history, self.percentile / 100.0)
@@ -160,9 +161,11 @@ class ZClip:
         Returns ``total_norm`` itself (no clipping) when it is not a spike and no cap applies.
         """
         g = total_norm.detach().float().reshape(())
-        if self.buffer is None or self.buffer.device != g.device:
+        if self.buffer is None:
             self._init(g.device)
         assert self.buffer is not None and self.mean is not None and self.var is not None and self.seen is not None
+        if self.buffer.device != g.device:  # e.g. loaded from a checkpoint on the CPU
+            self.buffer, self.mean, self.var, self.seen = (t.to(g.device) for t in (self.buffer, self.mean, self.var, self.seen))
         finite = torch.isfinite(g)
         warm = self.seen < self.warmup
         # warm-up: collect; the norm that fills the buffer initialises mean and (population) variance
@@ -189,14 +192,20 @@ class ZClip:
         return clip_to
 
     def state_dict(self) -> dict[str, Any]:
+        """Mean, variance, count and the warm-up norms recorded so far (no NaN placeholders)."""
         if self.buffer is None:
             return {}
-        return {k: getattr(self, k).tolist() for k in ("buffer", "mean", "var", "seen")}
+        state = {k: getattr(self, k).item() for k in ("mean", "var", "seen")}
+        state["buffer"] = self.buffer[torch.isfinite(self.buffer)].tolist()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("buffer") is not None:
-            for k in ("buffer", "mean", "var", "seen"):
-                setattr(self, k, torch.tensor(state[k], dtype=torch.float32))
+        if "seen" in state:
+            self._init(torch.device("cpu"))
+            recorded = torch.tensor(state.get("buffer", []), dtype=torch.float32)[: self.warmup]
+            self.buffer = torch.cat([recorded, torch.full((self.warmup - len(recorded),), math.nan)])
+            for k in ("mean", "var", "seen"):
+                setattr(self, k, torch.tensor(float(state[k])))
 
 
 @dataclass
