@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-SCENARIOS = ("loss", "grad", "grad_hook", "escalate")
+SCENARIOS = ("loss", "grad", "grad_hook", "escalate", "clip")
 FAULT_BATCH = 3
 ESCALATE_FROM = 2
 ESCALATE_MAX_CONSECUTIVE = 3
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             x, y = batch
             loss = torch.nn.functional.mse_loss(self.net(x), y)
             if self.global_rank == 1:
-                if scenario == "loss" and batch_idx == FAULT_BATCH:
+                if scenario in ("loss", "clip") and batch_idx == FAULT_BATCH:
                     loss = loss * float("nan")
                 if scenario == "escalate" and batch_idx >= ESCALATE_FROM:
                     loss = loss * float("nan")
@@ -136,12 +136,16 @@ def main(argv: list[str] | None = None) -> int:
 
     guard = NaNGuard(max_consecutive=ESCALATE_MAX_CONSECUTIVE) if scenario == "escalate" else NaNGuard()
     recorder = Recorder()
+    extra = []
+    if scenario == "clip":  # the clipper (ZClip with a tight cap, so it clips) and the monitor beside the guard
+        clip = lib.GradientClipping("zclip", warmup=2, max_norm=0.05)
+        extra = [clip, lib.NormMonitor(every_n_steps=2)]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
         max_epochs=1,
-        callbacks=[guard, recorder],
+        callbacks=[*extra, guard, recorder],
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
@@ -169,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         "batches": recorder.batches,
         "incidents": [i.to_dict() for i in guard.incidents],
         "skipped_steps": guard.skipped_steps,
+        "clip_state": extra[0].state_dict() if extra else None,
+        "clip_last": {k: v.tolist() for k, v in extra[0].last.items()} if extra else None,
         "raised": error is not None,
         "error_type": type(error).__name__ if error is not None else None,
         "error_message": str(error) if error is not None else None,

@@ -266,3 +266,13 @@ def test_incident_is_the_same_on_every_rank(tmp_path_factory, scenario):
     _ok(run)
     strip = lambda i: {k: v for k, v in i.items() if k != "time"}  # noqa: E731
     assert [strip(i) for i in run.ranks[0]["incidents"]] == [strip(i) for i in run.ranks[1]["incidents"]]
+
+
+def test_clipping_and_monitor_beside_the_guard_keep_ranks_identical(tmp_path_factory):
+    """ZClip runs after the guard's agreed skip, on all-reduced gradients: every rank clips alike."""
+    run = _run(tmp_path_factory, "pytorch_lightning", "clip")
+    _check_single_skip(run, "loss")
+    r0, r1 = run.ranks[0], run.ranks[1]
+    assert r0["clip_state"] == r1["clip_state"] and r0["clip_last"] == r1["clip_last"]
+    assert r0["clip_state"]["rule"]["seen"] == STEPS_PER_RANK - 1  # the skipped step stayed out of the statistics
+    assert r0["clip_last"]["coef"] < 1.0  # it did clip
