@@ -160,6 +160,11 @@ class StepGuard:
         self._recent: list[tuple[int, Any]] = []
 
     @property
+    def last_grad_params(self) -> list[Tensor]:
+        """The parameters behind :attr:`last_grad_norms`: pass both to ``GradientClipper.clip_``."""
+        return list(self._last_with_grad)
+
+    @property
     def last_grad_names(self) -> list[str]:
         """Names of the parameters behind :attr:`last_grad_norms` (built on demand)."""
         return [self._name(p, i) for i, p in enumerate(self._last_with_grad)]

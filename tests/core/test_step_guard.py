@@ -308,3 +308,21 @@ def test_finite_but_huge_weights_and_inputs_are_not_faults():
     verdict = guard.check(opt, step=0)
     assert not verdict.skipped and guard.incidents == [] and guard.consecutive_skips == 0
     assert guard.check_parameters(model.parameters()) is None
+
+
+def test_a_hand_written_loop_can_share_the_guards_norms_with_the_clipper():
+    from lightning_nan.core import GradientClipper
+
+    model = make_model()
+    opt = OPTIMIZERS["sgd_momentum"](model.parameters())
+    guard, clipper = StepGuard(model), GradientClipper("norm", max_norm=0.1)
+    reference = make_model()
+    ref_opt = OPTIMIZERS["sgd_momentum"](reference.parameters())
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for m in (model, reference):
+        torch.nn.functional.mse_loss(m(x), y).mul(100).backward()
+    guard.check(opt, step=0)
+    stats = clipper.clip_(guard.last_grad_params, guard.last_grad_norms)
+    total = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+    assert torch.equal(stats.total_norm, total)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), reference.parameters()))
