@@ -9,9 +9,10 @@ inputs, so nothing goes NaN) with SGD lr 0.01, once per variant per round:
     anomaly          pl.Trainer(detect_anomaly=True)
 
 The variants are interleaved: every round runs each of them once, the order rotating from round to
-round, so drift of the machine (thermal, other processes) hits all of them alike. A timing callback,
-first in the callbacks list, takes ``time.perf_counter()`` at ``on_train_batch_start`` of step
-``warmup`` and at ``on_train_batch_end`` of the last step; Trainer start-up and the warm-up steps
+round, so drift of the machine (thermal, other processes) hits all of them alike. A timing callback
+takes ``time.perf_counter()`` at ``on_train_batch_start`` of step ``warmup`` (it is first in the
+callbacks list) and at ``on_train_batch_end`` of the last step (its stop half is last in the list, so
+every other callback's work of the measured steps is inside); Trainer start-up and the warm-up steps
 are excluded. Each round's time is divided by the same round's plain time; the table reports the
 median over rounds (and the min-max of the per-round ratio). In the guarded runs the wall time of
 each call of NaNGuard's three per-step hooks is recorded too (the last column: the guard's cost in
@@ -25,6 +26,9 @@ of the end-to-end numbers, and breaks it down.
     python benchmarks/guard_overhead.py             # default: 20 rounds x (10 warm-up + 60 measured steps)
     python benchmarks/guard_overhead.py --quick     # smoke run, a few seconds
     make bench                                      # the same as the first line, in the project venv
+
+The timing machinery (``run_once``, ``interleaved``, ``hot_loop``, the tables, the load check) is
+reused by ``benchmarks/clipping_overhead.py``.
 """
 
 from __future__ import annotations
@@ -88,25 +92,35 @@ def make_data(n: int, seed: int = 0) -> TensorDataset:
 
 
 class StepTimer(pl.Callback):
-    """Wall time from the start of batch ``warmup`` to the end of the last batch, per step."""
+    """Wall time from the start of batch ``warmup`` to the end of the last batch, per step.
+
+    Put the timer first in the callbacks list and ``timer.stop`` last: the clock starts before every
+    other callback's ``on_train_batch_start`` and stops after every other callback's ``on_train_batch_end``.
+    """
 
     def __init__(self, warmup: int, last: int) -> None:
         self.warmup, self.last = warmup, last
         self.t0: float | None = None
         self.t1: float | None = None
+        self.stop = _StopTimer(self)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
             self.t0 = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx == self.last:
-            self.t1 = time.perf_counter()
-
     def per_step(self) -> float:
         if self.t0 is None or self.t1 is None:
             raise RuntimeError("the timed steps did not all run")
         return (self.t1 - self.t0) / (self.last - self.warmup + 1)
+
+
+class _StopTimer(pl.Callback):
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.timer.last:
+            self.timer.t1 = time.perf_counter()
 
 
 VARIANTS: dict[str, Callable[[], dict]] = {
@@ -150,12 +164,20 @@ def _own_seconds() -> float:
 
 GUARD_HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step")
 
+#: Which hooks to time in place: ``(callbacks, model, trainer kwargs) -> [(object, hook names), ...]``.
+TimedHooks = Callable[[list, pl.LightningModule, dict], list[tuple[object, tuple[str, ...]]]]
 
-def time_hooks(guard: NaNGuard) -> dict[str, list[float]]:
-    """Wrap the guard's per-step hooks (on the instance) to record each call's wall time."""
-    record: dict[str, list[float]] = {name: [] for name in GUARD_HOOKS}
-    for name in GUARD_HOOKS:
-        hook, out = getattr(guard, name), record[name]
+
+def guard_hooks(callbacks: list, model: pl.LightningModule, kwargs: dict) -> list[tuple[object, tuple[str, ...]]]:
+    """NaNGuard's three per-step hooks, for every NaNGuard in ``callbacks``."""
+    return [(cb, GUARD_HOOKS) for cb in callbacks if isinstance(cb, NaNGuard)]
+
+
+def time_hooks(obj: object, names: tuple[str, ...] = GUARD_HOOKS) -> dict[str, list[float]]:
+    """Wrap ``obj``'s hooks ``names`` (on the instance) to record each call's wall time."""
+    record: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        hook, out = getattr(obj, name), record[name]
 
         def timed(*args, _hook=hook, _out=out, **kwargs):
             t0 = time.perf_counter()
@@ -164,32 +186,46 @@ def time_hooks(guard: NaNGuard) -> dict[str, list[float]]:
             finally:
                 _out.append(time.perf_counter() - t0)
 
-        setattr(guard, name, timed)
+        setattr(obj, name, timed)
     return record
 
 
 @dataclass
 class RunResult:
     per_step: float  #: seconds per measured step
-    hooks_per_step: float | None  #: seconds per measured step spent inside NaNGuard's hooks
+    hooks_per_step: float | None  #: seconds per measured step spent inside the timed hooks
     foreign_load: float | None  #: cores other processes kept busy meanwhile
 
 
-def run_once(variant: str, *, warmup: int, steps: int, batch_size: int, data: TensorDataset, root: str) -> RunResult:
-    """One short fit of ``variant``."""
+def run_once(
+    variant: str | Callable[[], dict],
+    *,
+    warmup: int,
+    steps: int,
+    batch_size: int,
+    data: TensorDataset,
+    root: str,
+    logger: Callable[[str], object] | None = None,
+    timed: TimedHooks = guard_hooks,
+) -> RunResult:
+    """One short fit of ``variant`` (a name in :data:`VARIANTS`, or a factory of extra Trainer kwargs).
+
+    ``logger``: called with ``root`` to make the Trainer's logger (default: ``logger=False``).
+    ``timed``: the hooks whose wall time is recorded in place (each must run once per step).
+    """
     pl.seed_everything(0, verbose=False)
     model = BenchCNN()
-    extra = VARIANTS[variant]()
-    guards = [cb for cb in extra.get("callbacks", []) if isinstance(cb, NaNGuard)]
-    hook_times = time_hooks(guards[0]) if guards else None
+    extra = (VARIANTS[variant] if isinstance(variant, str) else variant)()
+    callbacks = extra.pop("callbacks", [])
+    records = [time_hooks(obj, names) for obj, names in timed(callbacks, model, extra)]
     timer = StepTimer(warmup, warmup + steps - 1)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=warmup + steps,
         max_epochs=-1,
-        callbacks=[timer, *extra.pop("callbacks", [])],  # the timer first
-        logger=False,
+        callbacks=[timer, *callbacks, timer.stop],  # the timer first, its stop half last
+        logger=False if logger is None else logger(root),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -201,55 +237,150 @@ def run_once(variant: str, *, warmup: int, steps: int, batch_size: int, data: Te
     with ForeignLoad() as load:
         trainer.fit(model, loader)
     hooks = None
-    if hook_times is not None:  # one call of each hook per step; skip the warm-up steps' calls
-        hooks = sum(sum(calls[warmup : warmup + steps]) for calls in hook_times.values()) / steps
+    if records:  # one call of each hook per step; skip the warm-up steps' calls
+        hooks = sum(sum(calls[warmup : warmup + steps]) for rec in records for calls in rec.values()) / steps
     return RunResult(timer.per_step(), hooks, load.value)
+
+
+@dataclass
+class Interleaved:
+    """Per-variant results of :func:`interleaved`, one entry per round."""
+
+    times: dict[str, list[float]]  #: seconds per step
+    hooks: dict[str, list[float]]  #: seconds per step inside the timed hooks (empty: none timed)
+    loads: list[float]  #: cores other processes kept busy, per run
+
+
+def interleaved(variants: dict[str, Callable[[], dict]], *, rounds: int, **run_kwargs) -> Interleaved:
+    """Run every variant once per round, the order rotating from round to round (see the module doc).
+
+    ``run_kwargs`` go to :func:`run_once`. Prints one progress line per round to stderr.
+    """
+    names = list(variants)
+    res = Interleaved({n: [] for n in names}, {n: [] for n in names}, [])
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        round_loads = []
+        for name in order:
+            run = run_once(variants[name], **run_kwargs)
+            res.times[name].append(run.per_step)
+            if run.hooks_per_step is not None:
+                res.hooks[name].append(run.hooks_per_step)
+            if run.foreign_load is not None:
+                round_loads.append(run.foreign_load)
+        res.loads += round_loads
+        print(
+            f"round {r + 1}/{rounds}: "
+            + ", ".join(f"{n} {res.times[n][-1] * 1e3:.2f}" for n in names)
+            + " ms/step"
+            + (f"; other processes: {max(round_loads):.2f} cores" if round_loads else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+    return res
+
+
+def print_ratio_table(res: Interleaved, baseline: str, hooks_header: str) -> None:
+    """The end-to-end table: medians over rounds, each round's time divided by the same round's ``baseline``."""
+    base = res.times[baseline]
+    base_step = statistics.median(base)
+    print(f"| variant | ms/step (median) | ratio vs {baseline} (median) | ratio min-max over rounds | {hooks_header} |")
+    print("|---|---:|---:|---:|---:|")
+    for name, times in res.times.items():
+        ratios = [t / p for t, p in zip(times, base)]
+        hooks = res.hooks[name]
+        inside = (
+            f"{statistics.median(hooks) * 1e6:.0f} ({100 * statistics.median(hooks) / base_step:.1f}% of {baseline})"
+            if hooks
+            else "-"
+        )
+        print(
+            f"| {name} | {statistics.median(times) * 1e3:.2f} | {statistics.median(ratios):.3f} "
+            f"| {min(ratios):.3f}-{max(ratios):.3f} | {inside} |"
+        )
+
+
+def print_load(loads: list[float]) -> None:
+    """How busy other processes kept the machine, with a warning when it was not idle."""
+    if not loads:
+        return
+    print(
+        f"\nOther processes kept {statistics.median(loads):.2f} cores busy during the median run "
+        f"({max(loads):.2f} at most)."
+    )
+    if max(loads) > 0.25:
+        print(
+            f"**Warning: the machine was not idle (up to {max(loads):.2f} of {os.cpu_count()} cores used by other "
+            "processes); with torch's default thread count this inflates and scatters the times. Re-run on an idle machine.**"
+        )
+
+
+def hot_loop(fn: Callable[[int], object], repeats: int) -> float:
+    """Seconds per call of ``fn(i)``: best of 5 loops of ``repeats`` calls, after a short warm-up."""
+    for i in range(min(50, repeats)):
+        fn(i)
+    best = math.inf
+    for _ in range(5):  # best of 5 loops: the least disturbed estimate
+        t0 = time.perf_counter()
+        for i in range(repeats):
+            fn(i)
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return best
+
+
+@dataclass
+class StepState:
+    """A finished one-step fit and the tensors of one more step, for hot-loop timing of hooks."""
+
+    trainer: pl.Trainer
+    model: BenchCNN
+    opt: torch.optim.Optimizer
+    batch: list[torch.Tensor]
+    loss: torch.Tensor
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+
+
+def step_state(*, batch_size: int, data: TensorDataset, root: str, logger: object = False, **trainer_kwargs) -> StepState:
+    """Fit the benchmark model for one step, then run one more forward/backward (real gradients)."""
+    pl.seed_everything(0, verbose=False)
+    model = BenchCNN()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=logger, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, **trainer_kwargs,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=batch_size))
+    x, y = data.tensors[0][:batch_size], data.tensors[1][:batch_size]
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    params = list(model.parameters())
+    return StepState(trainer, model, trainer.optimizers[0], [x, y], loss, params, [p.grad for p in params])
+
+
+def print_isolation(rows: list[tuple[str, float]], base_step: float, base_name: str = "plain") -> None:
+    print(f"(% of the median {base_name} step, {base_step * 1e3:.2f} ms)\n")
+    print(f"| work per optimizer step | us | % of {base_name} step |")
+    print("|---|---:|---:|")
+    for name, sec in rows:
+        print(f"| {name} | {sec * 1e6:.1f} | {100 * sec / base_step:.2f}% |")
 
 
 def guard_in_isolation(*, batch_size: int, data: TensorDataset, repeats: int, root: str) -> list[tuple[str, float]]:
     """Seconds per optimizer step of the guard's own work, on the benchmark model with real gradients.
 
     The NaNGuard rows call the callback's three per-step hooks directly, with the Trainer of a finished
-    one-step fit (so Lightning's property look-ups are included, its hook dispatch is not). The
-    "alternative" rows time other ways to check the weights, for comparison; the library uses none of them.
+    one-step fit (so Lightning's property look-ups are included, its hook dispatch is not). Each call
+    starts a new step for the guard (its once-per-step cache is cleared), so the check runs every time.
+    The "alternative" rows time other ways to check the weights, for comparison; the library uses none of them.
     """
     from lightning_nan.core.norms import any_nonfinite, tensor_norms
 
-    pl.seed_everything(0, verbose=False)
-    model = BenchCNN()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-    )
-    trainer.fit(model, DataLoader(data, batch_size=batch_size))
-    opt = trainer.optimizers[0]
-    x, y = data.tensors[0][:batch_size], data.tensors[1][:batch_size]
-    batch = [x, y]
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    params = list(model.parameters())
-    grads = [p.grad for p in params]
-
-    def timeit(fn: Callable[[int], object]) -> float:
-        for i in range(min(50, repeats)):
-            fn(i)
-        best = math.inf
-        for _ in range(5):  # best of 5 loops: the least disturbed estimate
-            t0 = time.perf_counter()
-            for i in range(repeats):
-                fn(i)
-            best = min(best, (time.perf_counter() - t0) / repeats)
-        return best
+    st = step_state(batch_size=batch_size, data=data, root=root)
+    trainer, model, opt, batch, loss, params, grads = st.trainer, st.model, st.opt, st.batch, st.loss, st.params, st.grads
 
     def hooks(cb: NaNGuard) -> Callable[[int], None]:
         cb.setup(trainer, model, "fit")
-
-        def step(i: int) -> None:
-            cb.on_train_batch_start(trainer, model, batch, i)
-            cb.on_before_backward(trainer, model, loss)
-            cb.on_before_optimizer_step(trainer, model, opt)
-
-        return step
+        return lambda i: guard_step(cb, st, i)
 
     def loss_only(cb: NaNGuard) -> Callable[[int], None]:
         def step(i: int) -> None:
@@ -260,17 +391,25 @@ def guard_in_isolation(*, batch_size: int, data: TensorDataset, repeats: int, ro
         return step
 
     return [
-        ("NaNGuard(): its 3 hooks per step", timeit(hooks(NaNGuard()))),
-        ("NaNGuard(check_inputs=True)", timeit(hooks(NaNGuard(check_inputs=True)))),
-        ("NaNGuard(check_params_every_n_steps=0)", timeit(hooks(NaNGuard(check_params_every_n_steps=0)))),
-        ("part: on_before_backward (keeps the loss)", timeit(loss_only(NaNGuard()))),
-        ("part: fused _foreach_norm(grads + params, 2) + stack", timeit(lambda i: tensor_norms(grads + params))),
-        ("part: _foreach_norm(grads, 2) + stack", timeit(lambda i: tensor_norms(grads))),
+        ("NaNGuard(): its 3 hooks per step", hot_loop(hooks(NaNGuard()), repeats)),
+        ("NaNGuard(check_inputs=True)", hot_loop(hooks(NaNGuard(check_inputs=True)), repeats)),
+        ("NaNGuard(check_params_every_n_steps=0)", hot_loop(hooks(NaNGuard(check_params_every_n_steps=0)), repeats)),
+        ("part: on_before_backward (keeps the loss)", hot_loop(loss_only(NaNGuard()), repeats)),
+        ("part: fused _foreach_norm(grads + params, 2) + stack", hot_loop(lambda i: tensor_norms(grads + params), repeats)),
+        ("part: _foreach_norm(grads, 2) + stack", hot_loop(lambda i: tensor_norms(grads), repeats)),
         (
             "former weight check: _foreach_norm(params, inf) + stack + isfinite",
-            timeit(lambda i: any_nonfinite(tensor_norms(params, math.inf))),
+            hot_loop(lambda i: any_nonfinite(tensor_norms(params, math.inf)), repeats),
         ),
     ]
+
+
+def guard_step(cb: NaNGuard, st: StepState, i: int) -> None:
+    """NaNGuard's three per-step hooks, as a new step (the guard's once-per-step cache cleared first)."""
+    cb._checked = None
+    cb.on_train_batch_start(st.trainer, st.model, st.batch, i)
+    cb.on_before_backward(st.trainer, st.model, st.loss)
+    cb.on_before_optimizer_step(st.trainer, st.model, st.opt)
 
 
 def quiet_lightning() -> None:
@@ -317,17 +456,27 @@ def environment(threads_from_cli: bool = False) -> list[tuple[str, str]]:
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
-    parser.add_argument("--steps", type=int, default=60, help="measured steps per run (default 60)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per run (default 10)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    parser.add_argument("--repeats", type=int, default=500, help="loop length of the isolated guard timing")
+    parser.add_argument("--repeats", type=int, default=500, help="loop length of the isolated timings")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads(N) first (default: leave torch's default)"
     )
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+
+
+def print_environment(threads_from_cli: bool) -> None:
+    print("## Environment\n")
+    for key, value in environment(threads_from_cli):
+        print(f"- {key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--steps", type=int, default=60, help="measured steps per run (default 60)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -339,78 +488,28 @@ def main(argv: list[str] | None = None) -> None:
     quiet_lightning()
 
     data = make_data((args.warmup + args.steps) * args.batch_size)
-    names = list(VARIANTS)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    hooks: dict[str, list[float]] = {n: [] for n in names}
-    loads: list[float] = []
-    print("## Environment\n")
-    for key, value in environment(args.threads is not None):
-        print(f"- {key}: {value}")
+    print_environment(args.threads is not None)
     print(
-        f"\nSettings: {args.rounds} rounds x {len(names)} variants; per run {args.warmup} warm-up + "
+        f"\nSettings: {args.rounds} rounds x {len(VARIANTS)} variants; per run {args.warmup} warm-up + "
         f"{args.steps} measured steps, batch {args.batch_size} of 1x28x28\n",
         flush=True,
     )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
-        for r in range(args.rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            round_loads = []
-            for name in order:
-                res = run_once(name, warmup=args.warmup, steps=args.steps, batch_size=args.batch_size, data=data, root=root)
-                times[name].append(res.per_step)
-                if res.hooks_per_step is not None:
-                    hooks[name].append(res.hooks_per_step)
-                if res.foreign_load is not None:
-                    round_loads.append(res.foreign_load)
-            loads += round_loads
-            print(
-                f"round {r + 1}/{args.rounds}: "
-                + ", ".join(f"{n} {times[n][-1] * 1e3:.2f}" for n in names)
-                + " ms/step"
-                + (f"; other processes: {max(round_loads):.2f} cores" if round_loads else ""),
-                file=sys.stderr,
-                flush=True,
-            )
+        res = interleaved(
+            VARIANTS,
+            rounds=args.rounds, warmup=args.warmup, steps=args.steps, batch_size=args.batch_size, data=data, root=root,
+        )
 
-    plain = times["plain"]
-    plain_step = statistics.median(plain)
+    plain_step = statistics.median(res.times["plain"])
     print("## End to end (per optimizer step, median over rounds)\n")
-    print(
-        "| variant | ms/step (median) | ratio vs plain (median) | ratio min-max over rounds "
-        "| inside NaNGuard's hooks, us/step (median) |"
-    )
-    print("|---|---:|---:|---:|---:|")
-    for name in names:
-        ratios = [t / p for t, p in zip(times[name], plain)]
-        inside = (
-            f"{statistics.median(hooks[name]) * 1e6:.0f} ({100 * statistics.median(hooks[name]) / plain_step:.1f}% of plain)"
-            if hooks[name]
-            else "-"
-        )
-        print(
-            f"| {name} | {statistics.median(times[name]) * 1e3:.2f} | {statistics.median(ratios):.3f} "
-            f"| {min(ratios):.3f}-{max(ratios):.3f} | {inside} |"
-        )
-    if loads:
-        print(
-            f"\nOther processes kept {statistics.median(loads):.2f} cores busy during the median run "
-            f"({max(loads):.2f} at most)."
-        )
-        if max(loads) > 0.25:
-            print(
-                f"**Warning: the machine was not idle (up to {max(loads):.2f} of {os.cpu_count()} cores used by other "
-                "processes); with torch's default thread count this inflates and scatters the times. Re-run on an idle machine.**"
-            )
+    print_ratio_table(res, "plain", "inside NaNGuard's hooks, us/step (median)")
+    print_load(res.loads)
 
     with tempfile.TemporaryDirectory() as root:
         iso = guard_in_isolation(batch_size=args.batch_size, data=data, repeats=args.repeats, root=root)
     print("\n## The guard's own work in isolation (best of 5 loops, same model, real gradients)\n")
-    print(f"(% of the median plain step, {plain_step * 1e3:.2f} ms)\n")
-    print("| work per optimizer step | us | % of plain step |")
-    print("|---|---:|---:|")
-    for name, sec in iso:
-        print(f"| {name} | {sec * 1e6:.1f} | {100 * sec / plain_step:.2f}% |")
+    print_isolation(iso, plain_step)
     print(f"\n(total wall time {time.perf_counter() - started:.0f} s)")
 
 

@@ -1,0 +1,322 @@
+"""Per-step overhead of GradientClipping and NormMonitor (CPU, synthetic data).
+
+The model, data, optimizer and method are those of ``benchmarks/guard_overhead.py``, whose timing
+machinery this script imports: fresh Trainer and model per run, variants interleaved in rounds with
+a rotating order, a steady-state timing callback (warm-up steps and Trainer start-up excluded), each
+round's time divided by the same round's baseline, the median over rounds reported, the load from
+other processes checked. Two comparisons, each interleaved on its own:
+
+Clipping (``logger=False``, as in guard_overhead.py; default 10 warm-up + 60 measured steps):
+
+    B                              pl.Trainer(gradient_clip_val=1.0)
+    NaNGuard + GradientClipping    pl.Trainer(callbacks=[NaNGuard(), GradientClipping("norm", max_norm=1.0)])
+
+NormMonitor (every variant, the baseline too, has the same logger, so the monitor really logs; default
+10 warm-up + 100 measured steps, so that ``every_n_steps=50`` logs at 2 of them, steps 50 and 100:
+its average rate):
+
+    plain                          pl.Trainer(logger=L)
+    NormMonitor(every_n_steps=1)   pl.Trainer(logger=L, callbacks=[NormMonitor(every_n_steps=1)])
+    NormMonitor(every_n_steps=50)  pl.Trainer(logger=L, callbacks=[NormMonitor(every_n_steps=50)])
+
+Each comparison also runs its baseline a second time as a variant of its own ("again (control)"):
+its ratio to the baseline would be 1.000 without noise, so its median and spread show how much of a
+difference the end-to-end numbers can resolve.
+
+``L`` is an in-memory logger (``--logger memory``, the default: the monitor's own cost, nothing
+written) or a ``TensorBoardLogger`` in a temp dir (``--logger tensorboard``: the cost a TensorBoard
+user pays, event-file writing included). The wall time of the callbacks' hooks is recorded in place
+(for B, Lightning's ``configure_gradient_clipping`` hook, which does its clipping).
+
+Then the per-step work is timed in a hot loop on the same model with real gradients: Lightning's
+clipping, the guard plus GradientClipping (which reuses the guard's gradient norms), NormMonitor on a
+logging step and on another step, and their parts.
+
+    python benchmarks/clipping_overhead.py                          # default: 20 rounds, ~3 min here
+    python benchmarks/clipping_overhead.py --logger tensorboard --only monitor
+    python benchmarks/clipping_overhead.py --quick                  # smoke run, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from guard_overhead import (  # noqa: E402  (the shared timing machinery)
+    GUARD_HOOKS,
+    StepState,
+    add_common_args,
+    guard_step,
+    hot_loop,
+    interleaved,
+    make_data,
+    print_environment,
+    print_isolation,
+    print_load,
+    print_ratio_table,
+    quiet_lightning,
+    step_state,
+)
+from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
+from pytorch_lightning.loggers.logger import Logger  # noqa: E402
+
+from lightning_nan import GradientClipping, NaNGuard, NormMonitor  # noqa: E402
+from lightning_nan.callbacks import _shared_grads  # noqa: E402
+
+MONITOR_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+
+
+class MemoryLogger(Logger):
+    """A logger that keeps every ``log_metrics`` call in a list: logging at no cost of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, metrics))
+
+
+LOGGERS: dict[str, Callable[[str], Logger]] = {
+    "memory": lambda root: MemoryLogger(),
+    "tensorboard": lambda root: TensorBoardLogger(root, name="bench"),
+}
+
+CLIP_VARIANTS: dict[str, Callable[[], dict]] = {
+    "B: gradient_clip_val=1.0": lambda: {"gradient_clip_val": 1.0},
+    "NaNGuard + GradientClipping(norm, 1.0)": lambda: {
+        "callbacks": [NaNGuard(), GradientClipping("norm", max_norm=1.0)]
+    },
+    "B again (control)": lambda: {"gradient_clip_val": 1.0},
+}
+
+MONITOR_VARIANTS: dict[str, Callable[[], dict]] = {
+    "plain": lambda: {},
+    "NormMonitor(every_n_steps=1)": lambda: {"callbacks": [NormMonitor(every_n_steps=1)]},
+    "NormMonitor(every_n_steps=50)": lambda: {"callbacks": [NormMonitor(every_n_steps=50)]},
+    "plain again (control)": lambda: {},
+}
+
+
+def timed_hooks(callbacks: list, model, kwargs: dict) -> list[tuple[object, tuple[str, ...]]]:
+    """The per-step hooks of the guard, the clipper and the monitor; Lightning's clipping hook for B."""
+    out: list[tuple[object, tuple[str, ...]]] = []
+    for cb in callbacks:
+        if isinstance(cb, NaNGuard):
+            out.append((cb, GUARD_HOOKS))
+        elif isinstance(cb, GradientClipping):
+            out.append((cb, ("on_before_optimizer_step",)))
+        elif isinstance(cb, NormMonitor):
+            out.append((cb, MONITOR_HOOKS))
+    if kwargs.get("gradient_clip_val"):
+        out.append((model, ("configure_gradient_clipping",)))
+    return out
+
+
+def clipping_in_isolation(st: StepState, repeats: int) -> list[tuple[str, float]]:
+    """Seconds per optimizer step of the clipping work, hot loop, real gradients (no logger)."""
+    from pytorch_lightning.utilities import GradClipAlgorithmType
+    from torch.nn.utils import clip_grad_norm_
+
+    from lightning_nan.core.norms import tensor_norms
+
+    trainer, model, opt = st.trainer, st.model, st.opt
+
+    def lightning_clip(i: int) -> None:  # what the Trainer runs per step with gradient_clip_val=1.0
+        trainer.precision_plugin._clip_gradients(model, opt, 1.0, GradClipAlgorithmType.NORM)
+
+    guard, clip = NaNGuard(), GradientClipping("norm", max_norm=1.0)
+    for cb in (guard, clip):
+        cb.setup(trainer, model, "fit")
+
+    def guard_and_clip(i: int) -> None:
+        guard_step(guard, st, i)  # publishes the gradient norms of the step
+        clip.on_before_optimizer_step(trainer, model, opt)
+
+    def guard_only(i: int) -> None:
+        guard_step(guard, st, i)
+
+    def clip_reusing(i: int) -> None:  # the guard's norms of the step are published: a cache hit
+        clip.on_before_optimizer_step(trainer, model, opt)
+
+    def clip_alone(i: int) -> None:  # no guard in the Trainer: it computes the norms itself
+        _shared_grads._STEPS.pop(trainer, None)
+        clip.on_before_optimizer_step(trainer, model, opt)
+
+    def timed(fn: Callable[[int], object]) -> float:
+        return hot_loop(fn, repeats)
+
+    norms = tensor_norms(st.grads)
+    rows = [
+        ("B: Lightning's clipping (configure_gradient_clipping hook -> clip_grad_norm_)", timed(lightning_clip)),
+        ("part: torch.nn.utils.clip_grad_norm_(params, 1.0)", timed(lambda i: clip_grad_norm_(st.params, 1.0))),
+        ("NaNGuard's 3 hooks + GradientClipping's hook", timed(guard_and_clip)),
+        ("part: NaNGuard's 3 hooks", timed(guard_only)),
+    ]
+    guard_step(guard, st, 0)
+    rows += [
+        ("part: GradientClipping's hook, reusing the guard's norms", timed(clip_reusing)),
+        ("part: GradientClipper.clip_(params, norms)", timed(lambda i: clip.clipper.clip_(st.params, norms))),
+        ("GradientClipping alone (computes the gradient norms itself)", timed(clip_alone)),
+    ]
+    rows.append(("net: (guard + clipping hooks) - Lightning's clipping", rows[2][1] - rows[0][1]))
+    return rows
+
+
+def monitor_in_isolation(st: StepState, repeats: int, root: str) -> list[tuple[str, float]]:
+    """Seconds per optimizer step of NormMonitor's work, hot loop, real gradients.
+
+    ``st.trainer`` has a MemoryLogger; the TensorBoard rows swap in a TensorBoardLogger.
+    """
+    trainer, model, opt, batch = st.trainer, st.model, st.opt, st.batch
+    memory = trainer.loggers
+    tensorboard = TensorBoardLogger(root, name="isolation")
+
+    def monitor(every: int) -> NormMonitor:
+        m = NormMonitor(every_n_steps=every)
+        m.setup(trainer, model, "fit")
+        return m
+
+    def hooks(m: NormMonitor) -> Callable[[int], None]:
+        def step(i: int) -> None:
+            _shared_grads._STEPS.pop(trainer, None)  # a new step: the gradient norms are not computed yet
+            m.on_train_batch_start(trainer, model, batch, i)
+            m.on_before_optimizer_step(trainer, model, opt)
+            m.on_train_batch_end(trainer, model, None, batch, i)
+
+        return step
+
+    every1, every50 = monitor(1), monitor(50)
+    assert trainer.global_step % 50 != 0  # a non-logging step for every50
+
+    def before_step(i: int) -> None:
+        _shared_grads._STEPS.pop(trainer, None)
+        every1._pending = {}
+        every1.on_before_optimizer_step(trainer, model, opt)
+
+    before_step(0)
+    pending = dict(every1._pending)
+
+    def batch_end(i: int) -> None:
+        every1._pending = dict(pending)
+        every1.on_train_batch_end(trainer, model, None, batch, i)
+
+    def timed(fn: Callable[[int], object]) -> float:
+        return hot_loop(fn, repeats)
+
+    kinds = ("weight", "grad", "update_ratio")
+    metrics = {f"norms/{kind}/{name}": 1.0 for kind in kinds for name in every1._names.values()}
+    n = len(metrics)
+    logging_memory = timed(hooks(every1))
+    other = timed(hooks(every50))
+    rows = [
+        ("NormMonitor, a logging step: its 3 hooks (MemoryLogger)", logging_memory),
+        ("part: on_before_optimizer_step (gradient norms + clone of the weights)", timed(before_step)),
+        (f"part: on_train_batch_end (weight and update norms, one transfer, {n} scalars logged)", timed(batch_end)),
+        (f"part: MemoryLogger.log_metrics({n} scalars)", timed(lambda i: memory[0].log_metrics(metrics, i))),
+    ]
+    memory[0].records.clear()
+    trainer.loggers = [tensorboard]
+    try:
+        logging_tb = timed(hooks(every1))
+        rows += [
+            ("NormMonitor, a logging step: its 3 hooks (TensorBoardLogger)", logging_tb),
+            (f"part: TensorBoardLogger.log_metrics({n} scalars)", timed(lambda i: tensorboard.log_metrics(metrics, i))),
+        ]
+        tensorboard.experiment.flush()
+    finally:
+        trainer.loggers = memory
+    average = "every_n_steps=50 per step on average: (1 logging + 49 other) / 50"
+    rows += [
+        ("NormMonitor, another step (every_n_steps=50, global_step 1): its 3 hooks", other),
+        (f"{average}, MemoryLogger", (logging_memory + 49 * other) / 50),
+        (f"{average}, TensorBoardLogger", (logging_tb + 49 * other) / 50),
+    ]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--clip-steps", type=int, default=60, help="measured steps per clipping run (default 60)")
+    parser.add_argument(
+        "--monitor-steps", type=int, default=100, help="measured steps per NormMonitor run (default 100)"
+    )
+    parser.add_argument(
+        "--logger", choices=sorted(LOGGERS), default="memory", help="the NormMonitor runs' logger (default memory)"
+    )
+    parser.add_argument("--only", choices=("clipping", "monitor"), default=None, help="run one comparison only")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.rounds, args.warmup, args.batch_size, args.repeats = 2, 2, 8, 20
+        args.clip_steps, args.monitor_steps = 5, 50  # steps 2-51: every_n_steps=50 logs once
+    if min(args.rounds, args.clip_steps, args.monitor_steps, args.batch_size) < 1 or args.warmup < 0:
+        parser.error("--rounds, --clip-steps, --monitor-steps, --batch-size must be >= 1 and --warmup >= 0")
+    logging_steps = [s for s in range(args.warmup, args.warmup + args.monitor_steps) if s % 50 == 0]
+
+    quiet_lightning()
+    data = make_data((args.warmup + max(args.clip_steps, args.monitor_steps)) * args.batch_size)
+    print_environment(args.threads is not None)
+    print(
+        f"\nSettings: {args.rounds} rounds; {args.warmup} warm-up steps per run; batch {args.batch_size} of 1x28x28; "
+        f"clipping runs {args.clip_steps} measured steps, NormMonitor runs {args.monitor_steps} "
+        f"(every_n_steps=50 logs at steps {logging_steps}); NormMonitor logger: {args.logger}\n",
+        flush=True,
+    )
+    started = time.perf_counter()
+    common = dict(rounds=args.rounds, warmup=args.warmup, batch_size=args.batch_size, data=data, timed=timed_hooks)
+
+    if args.only in (None, "clipping"):
+        with tempfile.TemporaryDirectory() as root:
+            clip = interleaved(CLIP_VARIANTS, steps=args.clip_steps, root=root, **common)
+        b_name = next(iter(CLIP_VARIANTS))
+        b_step = statistics.median(clip.times[b_name])
+        print("## GradientClipping: end to end (per optimizer step, median over rounds)\n")
+        print_ratio_table(clip, b_name, "inside the clipping (and guard) hooks, us/step (median)")
+        print_load(clip.loads)
+        with tempfile.TemporaryDirectory() as root:
+            iso = clipping_in_isolation(step_state(batch_size=args.batch_size, data=data, root=root), args.repeats)
+        print("\n## Clipping work in isolation (best of 5 loops, same model, real gradients)\n")
+        print_isolation(iso, b_step, "B")
+        print(flush=True)
+
+    if args.only in (None, "monitor"):
+        with tempfile.TemporaryDirectory() as root:
+            logger = LOGGERS[args.logger]
+            mon = interleaved(MONITOR_VARIANTS, steps=args.monitor_steps, root=root, logger=logger, **common)
+        plain_step = statistics.median(mon.times["plain"])
+        print(f"## NormMonitor: end to end, logger {args.logger} (per optimizer step, median over rounds)\n")
+        print_ratio_table(mon, "plain", "inside NormMonitor's hooks, us/step (median)")
+        print_load(mon.loads)
+        with tempfile.TemporaryDirectory() as root:
+            st = step_state(batch_size=args.batch_size, data=data, root=root, logger=MemoryLogger())
+            iso = monitor_in_isolation(st, args.repeats, root)
+        print("\n## NormMonitor's work in isolation (best of 5 loops, same model, real gradients)\n")
+        print_isolation(iso, plain_step)
+    print(f"\n(total wall time {time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
