@@ -15,20 +15,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lightning_nan.core import *  # noqa: F403
+from lightning_nan.callbacks import CALLBACKS
 from lightning_nan.core import __all__ as _core_all
 
 if TYPE_CHECKING:
-    from lightning_nan._pytorch_lightning import GradientClipping, NaNGuard, NormMonitor
+    from lightning_nan.callbacks.gradient_clipping import GradientClippingBase as GradientClipping
+    from lightning_nan.callbacks.nan_guard import NaNGuardBase as NaNGuard
+    from lightning_nan.callbacks.norm_monitor import NormMonitorBase as NormMonitor
 
 __version__ = "0.1.0.dev0"
 
-_CALLBACKS = ("GradientClipping", "NaNGuard", "NormMonitor")
-
-__all__ = [*_CALLBACKS, *_core_all]
+__all__ = [*sorted(CALLBACKS), *_core_all]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _CALLBACKS:
+    if name in CALLBACKS:
         from lightning_nan import _pytorch_lightning
 
         return getattr(_pytorch_lightning, name)

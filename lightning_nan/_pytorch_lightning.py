@@ -1,19 +1,23 @@
-"""The callbacks bound to ``pytorch_lightning.Callback`` (re-exported by ``lightning_nan``)."""
+"""The callbacks bound to ``pytorch_lightning.Callback`` (re-exported by ``lightning_nan``).
+
+>>> from lightning_nan._pytorch_lightning import NaNGuard
+>>> import pytorch_lightning as pl
+>>> issubclass(NaNGuard, pl.Callback), NaNGuard.__module__
+(True, 'lightning_nan._pytorch_lightning')
+"""
+
+from typing import Any
 
 from pytorch_lightning import Callback
 
-from lightning_nan.callbacks.gradient_clipping import GradientClippingBase
-from lightning_nan.callbacks.nan_guard import NaNGuardBase
-from lightning_nan.callbacks.norm_monitor import NormMonitorBase
+from lightning_nan.callbacks import CALLBACKS, bind
+
+__all__ = sorted(CALLBACKS)
 
 
-class NaNGuard(NaNGuardBase, Callback):
-    """:class:`~lightning_nan.callbacks.nan_guard.NaNGuardBase` for ``pytorch_lightning.Trainer``."""
+def __getattr__(name: str) -> Any:
+    return bind(name, Callback, globals())
 
 
-class GradientClipping(GradientClippingBase, Callback):
-    """:class:`~lightning_nan.callbacks.gradient_clipping.GradientClippingBase` for ``pytorch_lightning.Trainer``."""
-
-
-class NormMonitor(NormMonitorBase, Callback):
-    """:class:`~lightning_nan.callbacks.norm_monitor.NormMonitorBase` for ``pytorch_lightning.Trainer``."""
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(CALLBACKS))

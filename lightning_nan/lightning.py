@@ -6,25 +6,20 @@
 True
 """
 
+from typing import Any
+
 from lightning.pytorch import Callback
 
-from lightning_nan.callbacks.gradient_clipping import GradientClippingBase
-from lightning_nan.callbacks.nan_guard import NaNGuardBase
-from lightning_nan.callbacks.norm_monitor import NormMonitorBase
+from lightning_nan.callbacks import CALLBACKS, bind
 from lightning_nan.core import *  # noqa: F403
 from lightning_nan.core import __all__ as _core_all
 
-
-class NaNGuard(NaNGuardBase, Callback):
-    """:class:`~lightning_nan.callbacks.nan_guard.NaNGuardBase` for ``lightning.pytorch.Trainer``."""
+__all__ = [*sorted(CALLBACKS), *_core_all]
 
 
-class GradientClipping(GradientClippingBase, Callback):
-    """:class:`~lightning_nan.callbacks.gradient_clipping.GradientClippingBase` for ``lightning.pytorch.Trainer``."""
+def __getattr__(name: str) -> Any:
+    return bind(name, Callback, globals())
 
 
-class NormMonitor(NormMonitorBase, Callback):
-    """:class:`~lightning_nan.callbacks.norm_monitor.NormMonitorBase` for ``lightning.pytorch.Trainer``."""
-
-
-__all__ = ["GradientClipping", "NaNGuard", "NormMonitor", *_core_all]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(CALLBACKS))

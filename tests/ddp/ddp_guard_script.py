@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     if error is not None and args.reraise:
         raise error
 
+    # Tear gloo down before the interpreter exits: left to exit-time destructors, its threads
+    # sometimes abort the process ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     code = 0
     # Rank 0 started rank 1 (subprocess launcher): wait for it so the caller sees both finish.
     for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
