@@ -17,6 +17,9 @@ CALLBACKS: dict[str, tuple[str, str]] = {
     "NaNGuard": ("lightning_nan.callbacks.nan_guard", "NaNGuardBase"),
     "GradientClipping": ("lightning_nan.callbacks.gradient_clipping", "GradientClippingBase"),
     "NormMonitor": ("lightning_nan.callbacks.norm_monitor", "NormMonitorBase"),
+    "BatchBisection": ("lightning_nan.callbacks.batch_bisection", "BatchBisectionBase"),
+    "CheckpointRollback": ("lightning_nan.callbacks.checkpoint_rollback", "CheckpointRollbackBase"),
+    "LRBackoff": ("lightning_nan.callbacks.lr_backoff", "LRBackoffBase"),
 }
 
 

@@ -59,6 +59,10 @@ class GradientClippingBase:
         True
     """
 
+    #: CheckpointRollback restores this callback's statistics with the weights (a blow-up's norms
+    #: must not stay in AutoClip's or ZClip's history).
+    restore_on_rollback = True
+
     def __init__(
         self,
         method: str = "norm",

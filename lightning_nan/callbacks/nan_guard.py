@@ -47,6 +47,10 @@ class NaNGuardBase:
             ``<trainer.log_dir>/nan_incidents.jsonl`` (or ``default_root_dir`` without a logger).
         log_every_n_steps: how often to log the counters; default: the trainer's ``log_every_n_steps``.
             Steps with an incident are always logged.
+        restore_norm_stats: a skipped step also leaves the running statistics of normalisation
+            layers (BatchNorm, InstanceNorm with ``track_running_stats``) as they were before its
+            forward pass; otherwise one NaN batch leaves NaN in ``running_mean``/``running_var`` and
+            every later evaluation returns NaN. Costs one fused copy of those buffers per step.
 
     Logged through the trainer's loggers:
 
@@ -98,9 +102,12 @@ class NaNGuardBase:
         min_loss_scale: float = 1.0,
         incidents_path: str | os.PathLike[str] | None = None,
         log_every_n_steps: int | None = None,
+        restore_norm_stats: bool = True,
     ) -> None:
         if not isinstance(check_inputs, bool):
             raise ValueError(f"Expected `check_inputs` to be a bool, got {check_inputs!r}")
+        if not isinstance(restore_norm_stats, bool):
+            raise ValueError(f"Expected `restore_norm_stats` to be a bool, got {restore_norm_stats!r}")
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
             raise ValueError(f"Expected `log_every_n_steps` to be None or an int >= 1, got {log_every_n_steps!r}")
         super().__init__()
@@ -112,6 +119,9 @@ class NaNGuardBase:
         self.check_inputs = check_inputs
         self.incidents_path = None if incidents_path is None else os.fspath(incidents_path)
         self.log_every_n_steps = log_every_n_steps
+        self.restore_norm_stats = restore_norm_stats
+        self._norm_stats: list[torch.Tensor] = []
+        self._norm_stats_before: list[torch.Tensor] = []
         self._path: str | None = None
         self._rank_zero = True
         self._checked: tuple[tuple[int, int], StepVerdict] | None = None
@@ -137,7 +147,7 @@ class NaNGuardBase:
     def __getstate__(self) -> dict[str, Any]:
         # Lightning binds the module's `log`/`log_dict` onto every callback; they are re-bound on the next fit.
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
-        state["_checked"] = None
+        state.update(_checked=None, _norm_stats=[], _norm_stats_before=[])
         return state
 
     # ------------------------------------------------------------------ hooks
@@ -157,6 +167,9 @@ class NaNGuardBase:
         self._checked = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # Here, not in setup: the strategy has moved the module to its device (new buffer tensors) by now.
+        self._norm_stats = norm_running_stats(pl_module) if self.restore_norm_stats else []
+        self._norm_stats_before = [t.clone() for t in self._norm_stats]
         for opt in trainer.optimizers:
             if isinstance(opt, torch.optim.LBFGS):
                 raise ValueError(
@@ -165,6 +178,8 @@ class NaNGuardBase:
                 )
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._norm_stats and not self.guard._window:  # the first micro-batch of this optimizer step
+            torch._foreach_copy_(self._norm_stats_before, self._norm_stats)
         self.guard.observe_batch(batch, batch_idx, check_inputs=self.check_inputs)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
@@ -189,6 +204,8 @@ class NaNGuardBase:
             extra={"trainer": trainer, "pl_module": pl_module},
         )
         self._checked = (key, verdict)
+        if verdict.skipped and self._norm_stats:  # the failed forward pass also moved the running statistics
+            torch._foreach_copy_(self._norm_stats, self._norm_stats_before)
         skipped = verdict.skipped or verdict.scaler_overflow
         publish(trainer, optimizer, StepGrads(self.guard._last_with_grad, self.guard.last_grad_norms, skipped))
         return verdict
@@ -224,3 +241,15 @@ class NaNGuardBase:
         if self._path is not None:
             append_jsonl(self._path, [incident.to_dict()])
         warnings.warn(f"NaNGuard: {incident.summary()}", NonFiniteWarning, stacklevel=2)
+
+
+def norm_running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The running-statistics buffers of the normalisation layers in ``module`` (BatchNorm, InstanceNorm)."""
+    norm_base = torch.nn.modules.batchnorm._NormBase
+    return [
+        buf
+        for m in module.modules()
+        if isinstance(m, norm_base) and m.track_running_stats
+        for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if buf is not None
+    ]

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
-def append_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> None:
-    """Append ``records`` as JSON lines to ``path`` (creating it and its folder), durably."""
+def append_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]], *, lock: bool = True) -> None:
+    """Append ``records`` as JSON lines to ``path`` (creating it and its folder), durably.
+
+    Holds an exclusive lock on the file meanwhile (``lock=False`` inside :func:`locked`, which holds it).
+    """
     path = os.fspath(path)
     data = "".join(json.dumps(r, sort_keys=True, allow_nan=False, default=str) + "\n" for r in records).encode()
     if not data:
@@ -33,6 +37,8 @@ def append_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        if lock:
+            _lock(fd)  # another process's append in flight is not a torn tail: wait for it
         _cut_torn_tail(fd)
         written = os.write(fd, data)
         if written != len(data):  # pragma: no cover - only on a full disk
@@ -65,6 +71,28 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 f"{path}, line {lineno}: not a JSON record ({err.msg}). Fix or delete that line; the others are intact."
             ) from None
     return records
+
+
+@contextmanager
+def locked(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the file's exclusive lock for a read-check-append (call ``append_jsonl(..., lock=False)`` inside)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        _lock(fd)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock(fd: int) -> None:
+    """An exclusive advisory lock on the open file, released when it is closed (POSIX only)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: appends of one process at a time only
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def _cut_torn_tail(fd: int) -> None:

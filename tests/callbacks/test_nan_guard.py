@@ -202,3 +202,48 @@ def test_core_and_package_import_without_lightning():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_skipped_step_leaves_batchnorm_running_stats_as_before(ns, tmp_path):
+    """A NaN batch's forward pass moved BatchNorm's running statistics; the skip puts them back bit for bit."""
+
+    class BNModel(ns.pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Recorder(ns.pl.Callback):
+        def __init__(self):
+            self.before, self.after = {}, {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before[batch_idx] = {k: v.clone() for k, v in pl_module.net[1].state_dict().items()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.after[batch_idx] = {k: v.clone() for k, v in pl_module.net[1].state_dict().items()}
+
+    recorder = Recorder()
+    model = BNModel()
+    guard = ns.NaNGuard()
+    trainer = ns.pl.Trainer(callbacks=[recorder, guard], **trainer_kwargs(tmp_path))
+    trainer.fit(model, loader(nan_sample=9))  # batch 2 of 4 samples holds the NaN
+    assert [i.step for i in guard.incidents] == [2]
+    for key, value in recorder.before[2].items():
+        assert torch.equal(recorder.after[2][key], value), key  # restored, bit for bit
+    for b in (1, 3):  # healthy steps do move them
+        assert not torch.equal(recorder.after[b]["running_mean"], recorder.before[b]["running_mean"])
+    model.eval()
+    assert torch.isfinite(model.net(torch.randn(5, 4))).all()
+
+    unguarded = BNModel()
+    trainer = ns.pl.Trainer(callbacks=[ns.NaNGuard(restore_norm_stats=False)], **trainer_kwargs(tmp_path / "off"))
+    trainer.fit(unguarded, loader(nan_sample=9))
+    assert not torch.isfinite(unguarded.net[1].running_mean).all()  # what the option prevents

@@ -49,12 +49,19 @@ def _alive(pid: int) -> bool:
 def _run(tmp_path_factory, namespace: str, scenario: str, reraise: bool = False) -> SimpleNamespace:
     """Run the script once per (namespace, scenario, reraise); kill its whole process group on a hang."""
     key = (namespace, scenario, reraise)
-    if key in _RUNS:
-        return _RUNS[key]
-    outdir = tmp_path_factory.mktemp(f"ddp_{namespace}_{scenario}{'_reraise' if reraise else ''}")
+    if key not in _RUNS:
+        name = f"ddp_{namespace}_{scenario}{'_reraise' if reraise else ''}"
+        _RUNS[key] = launch(tmp_path_factory, SCRIPT, name, [namespace, "{outdir}", scenario] + (["--reraise"] if reraise else []))
+    return _RUNS[key]
+
+
+def launch(tmp_path_factory, script: Path, name: str, args: list[str]) -> SimpleNamespace:
+    """Run a two-rank DDP ``script`` (``"{outdir}"`` in ``args`` becomes its output folder) and read back
+    ``rank{r}.pt`` of each rank; kill the whole process group on a hang, and note ranks left alive."""
+    outdir = tmp_path_factory.mktemp(name)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(SCRIPT), namespace, str(outdir), scenario] + (["--reraise"] if reraise else [])
+    cmd = [sys.executable, str(script)] + [a.replace("{outdir}", str(outdir)) for a in args]
     start = time.monotonic()
     # A new session, so that rank 1 (started by rank 0) shares a process group we can kill as a whole.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -91,7 +98,6 @@ def _run(tmp_path_factory, namespace: str, scenario: str, reraise: bool = False)
         ranks=ranks,
         outdir=outdir,
     )
-    _RUNS[key] = run
     return run
 
 

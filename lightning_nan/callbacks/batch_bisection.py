@@ -1,0 +1,452 @@
+"""BatchBisection: name the data set samples behind a NaN, quarantine them, and say where the NaN appears."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from lightning_nan.callbacks._trainer import log_metrics, run_dir
+from lightning_nan.core.batches import BatchSplitError, batch_size, select
+from lightning_nan.core.culprits import CulpritReport, find_culprits
+from lightning_nan.core.distributed import gather_objects, world
+from lightning_nan.core.errors import NonFiniteWarning
+from lightning_nan.core.events import IncidentEvent
+from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record
+from lightning_nan.core.sampling import TrackingBatchSampler, track
+
+#: Incident kinds a re-evaluation of the batch can explain (weights and loss scale are not the data).
+BISECTED_KINDS = ("loss", "input", "grad")
+LOCALIZE_CHOICES = ("first", "every", "never")
+
+
+class BatchBisectionBase:
+    """Find the exact samples behind each NaN incident, quarantine them, and localize the first one.
+
+    Reacts to :class:`~lightning_nan.NaNGuard`'s incidents (put NaNGuard in the same Trainer). For a
+    step skipped because of a non-finite loss, input or gradient, it re-evaluates sub-batches of the
+    batch (each micro-batch, with gradient accumulation) from exactly the state that failed: same
+    weights, buffers/gradients/RNG restored after each pass, no optimizer step, ``self.log`` muted,
+    no progress counter touched. Forward only (``no_grad``) for a non-finite loss; with
+    ``torch.autograd.grad`` (no ``.grad`` write, no DDP collective) when only the gradients were.
+    Adaptive splitting isolates ``d`` culprits among ``n`` samples in about ``d*log2(n)`` passes.
+
+    The culprits' **data set indices** (read off the train loader's batch sampler, so any sampler,
+    shuffled or distributed, any ``num_workers``) go to ``incident.samples`` and, one record per
+    sample, to the quarantine file (rank zero writes after gathering every rank's findings). By
+    default quarantined samples are left out of every later epoch, and out of later runs that use
+    the same file (batch count and sizes stay the same: they are refilled from the epoch's other
+    samples). Iterable data sets have no indices: positions in the batch and content fingerprints
+    are recorded instead, and the incident says so.
+
+    On the first incident (``localize="first"``) the failing samples are run once more with forward
+    hooks, to name the first module whose output turns non-finite (``incident.module``) and the
+    state and range of its inputs; for gradient faults also the first parameter whose gradient does.
+    Nothing runs while training is healthy, except popping one list of indices per batch.
+
+    Args:
+        quarantine_path: the JSON Lines file; default ``<log dir>/quarantine.jsonl``.
+        exclude_quarantined: leave quarantined indices out of later epochs (and resumed runs).
+        localize: ``"first"`` incident (default), ``"every"`` incident, or ``"never"``.
+        splitter: ``splitter(batch, positions) -> sub_batch`` for batch types the built-in splitter
+            rejects (graph batches, say); with ``sizer(batch) -> int``.
+        min_size: the smallest sub-batch the model accepts; default 2 with BatchNorm in training
+            mode, else 1 (smaller sets are padded with samples already shown to be clean).
+        max_tests: at most this many forward passes per micro-batch.
+        dump_dir: if set, the first failing samples and the model (pickled, with ``torch.save``) go to
+            ``<dump_dir>/nan_dump_step<step>_rank<r>.pt``; ``lightning-nan replay FILE`` reproduces the
+            failure offline and prints the localization. The model class must be importable there.
+
+    Logged (rank zero): ``bisection/forward_passes`` and ``bisection/quarantined`` at each incident.
+
+    Example:
+        >>> import tempfile, torch, pytorch_lightning as pl
+        >>> from lightning_nan import BatchBisection, NaNGuard
+        >>> class Model(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = torch.nn.Linear(2, 1)
+        ...     def training_step(self, batch, batch_idx):
+        ...         (x,) = batch
+        ...         return self.layer(x).pow(2).mean()
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> data = torch.ones(64, 2)
+        >>> data[37, 1] = float("nan")
+        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=16, shuffle=True)
+        >>> root = tempfile.mkdtemp()
+        >>> bisection = BatchBisection()
+        >>> trainer = pl.Trainer(max_epochs=2, callbacks=[NaNGuard(), bisection], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+        >>> trainer.fit(Model(), loader)
+        >>> [incident.samples for incident in trainer.callbacks[0].incidents]  # found in epoch 0, left out of epoch 1
+        [[37]]
+        >>> sorted(Quarantine(bisection.quarantine_file).indices())
+        [37]
+    """
+
+    def __init__(
+        self,
+        *,
+        quarantine_path: str | os.PathLike[str] | None = None,
+        exclude_quarantined: bool = True,
+        localize: str = "first",
+        splitter: Callable[[Any, Sequence[int]], Any] | None = None,
+        sizer: Callable[[Any], int] | None = None,
+        min_size: int | None = None,
+        max_tests: int | None = None,
+        dump_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if localize not in LOCALIZE_CHOICES:
+            raise ValueError(f"Expected `localize` in {LOCALIZE_CHOICES}, got {localize!r}")
+        if not isinstance(exclude_quarantined, bool):
+            raise ValueError(f"Expected `exclude_quarantined` to be a bool, got {exclude_quarantined!r}")
+        if splitter is not None and not callable(splitter):
+            raise ValueError(f"Expected `splitter` to be a function (batch, positions) -> sub_batch, got {splitter!r}")
+        if sizer is not None and not callable(sizer):
+            raise ValueError(f"Expected `sizer` to be a function batch -> int, got {sizer!r}")
+        for name, value in (("min_size", min_size), ("max_tests", max_tests)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"Expected `{name}` to be None or an int >= 1, got {value!r}")
+        super().__init__()
+        self.quarantine_path = None if quarantine_path is None else os.fspath(quarantine_path)
+        self.exclude_quarantined = exclude_quarantined
+        self.localize = localize
+        self.splitter = splitter
+        self.sizer = sizer
+        self.min_size = min_size
+        self.max_tests = max_tests
+        self.dump_dir = None if dump_dir is None else os.fspath(dump_dir)
+        #: Every report so far: one dict per incident bisected (primitives; saved in checkpoints).
+        self.reports: list[dict[str, Any]] = []
+        self.forward_passes = 0
+        self._quarantine: Quarantine | None = None
+        self._excluded: set[int] = set()
+        self._tracker: TrackingBatchSampler | None = None
+        self._indices: dict[int, list[int] | None] = {}
+        self._localized = False
+        self._dumped = False
+        self._rank_zero = True
+
+    @property
+    def quarantine_file(self) -> str | None:
+        """The quarantine file of the current run (known once ``fit`` has started)."""
+        return None if self._quarantine is None else self._quarantine.path
+
+    @property
+    def quarantined(self) -> set[int]:
+        """The data set indices left out of the coming epochs."""
+        return set(self._excluded)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
+        state.update(_tracker=None, _indices={})
+        return state
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not any(hasattr(cb, "ensure_checked") for cb in trainer.callbacks):
+            raise ValueError(
+                "BatchBisection reacts to NaNGuard's incidents, but the Trainer has no NaNGuard: "
+                "use Trainer(callbacks=[NaNGuard(), BatchBisection(...)])."
+            )
+        self._rank_zero = trainer.is_global_zero
+        self._quarantine = Quarantine(self.quarantine_path or os.path.join(run_dir(trainer), QUARANTINE_FILE))
+        self._excluded = self._quarantine.indices() if self.exclude_quarantined else set()
+        self._localized = self._dumped = False
+        self._watch_train_loader(trainer)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        trainer.strategy.__dict__.pop("process_dataloader", None)  # undo _watch_train_loader
+
+    def _watch_train_loader(self, trainer: Any) -> None:
+        """Track the train loader's batch sampler from the moment Lightning has prepared the loader.
+
+        Lightning builds the train loader (adding a DistributedSampler under DDP), hands it to
+        ``strategy.process_dataloader`` and makes the first epoch's iterator right away, before any
+        callback hook runs; so the tracker goes in at that call, and the data order, the RNG and the
+        epoch's iterator are exactly what they would be without this callback.
+        """
+        strategy = trainer.strategy
+        strategy.__dict__.pop("process_dataloader", None)
+        original = strategy.process_dataloader
+
+        def process_dataloader(dataloader: Any) -> Any:
+            dataloader = original(dataloader)
+            if trainer.training and isinstance(dataloader, torch.utils.data.DataLoader):
+                self._tracker = track(dataloader, exclude=self._exclude())
+            return dataloader
+
+        strategy.process_dataloader = process_dataloader
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if not isinstance(trainer.train_dataloader, torch.utils.data.DataLoader):  # several loaders: unknown
+            self._tracker = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._tracker is not None:
+            self._indices[batch_idx] = self._tracker.next_batch_indices()
+            for old in [k for k in self._indices if k < batch_idx - 64]:
+                del self._indices[old]
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._indices = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reports": list(self.reports), "forward_passes": self.forward_passes, "localized": self._localized}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reports = list(state_dict.get("reports", self.reports))
+        self.forward_passes = int(state_dict.get("forward_passes", self.forward_passes))
+        self._localized = bool(state_dict.get("localized", self._localized))
+
+    def _exclude(self) -> Callable[[], set[int]]:
+        return lambda: self._excluded if self.exclude_quarantined else set()
+
+    # ------------------------------------------------------------------ the incident
+    def on_nan_incident(self, event: IncidentEvent) -> None:
+        incident = event.incident
+        if incident.kind not in BISECTED_KINDS:
+            return
+        trainer, pl_module = event.extra.get("trainer"), event.extra.get("pl_module")
+        if trainer is None or pl_module is None:
+            return
+        locate = self.localize == "every" or (self.localize == "first" and not self._localized)
+        try:
+            local = self._search_local(trainer, pl_module, event, locate)
+        except Exception as err:  # noqa: BLE001 - every rank must reach the gather below
+            local = {"error": f"{type(err).__name__}: {err}", "records": [], "batches": [], "localization": None}
+        views = gather_objects(local)  # a collective: every rank reaches it once per incident
+        self._merge(trainer, incident, views, locate)
+
+    def _search_local(self, trainer: Any, pl_module: Any, event: IncidentEvent, locate: bool) -> dict[str, Any]:
+        incident = event.incident
+        rank = world()[0]
+        if world()[1] > 1 and any(isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules()):
+            raise RuntimeError(
+                "SyncBatchNorm communicates in its forward pass, so sub-batches cannot be re-evaluated on one rank "
+                "alone; BatchBisection is off for models with SyncBatchNorm under DDP."
+            )
+        backward = incident.kind == "grad"
+        manual = not pl_module.automatic_optimization
+        loss_fn_for = _loss_fn_factory(trainer, pl_module, manual)
+        records: list[dict[str, Any]] = []
+        batches: list[dict[str, Any]] = []
+        localization = None
+        for batch_idx, batch in event.batches:
+            indices = self._indices.get(batch_idx)
+            if indices is not None and self.splitter is None and batch_size(batch) != len(indices):
+                raise BatchSplitError(
+                    f"Cannot split a batch of type {type(batch).__qualname__}: its first tensor has {batch_size(batch)} rows "
+                    f"but the loader put {len(indices)} samples in it. Pass `splitter=` (a function (batch, positions) -> "
+                    "sub_batch) and `sizer=` (batch -> number of samples) to BatchBisection."
+                )
+            report: CulpritReport = find_culprits(
+                loss_fn_for(batch_idx),
+                batch,
+                module=pl_module,
+                backward=backward,
+                splitter=self.splitter,
+                sizer=self.sizer,
+                min_size=self.min_size,
+                max_tests=self.max_tests,
+                locate=locate and localization is None,
+            )
+            known = indices is not None
+            to_index = (lambda p: indices[p]) if known else (lambda p: None)  # noqa: E731
+            group_of = {p: g for g in report.groups for p in g}
+            for pos, fp, dirty_input in zip(report.positions, report.fingerprints, report.input_nonfinite):
+                partners = [to_index(q) if known else q for q in group_of.get(pos, [pos]) if q != pos]
+                reason = f"non-finite {'gradient' if backward else 'loss'}"
+                reason += " (its input holds NaN/Inf)" if dirty_input else " (finite input)"
+                if partners:
+                    reason += f", only together with {'index' if known else 'position'} {partners}"
+                records.append(
+                    make_record(
+                        index=to_index(pos),
+                        position=pos,
+                        epoch=incident.epoch,
+                        step=incident.step,
+                        batch_idx=batch_idx,
+                        reason=reason,
+                        fingerprint=fp,
+                        rank=rank,
+                        kind=incident.kind,
+                        input_nonfinite=dirty_input,
+                    )
+                )
+            if report.localization is not None:
+                localization = dict(report.localization.to_dict(), summary=report.localization.summary())
+            batches.append(
+                {
+                    "batch_idx": batch_idx,
+                    "rank": rank,
+                    "forward_passes": report.tests,
+                    "reproduced": report.reproduced,
+                    "whole_batch": report.whole_batch,
+                    "complete": report.complete,
+                    "indices_known": known,
+                    "groups": [[to_index(p) if known else p for p in g] for g in report.groups],
+                    "seconds": round(report.seconds, 4),
+                }
+            )
+            if self.dump_dir is not None and not self._dumped and report.groups:
+                try:
+                    self._dump(pl_module, batch, batch_idx, report, incident, backward, manual, indices)
+                except Exception as err:  # noqa: BLE001 - a dump is a bonus: never lose the search for it
+                    incident.detail["dump_error"] = (
+                        f"{type(err).__name__}: {err}. A dump pickles the model: its class must be importable "
+                        "(defined at module level, not inside a function)."
+                    )
+        return {"error": None, "records": records, "batches": batches, "localization": localization}
+
+    def _merge(self, trainer: Any, incident: Any, views: list[dict[str, Any]], locate: bool) -> None:
+        errors = [f"rank {r}: {v['error']}" for r, v in enumerate(views) if v["error"]]
+        records = [r for v in views for r in v["records"]]
+        batches = [b for v in views for b in v["batches"]]
+        localization = next((v["localization"] for v in views if v["localization"]), None)
+        passes = sum(b["forward_passes"] for b in batches)
+        self.forward_passes += passes
+        indices_known = all(b["indices_known"] for b in batches) if batches else True
+        summary: dict[str, Any] = {
+            "step": incident.step,
+            "forward_passes": passes,
+            "reproduced": any(b["reproduced"] for b in batches),
+            "whole_batch": any(b["whole_batch"] for b in batches),
+            "indices_known": indices_known,
+            "batches": batches,
+        }
+        if errors:
+            summary["errors"] = errors
+        if not indices_known:
+            summary["note"] = (
+                "data set indices are unknown (iterable data set or custom loader): samples are identified by their "
+                "position in the batch and a content fingerprint"
+            )
+        if summary["whole_batch"]:
+            summary["note"] = "every sample fails on its own: a model problem (weights, learning rate, an unsafe op), not the data"
+        incident.detail["bisection"] = summary
+        found = sorted({r["index"] for r in records if r["index"] is not None})
+        if records:
+            incident.samples = found if indices_known else None
+            if not indices_known:
+                incident.detail["bisection"]["positions"] = [(r["rank"], r["batch_idx"], r["position"]) for r in records]
+                incident.detail["bisection"]["fingerprints"] = [r["fingerprint"] for r in records]
+        if localization is not None:
+            self._localized = True
+            incident.detail["localization"] = localization
+            name = localization.get("module")
+            incident.module = name or (localization.get("module_type") if name == "" else None)  # "" is the model itself
+        elif locate and summary["reproduced"]:
+            self._localized = True
+        if self.exclude_quarantined:
+            self._excluded.update(found)
+        if self._rank_zero and records and self._quarantine is not None:
+            self._quarantine.add(records)
+        self.reports.append({k: v for k, v in summary.items() if k != "batches"} | {"samples": found})
+        log_metrics(
+            trainer,
+            {"bisection/forward_passes": float(passes), "bisection/quarantined": float(len(self._excluded))},
+            step=incident.step,
+        )
+        if errors and self._rank_zero:
+            warnings.warn(f"BatchBisection could not search step {incident.step}: {'; '.join(errors)}", NonFiniteWarning, stacklevel=2)
+
+    def _dump(
+        self, pl_module: Any, batch: Any, batch_idx: int, report: CulpritReport, incident: Any, backward: bool, manual: bool,
+        indices: list[int] | None,
+    ) -> None:
+        from lightning_nan.core.dump import write_dump
+
+        positions = report.groups[0]
+        sub = self.splitter(batch, positions) if self.splitter is not None else select(batch, positions)
+        path = os.path.join(self.dump_dir, f"nan_dump_step{incident.step}_rank{world()[0]}.pt")
+        write_dump(
+            path,
+            module=pl_module,
+            batch=sub,
+            batch_idx=batch_idx,
+            backward=backward,
+            manual=manual,
+            positions=positions,
+            indices=[indices[p] for p in positions] if indices is not None else None,
+            incident=incident.to_dict(),
+        )
+        self._dumped = True
+        incident.detail["dump"] = path
+
+
+def _loss_fn_factory(trainer: Any, pl_module: Any, manual: bool) -> Callable[[int], Callable[[Any], torch.Tensor | None]]:
+    """``factory(batch_idx)(sub_batch) -> loss``: the module's ``training_step``, muted, under the trainer's precision."""
+    n_optimizers = len(trainer.optimizers)
+    context = trainer.precision_plugin.train_step_context
+
+    def factory(batch_idx: int) -> Callable[[Any], torch.Tensor | None]:
+        def loss_fn(sub: Any) -> torch.Tensor | None:
+            with context():
+                return training_step_loss(pl_module, sub, batch_idx, manual=manual, n_optimizers=n_optimizers)
+
+        return loss_fn
+
+    return factory
+
+
+def training_step_loss(pl_module: Any, batch: Any, batch_idx: int, *, manual: bool, n_optimizers: int = 1) -> torch.Tensor | None:
+    """Run ``training_step`` in a sandbox and return its loss (manual optimization: the sum of the
+    losses given to ``manual_backward``), or ``None`` when it returned nothing."""
+    with _sandbox(pl_module, manual, n_optimizers) as losses:
+        out = pl_module.training_step(batch, batch_idx)
+    if manual:
+        if not losses:
+            return None
+        return torch.stack([loss.float().sum() for loss in losses]).sum()
+    if isinstance(out, dict):
+        out = out.get("loss")
+    return out if isinstance(out, torch.Tensor) else None
+
+
+class _NoOpOptimizer:
+    """Stands in for the optimizers ``training_step`` reaches under manual optimization."""
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def zero_grad(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+@contextmanager
+def _sandbox(pl_module: Any, manual: bool, n_optimizers: int) -> Iterator[list[torch.Tensor]]:
+    """Mute ``self.log``; under manual optimization record ``manual_backward`` losses and no-op the optimizers."""
+    losses: list[torch.Tensor] = []
+    patches: dict[str, Any] = {
+        "log": lambda *args, **kwargs: None,
+        "log_dict": lambda *args, **kwargs: None,
+    }
+    if manual:
+        stand_ins = [_NoOpOptimizer() for _ in range(max(n_optimizers, 1))]
+        patches.update(
+            manual_backward=lambda loss, *args, **kwargs: losses.append(loss),
+            optimizers=lambda *args, **kwargs: stand_ins[0] if len(stand_ins) == 1 else stand_ins,
+            lr_schedulers=lambda *args, **kwargs: None,
+            toggle_optimizer=lambda *args, **kwargs: None,
+            untoggle_optimizer=lambda *args, **kwargs: None,
+        )
+    had = {name: name in pl_module.__dict__ for name in patches}
+    saved = {name: pl_module.__dict__[name] for name, present in had.items() if present}
+    try:
+        for name, fn in patches.items():
+            object.__setattr__(pl_module, name, fn)
+        yield losses
+    finally:
+        for name in patches:
+            if had[name]:
+                object.__setattr__(pl_module, name, saved[name])
+            else:
+                pl_module.__dict__.pop(name, None)

@@ -1,0 +1,373 @@
+"""BatchBisection in real Trainers: the exact data set indices, quarantined, left out, without side effects."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from faulty import trainer_kwargs
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from lightning_nan.core import read_jsonl
+from lightning_nan.core.quarantine import Quarantine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+import dirty_data  # noqa: E402
+
+
+class Indexed(Dataset):
+    """Sample i is ``(x_i, y_i, i)``: the batch itself tells which indices it holds."""
+
+    def __init__(self, n: int = 96, poison: dict[int, str] | None = None, features: int = 4):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, features, generator=g)
+        self.y = torch.randn(n, 1, generator=g)
+        for i, what in (poison or {}).items():
+            self.x[i, 1] = {"nan": float("nan"), "inf": float("inf"), "zero": 0.0}[what]
+            if what == "zero":
+                self.x[i] = 0.0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+
+def module_class(pl, *, batchnorm: bool = False, sqrt_grad: bool = False, pair: bool = False, manual: bool = False):
+    class Model(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            layers = [torch.nn.Linear(4, 8)] + ([torch.nn.BatchNorm1d(8)] if batchnorm else []) + [torch.nn.Tanh(), torch.nn.Linear(8, 1)]
+            self.net = torch.nn.Sequential(*layers)
+            self.automatic_optimization = not manual
+            self.seen: list[list[int]] = []  # the batches of the real training steps (from on_train_batch_start)
+
+        def on_train_batch_start(self, batch, batch_idx):
+            self.seen.append(batch[2].tolist())
+
+        def loss(self, batch):
+            x, y, idx = batch
+            out = self.net(x)
+            loss = torch.nn.functional.mse_loss(out, y)
+            if sqrt_grad:  # finite loss, infinite gradient where a sample's first feature is exactly 0
+                loss = loss + torch.sqrt(x[:, :1].abs() * self.net[0].weight[0, 0].abs()).mean()
+            if pair:  # log(2 - count of flagged samples): -inf only when both flagged samples are present
+                flagged = (x[:, 3] > 50).float().sum()
+                loss = loss + 1e-3 * torch.log(2.0 - flagged)
+            return loss
+
+        def training_step(self, batch, batch_idx):
+            self.log("calls", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")  # muted during bisection
+            loss = self.loss(batch)
+            if not manual:
+                return loss
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    return Model
+
+
+def fit(ns, tmp_path, model, data, *, callbacks=(), epochs=2, batch_size=16, workers=0, shuffle=True, **kwargs):
+    guard = ns.NaNGuard()
+    bisection = ns.lib.BatchBisection(quarantine_path=tmp_path / "quarantine.jsonl", **kwargs)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=torch.Generator().manual_seed(3))
+    trainer = ns.pl.Trainer(callbacks=[guard, bisection, *callbacks], **trainer_kwargs(tmp_path, max_epochs=epochs))
+    trainer.fit(model, loader)
+    return guard, bisection, trainer
+
+
+def test_exact_indices_under_shuffle_quarantined_and_left_out_of_the_next_epoch(ns, tmp_path):
+    poison = {7: "nan", 50: "inf", 81: "nan"}
+    model = module_class(ns.pl)()
+    guard, bisection, _ = fit(ns, tmp_path, model, Indexed(poison=poison))
+    found = sorted(i for inc in guard.incidents for i in inc.samples)
+    assert found == sorted(poison)
+    for inc in guard.incidents:  # each incident names exactly the culprits of its own batch
+        batch = model.seen[inc.batch_idx[0]]
+        assert sorted(inc.samples) == sorted(set(batch) & set(poison))
+        assert inc.epoch == 0
+        assert inc.detail["bisection"]["forward_passes"] >= 1
+    records = read_jsonl(tmp_path / "quarantine.jsonl")
+    assert sorted(r["index"] for r in records) == sorted(poison)
+    for r in records:
+        assert {"index", "epoch", "step", "batch_idx", "reason", "fingerprint"} <= set(r)
+        assert "input holds NaN/Inf" in r["reason"]
+    epoch1 = model.seen[len(model.seen) // 2 :]
+    assert not set().union(*map(set, epoch1)) & set(poison)  # left out of epoch 1
+    assert [len(b) for b in epoch1] == [len(b) for b in model.seen[: len(model.seen) // 2]]  # same batch sizes
+    assert bisection.quarantined == set(poison)
+
+
+def test_the_reevaluation_leaves_no_trace(ns, tmp_path):
+    """Same weights and optimizer as a run whose bad batch was skipped without bisection, same logging count,
+    same progress counters, and the data order of a run without the callback."""
+    poison = {20: "nan"}
+    with_bisection = module_class(ns.pl, batchnorm=True)()
+    guard, bisection, trainer = fit(ns, tmp_path / "a", with_bisection, Indexed(poison=poison), epochs=1)
+    assert guard.incidents[0].samples == [20]
+
+    plain = module_class(ns.pl, batchnorm=True)()
+    guard2 = ns.NaNGuard()
+    loader = DataLoader(Indexed(poison=poison), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
+    trainer2 = ns.pl.Trainer(callbacks=[guard2], **trainer_kwargs(tmp_path / "b", max_epochs=1))
+    trainer2.fit(plain, loader)
+    assert with_bisection.seen == plain.seen  # the data order is untouched
+    for (name, a), (_, b) in zip(with_bisection.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(a, b), name  # weights and BatchNorm buffers bit for bit
+    assert float(trainer.callback_metrics["calls"]) == len(plain.seen)  # self.log in the re-evaluations was muted
+    assert float(trainer2.callback_metrics["calls"]) == len(plain.seen)
+    assert trainer.global_step == trainer2.global_step
+    assert trainer.fit_loop.epoch_loop.batch_progress.current.completed == len(plain.seen)
+
+
+def test_dirty_images_all_four_kinds(tmp_path):
+    """All four poisons among 2048 images, shuffled, two workers, BatchNorm: exactly those indices."""
+    result = dirty_data.train(True, str(tmp_path), n=2048, epochs=2, batch_size=64, workers=2)
+    found = sorted(i for inc in result.guard.incidents for i in (inc.samples or []))
+    assert found == sorted(dirty_data.CULPRITS)
+    assert sorted(Quarantine(result.bisection.quarantine_file).indices()) == sorted(dirty_data.CULPRITS)
+    assert len(result.losses[1]) == len(result.losses[0]) and all(math.isfinite(v) for v in result.losses[1])
+    reasons = {r["index"]: r["reason"] for r in Quarantine(result.bisection.quarantine_file).records()}
+    assert "input holds NaN/Inf" in reasons[137] and "input holds NaN/Inf" in reasons[911]
+    assert "finite input" in reasons[1402] and "finite input" in reasons[1777]  # they fail inside the model
+    first = result.guard.incidents[0]
+    assert first.module is not None and "localization" in first.detail
+
+
+def test_gradient_only_fault_is_bisected_with_backward(ns, tmp_path):
+    data = Indexed(poison={33: "zero"})
+    model = module_class(ns.pl, sqrt_grad=True)()
+    guard, _, _ = fit(ns, tmp_path, model, data, epochs=1)
+    assert [i.kind for i in guard.incidents] == ["grad"]
+    assert guard.incidents[0].samples == [33]
+    assert "gradient" in read_jsonl(tmp_path / "quarantine.jsonl")[0]["reason"]
+
+
+def test_pair_that_fails_only_together_is_reported_as_a_minimal_group(ns, tmp_path):
+    data = Indexed(n=32)
+    data.x[[5, 12], 3] = 100.0  # the flagged pair, in the same batch (no shuffle, batch of 16)
+    model = module_class(ns.pl, pair=True)()
+    guard, _, _ = fit(ns, tmp_path, model, data, epochs=1, shuffle=False)
+    (incident,) = guard.incidents
+    assert incident.samples == [5, 12]
+    assert incident.detail["bisection"]["batches"][0]["groups"] == [[5, 12]]
+    reasons = sorted(r["reason"] for r in read_jsonl(tmp_path / "quarantine.jsonl"))
+    assert "only together with index [12]" in reasons[0] or "only together with index [12]" in reasons[1]
+
+
+def test_a_model_fault_is_not_blamed_on_the_data(ns, tmp_path):
+    from faulty import model_class
+
+    class Triples(Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.x, self.y = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
+
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return self.x[i], self.y[i]
+
+    guard = ns.NaNGuard()
+    bisection = ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl")
+    trainer = ns.pl.Trainer(callbacks=[guard, bisection], **trainer_kwargs(tmp_path))
+    trainer.fit(model_class(ns.pl)(faults={2: "loss"}), DataLoader(Triples(), batch_size=8))
+    (incident,) = guard.incidents
+    summary = incident.detail["bisection"]
+    assert summary["whole_batch"] and "model problem" in summary["note"]
+    assert incident.samples is None
+    assert not (tmp_path / "q.jsonl").exists()  # nothing quarantined
+
+
+def test_iterable_dataset_reports_positions_and_fingerprints(ns, tmp_path):
+    class Stream(IterableDataset):
+        def __iter__(self):
+            data = Indexed(n=48, poison={19: "nan"})
+            for i in range(48):
+                yield data[i]
+
+    model = module_class(ns.pl)()
+    guard = ns.NaNGuard()
+    bisection = ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl")
+    trainer = ns.pl.Trainer(callbacks=[guard, bisection], **trainer_kwargs(tmp_path))
+    trainer.fit(model, DataLoader(Stream(), batch_size=16))
+    (incident,) = guard.incidents
+    assert incident.samples is None
+    summary = incident.detail["bisection"]
+    assert "indices are unknown" in summary["note"]
+    assert summary["positions"] == [(0, 1, 3)]  # rank 0, batch 1, position 3: sample 19
+    (record,) = read_jsonl(tmp_path / "q.jsonl")
+    assert record["index"] is None and record["position"] == 3
+    from lightning_nan.core.batches import fingerprint
+
+    x, y, i = Indexed(n=48, poison={19: "nan"})[19]
+    one = (x.unsqueeze(0), y.unsqueeze(0), torch.tensor([i]))
+    assert record["fingerprint"] == fingerprint(one, 0)
+
+
+def test_resumed_run_with_the_same_quarantine_file_leaves_the_samples_out(ns, tmp_path):
+    poison = {3: "nan", 60: "inf"}
+    guard, _, _ = fit(ns, tmp_path, module_class(ns.pl)(), Indexed(poison=poison), epochs=1)
+    assert sorted(i for inc in guard.incidents for i in inc.samples) == [3, 60]
+    again = module_class(ns.pl)()
+    guard2, _, _ = fit(ns, tmp_path, again, Indexed(poison=poison), epochs=1, workers=2)
+    assert guard2.incidents == []
+    assert not set().union(*map(set, again.seen)) & set(poison)
+    assert len(again.seen) == math.ceil(96 / 16)
+
+
+def test_manual_optimization(ns, tmp_path):
+    model = module_class(ns.pl, manual=True)()
+    guard, _, _ = fit(ns, tmp_path, model, Indexed(poison={44: "nan"}), epochs=1)
+    assert [i.samples for i in guard.incidents] == [[44]]
+
+
+def test_gradient_accumulation_bisects_every_micro_batch(ns, tmp_path):
+    model = module_class(ns.pl)()
+    guard = ns.NaNGuard()
+    bisection = ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl")
+    trainer = ns.pl.Trainer(callbacks=[guard, bisection], **trainer_kwargs(tmp_path, accumulate_grad_batches=2))
+    trainer.fit(model, DataLoader(Indexed(n=64, poison={21: "nan"}), batch_size=8))
+    (incident,) = guard.incidents
+    assert incident.samples == [21] and incident.batch_idx == [2, 3]
+    assert [b["batch_idx"] for b in incident.detail["bisection"]["batches"]] == [2, 3]
+    assert [b["reproduced"] for b in incident.detail["bisection"]["batches"]] == [True, False]
+
+
+@dataclasses.dataclass
+class Graphs:
+    """A batch type the built-in splitter cannot split: node features of several graphs in one tensor."""
+
+    nodes: torch.Tensor
+    sizes: list[int]
+
+
+def graph_collate(items):
+    return Graphs(torch.cat([x for x, _ in items]), [len(x) for x, _ in items])
+
+
+class GraphData(Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.items = [torch.randn(2 + i % 3, 4, generator=g) for i in range(24)]
+        self.items[13][0, 2] = float("nan")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i], i
+
+
+def graph_model(pl):
+    class GraphModel(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.lin(batch.nodes).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return GraphModel
+
+
+def split_graphs(batch: Graphs, positions):
+    starts = [0]
+    for s in batch.sizes:
+        starts.append(starts[-1] + s)
+    return Graphs(torch.cat([batch.nodes[starts[p] : starts[p + 1]] for p in positions]), [batch.sizes[p] for p in positions])
+
+
+def test_custom_splitter_for_graph_batches_and_a_clear_error_without_it(ns, tmp_path):
+    loader = DataLoader(GraphData(), batch_size=8, collate_fn=graph_collate)
+    guard = ns.NaNGuard()
+    bisection = ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl", splitter=split_graphs, sizer=lambda b: len(b.sizes))
+    trainer = ns.pl.Trainer(callbacks=[guard, bisection], **trainer_kwargs(tmp_path))
+    trainer.fit(graph_model(ns.pl)(), loader)
+    assert [i.samples for i in guard.incidents] == [[13]]
+
+    guard = ns.NaNGuard()
+    trainer = ns.pl.Trainer(callbacks=[guard, ns.lib.BatchBisection(quarantine_path=tmp_path / "r.jsonl")], **trainer_kwargs(tmp_path / "x"))
+    with pytest.warns(UserWarning, match=r"Graphs.*splitter="):
+        trainer.fit(graph_model(ns.pl)(), DataLoader(GraphData(), batch_size=8, collate_fn=graph_collate))
+    (incident,) = guard.incidents
+    assert incident.action == "skipped" and "splitter=" in incident.detail["bisection"]["errors"][0]
+
+
+def importable(cls: type, name: str) -> type:
+    """Make a class built in a function picklable by reference (dumps pickle the model)."""
+    cls.__qualname__ = cls.__name__ = name
+    cls.__module__ = __name__
+    globals()[name] = cls
+    return cls
+
+
+def test_first_incident_is_localized_and_the_dump_replays(ns, tmp_path, capsys):
+    from lightning_nan.cli import main
+
+    model = importable(module_class(ns.pl), f"DumpModel_{ns.name}")()
+    guard, _, _ = fit(ns, tmp_path, model, Indexed(poison={70: "nan", 10: "nan"}), epochs=1, dump_dir=tmp_path / "dumps")
+    first, second = guard.incidents
+    assert first.detail["localization"]["first_nonfinite_input"] is not None  # the data: NaN already in the input
+    assert "localization" not in second.detail  # localize="first"
+    dump = first.detail["dump"]
+    assert Path(dump).is_file()
+    assert main(["replay", dump]) == 0
+    out = capsys.readouterr().out
+    assert "reproduced: yes" in out and str(first.samples) in out
+    assert "non-finite input" in out  # the localization: the NaN was in the data
+
+    local = module_class(ns.pl)()  # a class defined in a function cannot be pickled: the search still stands
+    guard, _, _ = fit(ns, tmp_path / "local", local, Indexed(poison={70: "nan"}), epochs=1, dump_dir=tmp_path / "d2")
+    (incident,) = guard.incidents
+    assert incident.samples == [70] and "importable" in incident.detail["dump_error"]
+
+
+def test_needs_a_guard_and_validates_arguments(ns, tmp_path):
+    trainer = ns.pl.Trainer(callbacks=[ns.lib.BatchBisection()], **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match="NaNGuard"):
+        trainer.fit(module_class(ns.pl)(), DataLoader(Indexed(), batch_size=8))
+    with pytest.raises(ValueError, match="localize"):
+        ns.lib.BatchBisection(localize="sometimes")
+    with pytest.raises(ValueError, match="max_tests"):
+        ns.lib.BatchBisection(max_tests=0)
+    with pytest.raises(ValueError, match="splitter"):
+        ns.lib.BatchBisection(splitter="split")
+
+
+def test_tensor_dataset_indices(ns, tmp_path):
+    """A plain TensorDataset (no index in the batch): indices come from the sampler."""
+    x = torch.randn(40, 4)
+    x[29, 0] = float("nan")
+
+    class Plain(ns.pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.lin(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    guard = ns.NaNGuard()
+    trainer = ns.pl.Trainer(callbacks=[guard, ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl")], **trainer_kwargs(tmp_path))
+    trainer.fit(Plain(), DataLoader(TensorDataset(x), batch_size=8, shuffle=True))
+    assert [i.samples for i in guard.incidents] == [[29]]
