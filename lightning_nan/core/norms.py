@@ -36,17 +36,27 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """
     if len(tensors) == 0:
         return torch.zeros(0)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
+    groups: dict[tuple[torch.device, bool], list[int]] = {}
+    for i, t in enumerate(tensors):  # float64 cannot be narrowed inside the kernel: its norm is taken in float64
+        groups.setdefault((t.device, t.dtype in _WIDE), []).append(i)
     home = tensors[0].device
-    if len(by_device) == 1:
-        return torch.stack(torch._foreach_norm(list(tensors), norm_type, dtype=torch.float32))
+    if len(groups) == 1:
+        ((_, wide),) = groups
+        return _norms(list(tensors), norm_type, wide)
     out = torch.empty(len(tensors), dtype=torch.float32, device=home)
-    for device, idx in by_device.items():
-        norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx], norm_type, dtype=torch.float32))
+    for (_, wide), idx in groups.items():
+        norms = _norms([tensors[i] for i in idx], norm_type, wide)
         out[torch.tensor(idx, device=home)] = norms.to(home, non_blocking=True)
     return out
+
+
+_WIDE = (torch.float64, torch.complex128)
+
+
+def _norms(tensors: list[Tensor], norm_type: float, wide: bool) -> Tensor:
+    if wide:
+        return torch.stack(torch._foreach_norm(tensors, norm_type)).float()
+    return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=torch.float32))
 
 
 def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:

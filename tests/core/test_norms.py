@@ -71,3 +71,14 @@ def test_iter_tensors_walks_nested_batches():
 def test_norms_of_parameters_record_no_autograd_history():
     p = torch.nn.Parameter(torch.ones(3))
     assert not tensor_norms([p]).requires_grad
+
+
+def test_float64_and_mixed_dtypes():
+    """A float64 model (or a mix) gets its norms too, in float32, matching a float64 reference."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(5, generator=g, dtype=torch.float64), torch.randn(3, generator=g), torch.randn(2, 2, generator=g).half()]
+    got = tensor_norms(tensors)
+    assert got.dtype == torch.float32
+    want = torch.tensor([float(t.double().norm()) for t in tensors], dtype=torch.float32)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
+    assert tensor_norms([torch.tensor([1.0, float("nan")], dtype=torch.float64)]).isnan().all()
