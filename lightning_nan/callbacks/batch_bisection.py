@@ -89,6 +89,9 @@ class BatchBisectionBase:
         [37]
     """
 
+    #: NaNGuard calls it before the callbacks that act on incidents (they read ``incident.samples``).
+    incident_order = 10
+
     def __init__(
         self,
         *,

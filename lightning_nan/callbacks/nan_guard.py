@@ -17,6 +17,9 @@ from lightning_nan.core.jsonl import append_jsonl
 from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, StepVerdict
 
 INCIDENTS_FILE = "nan_incidents.jsonl"
+#: Listeners are called in increasing ``incident_order`` (a class attribute; this when absent), then
+#: in the order of ``callbacks``: fact finders (bisection 10, diagnosis 20) before actors (50).
+DEFAULT_INCIDENT_ORDER = 50
 
 
 class NaNGuardBase:
@@ -156,11 +159,12 @@ class NaNGuardBase:
             return
         self.guard.set_parameter_names(pl_module)
         self.guard.reduce = max_reducer(trainer)
-        self.guard.listeners = [
-            cb
-            for cb in trainer.callbacks
-            if cb is not self and isinstance(cb, (IncidentListener, EscalationHandler))
-        ]
+        # Listeners that establish facts (BatchBisection: the samples) hear of an incident before those
+        # that act on it (LRBackoff, CheckpointRollback), whatever their order in `callbacks`.
+        self.guard.listeners = sorted(
+            (cb for cb in trainer.callbacks if cb is not self and isinstance(cb, (IncidentListener, EscalationHandler))),
+            key=lambda cb: getattr(cb, "incident_order", DEFAULT_INCIDENT_ORDER),
+        )
         self.guard.on_record = self._record
         self._rank_zero = trainer.is_global_zero
         self._path = self.incidents_path or os.path.join(run_dir(trainer), INCIDENTS_FILE)

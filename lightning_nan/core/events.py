@@ -2,7 +2,9 @@
 
 The guard detects, agrees across ranks and skips; everything else (bisection, LR backoff, rollback,
 diagnosis) reacts to its events. Any object with the method below takes part; in a Lightning
-``Trainer`` every callback that has it is subscribed automatically, in the order of ``callbacks``.
+``Trainer`` every callback that has it is subscribed automatically, in increasing ``incident_order``
+(a class attribute, 50 when absent: fact finders such as BatchBisection come first), then in the
+order of ``callbacks``.
 
 ``on_nan_incident(event) -> None``
     Called once per incident, on every rank (the decision is already agreed), after the step was

