@@ -25,7 +25,22 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [*sorted(CALLBACKS), *_core_all]
+__all__ = [*sorted(CALLBACKS), "recommended", *_core_all]
+
+
+def recommended(**overrides: Any) -> list[Any]:
+    """NaNGuard, GradientClipping, BatchBisection, LRBackoff, CheckpointRollback and NormMonitor, ready to use.
+
+    ``Trainer(callbacks=recommended())``. Each keyword names a part (``guard``, ``clipping``,
+    ``bisection``, ``backoff``, ``rollback``, ``norms``): a dict updates its arguments, ``False``
+    leaves it out; defaults in :data:`lightning_nan.callbacks.presets.PARTS`.
+
+    >>> [type(cb).__name__ for cb in recommended(norms=False, clipping={"method": "norm", "max_norm": 2.0})]
+    ['NaNGuard', 'GradientClipping', 'BatchBisection', 'LRBackoff', 'CheckpointRollback']
+    """
+    from lightning_nan.callbacks.presets import recommended_for
+
+    return recommended_for("lightning_nan", **overrides)
 
 
 def __getattr__(name: str) -> Any:

@@ -45,3 +45,37 @@ def test_readme_hand_written_loop_runs():
     guard, model = namespace["guard"], namespace["model"]
     assert [i.kind for i in guard.incidents] == ["loss"]
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_exploding_cnn_with_recommended_learns(tmp_path):
+    """The issue's acceptance run: recommended() and no other change; finite weights, last-epoch mean loss near zero."""
+    from lightning_nan import recommended
+
+    steps_per_epoch = len(exploding_cnn.make_patches())
+    model, guard = exploding_cnn.run(guarded=True, epochs=20, root=str(tmp_path), callbacks=recommended())
+    assert len(model.losses) == 20 * steps_per_epoch
+    assert exploding_cnn.weights_finite(model)
+    last = model.losses[-steps_per_epoch:]
+    assert all(math.isfinite(v) for v in last) and sum(last) / len(last) < 0.05
+    first = model.losses[:steps_per_epoch]
+    assert sum(first) / len(first) > 0.3  # it did have to learn (chance is ln 2 = 0.69)
+
+
+def test_exploding_mlp_plain_diverges_and_recommended_converges(tmp_path):
+    import exploding_mlp
+
+    slow = exploding_mlp.run(1e-6, steps=300, root=str(tmp_path / "slow"))
+    assert all(math.isfinite(v) for v in slow.losses) and slow.losses[-1] < 1e-2 * slow.losses[0]
+    fast = exploding_mlp.run(1e-4, steps=10, root=str(tmp_path / "fast"))
+    first_nan = next(i for i, v in enumerate(fast.losses) if not math.isfinite(v))
+    assert first_nan <= 5 and fast.losses[1] > fast.losses[0]  # climbs, then NaN by step 5
+    assert not exploding_mlp.weights_finite(fast)
+
+    from lightning_nan import recommended
+
+    callbacks = recommended()
+    model = exploding_mlp.run(1e-4, callbacks, steps=2000, root=str(tmp_path / "recommended"))
+    assert exploding_mlp.weights_finite(model) and len(model.losses) == 2000
+    assert model.losses[-1] < 1e-2  # from 2.9e7: converged to a small loss
+    guard = callbacks[0]
+    assert guard.skipped_steps > 0 and guard.incidents[0].step <= 5  # it did diverge first

@@ -131,6 +131,9 @@ class BatchBisectionBase:
         self._excluded: set[int] = set()
         self._tracker: TrackingBatchSampler | None = None
         self._indices: dict[int, list[int] | None] = {}
+        self._control: Any = None  # the batch before the current one (it trained; a reference, no copy)
+        self._current: Any = None
+        self._failed: list[tuple[int, Any]] = []
         self._localized = False
         self._dumped = False
         self._rank_zero = True
@@ -147,7 +150,7 @@ class BatchBisectionBase:
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
-        state.update(_tracker=None, _indices={})
+        state.update(_tracker=None, _indices={}, _control=None, _current=None, _failed=[])
         return state
 
     # ------------------------------------------------------------------ hooks
@@ -193,13 +196,16 @@ class BatchBisectionBase:
             self._tracker = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._current is not None and not any(self._current is b for _, b in self._failed):
+            self._control = self._current  # the last batch that trained: the control for "data or model?"
+        self._current, self._failed = batch, self._failed[-8:]
         if self._tracker is not None:
             self._indices[batch_idx] = self._tracker.next_batch_indices()
             for old in [k for k in self._indices if k < batch_idx - 64]:
                 del self._indices[old]
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._indices = {}
+        self._indices, self._control, self._current, self._failed = {}, None, None, []
 
     def state_dict(self) -> dict[str, Any]:
         return {"reports": list(self.reports), "forward_passes": self.forward_passes, "localized": self._localized}
@@ -221,6 +227,7 @@ class BatchBisectionBase:
         if trainer is None or pl_module is None:
             return
         locate = self.localize == "every" or (self.localize == "first" and not self._localized)
+        self._failed.extend(event.batches)
         try:
             local = self._search_local(trainer, pl_module, event, locate)
         except Exception as err:  # noqa: BLE001 - every rank must reach the gather below
@@ -260,6 +267,7 @@ class BatchBisectionBase:
                 min_size=self.min_size,
                 max_tests=self.max_tests,
                 locate=locate and localization is None,
+                control=self._control,
             )
             known = indices is not None
             to_index = (lambda p: indices[p]) if known else (lambda p: None)  # noqa: E731

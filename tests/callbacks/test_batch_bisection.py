@@ -381,3 +381,27 @@ def test_bisection_is_told_first_so_lr_backoff_knows_it_was_the_data(ns, tmp_pat
     trainer.fit(module_class(ns.pl)(), DataLoader(Indexed(poison={9: "nan"}), batch_size=16))
     assert [i.samples for i in guard.incidents] == [[9]]
     assert backoff.factor_now == 1.0 and backoff.history == []  # dirty data: the learning rate is not to blame
+
+
+def test_batch_of_one_the_previous_batch_tells_data_from_model(ns, tmp_path):
+    """With one sample per batch every failure 'isolates' it; a batch that trained before is the control."""
+    data = Indexed(n=12, poison={5: "zero"})  # finite input, infinite gradient (sqrt at 0): the data
+    guard, _, _ = fit(ns, tmp_path / "data", module_class(ns.pl, sqrt_grad=True)(), data, epochs=1, batch_size=1, shuffle=False)
+    (incident,) = guard.incidents
+    assert incident.samples == [5] and incident.detail["bisection"]["forward_passes"] == 2  # the sample, the control
+
+    from faulty import model_class
+
+    class Pairs(Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return torch.ones(4) * i, torch.zeros(1)
+
+    guard = ns.NaNGuard()
+    trainer = ns.pl.Trainer(callbacks=[guard, ns.lib.BatchBisection(quarantine_path=tmp_path / "m.jsonl")], **trainer_kwargs(tmp_path / "m"))
+    trainer.fit(model_class(ns.pl)(faults={3: "loss"}), DataLoader(Pairs(), batch_size=1))  # the model fails, whatever the sample
+    (incident,) = guard.incidents
+    assert incident.samples is None and incident.detail["bisection"]["whole_batch"]
+    assert not (tmp_path / "m.jsonl").exists()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -14,17 +16,17 @@ from lightning_nan.core.localize import Localization, localize
 
 class Exp(nn.Module):
     def forward(self, x):
-        return torch.exp(x)
+        return torch.exp(x)  # op
 
 
 class SqrtMinusOne(nn.Module):
     def forward(self, x):
-        return torch.sqrt(x - 1)
+        return torch.sqrt(x - 1)  # op
 
 
 class Log(nn.Module):
     def forward(self, x):
-        return {"log": torch.log(x), "aux": (x.clone(),)}
+        return {"log": torch.log(x), "aux": (x.clone(),)}  # op
 
 
 class Sqrt(nn.Module):
@@ -68,6 +70,25 @@ def _nonfinite(t: torch.Tensor) -> int:
     return int((~torch.isfinite(t)).sum())
 
 
+def _marked_line(fn, marker: str = "# op") -> int:
+    """The line of ``fn``'s source that ends with ``marker``."""
+    lines, start = inspect.getsourcelines(fn)
+    (line,) = [start + i for i, text in enumerate(lines) if text.rstrip().endswith(marker)]
+    return line
+
+
+def _assert_location(loc: Localization, fn, func: str | None = None, marker: str = "# op") -> None:
+    """``loc.op_location`` is ``file:line in func`` for the line of ``fn`` marked ``marker``."""
+    path, rest = loc.op_location.rsplit(":", 1)
+    line, name = rest.split(" in ")
+    assert os.path.samefile(path, inspect.getsourcefile(fn))
+    assert (int(line), name) == (_marked_line(fn, marker), func or fn.__name__)
+
+
+def _mode_stack() -> list:
+    return torch.overrides._get_current_function_mode_stack()
+
+
 def test_exp_overflow_is_attributed_to_the_exp_module_with_its_input_range():
     model = Net(Exp())
     with torch.no_grad():
@@ -80,7 +101,15 @@ def test_exp_overflow_is_attributed_to_the_exp_module_with_its_input_range():
     assert lo == pytest.approx(float(h.min()), rel=1e-6) and hi == pytest.approx(float(h.max()), rel=1e-6)
     assert loc.output_nonfinite == int((h.double() > math.log(torch.finfo(torch.float32).max)).sum()) == 2
     assert loc.loss_finite is False and loc.grad_param is None
-    assert loc.summary().startswith(f"first non-finite output in encoder.1 (Exp) from finite inputs in [{lo:.3g}, {hi:.3g}]")
+    assert loc.op == "exp" and loc.op_inputs_finite is True and loc.op_output_nonfinite == 2
+    _assert_location(loc, Exp.forward)
+    (arg,) = loc.op_inputs
+    assert arg["shape"] == [3, 3] and arg["dtype"] == "float32" and (arg["min"], arg["max"]) == (lo, hi)
+    assert arg["nonfinite"] == 0 and arg["has_negative"] is bool((h < 0).any()) and arg["has_zero"] is False
+    assert loc.summary() == (
+        f"first non-finite value from exp at {loc.op_location} (inputs finite: min {lo:.3g}, max {hi:.3g} — overflow?), "
+        "2 non-finite elements, inside encoder.1 (Exp)"
+    )
 
 
 @pytest.mark.parametrize("call", ["root", "root_kwargs", "submodules"])
@@ -115,6 +144,12 @@ def test_sqrt_of_negative_inside_custom_module_names_its_qualified_name():
     assert (loc.module, loc.module_type, loc.inputs_finite) == ("body.1", "SqrtMinusOne", True)
     assert loc.output_nonfinite == int((h < 1).sum()) > 0
     assert loc.input_range == (float(h.min()), float(h.max()))
+    # The operation is sqrt (x - 1 is finite); its input is h - 1, with negatives.
+    assert (loc.op, loc.op_output_nonfinite) == ("sqrt", int((h < 1).sum()))
+    _assert_location(loc, SqrtMinusOne.forward)
+    (arg,) = loc.op_inputs
+    assert (arg["min"], arg["max"], arg["has_negative"], arg["has_zero"]) == (float((h - 1).min()), float((h - 1).max()), True, False)
+    assert "(<0)?" in loc.summary() and loc.summary().endswith("inside body.1 (SqrtMinusOne)")
 
 
 def test_log_of_zero_with_nested_outputs():
@@ -123,6 +158,12 @@ def test_log_of_zero_with_nested_outputs():
     loc = localize(model, lambda: model(x)["log"].sum())
     assert (loc.module, loc.module_type, loc.inputs_finite) == ("2", "Log", True)
     assert loc.output_nonfinite == 2 and loc.input_range == (0.0, 3.0)
+    assert (loc.op, loc.op_output_nonfinite, loc.op_inputs_finite) == ("log", 2, True)
+    _assert_location(loc, Log.forward)
+    assert loc.op_inputs == [
+        {"arg": "args[0]", "shape": [4], "dtype": "float32", "min": 0.0, "max": 3.0, "nonfinite": 0, "has_zero": True, "has_negative": False}
+    ]
+    assert "log(0)?" in loc.summary()
 
 
 def test_functional_op_in_a_parents_forward_is_attributed_to_the_parent():
@@ -141,13 +182,14 @@ def test_nan_weight_in_embedding_with_integer_inputs():
     loc = localize(model, lambda: model(torch.tensor([0, 2, 2, 3])).sum())
     assert (loc.module, loc.module_type, loc.inputs_finite) == ("0", "Embedding", True)
     assert loc.input_range is None and loc.output_nonfinite == 2
+    assert loc.op is None  # the NaN was already in an input (the weight): no operation made it
     assert loc.summary() == "first non-finite output in 0 (Embedding) from finite inputs, 2 non-finite output elements"
 
 
 def test_all_finite():
     model = Net(nn.Tanh())
     loc = localize(model, lambda: model(torch.randn(4, 2)).sum(), backward=True)
-    assert loc == Localization(loss_finite=True)
+    assert loc == Localization(loss_finite=True) and loc.op is None
     assert loc.summary() == "forward finite"
     loc = localize(model, lambda: None)  # manual optimization: nothing returned
     assert loc == Localization() and loc.summary() == "forward finite (no loss returned)"
@@ -155,9 +197,28 @@ def test_all_finite():
 
 def test_nonfinite_loss_outside_the_modules():
     model = nn.Linear(2, 1)
-    loc = localize(model, lambda: nn.functional.mse_loss(model(torch.ones(3, 2)), torch.full((3, 1), float("inf"))))
+    target = torch.full((3, 1), float("inf"))  # dirty targets, never seen by a module
+    loc = localize(model, lambda: nn.functional.mse_loss(model(torch.ones(3, 2)), target))  # op
     assert loc.module is None and loc.loss_finite is False
     assert "loss was not" in loc.summary()
+    # No operation made the Inf: the first one outside the modules that was fed one is named.
+    assert (loc.op, loc.op_inputs_finite, loc.op_output_nonfinite) == ("mse_loss", False, 1)
+    assert [(a["arg"], a["nonfinite"], a["shape"]) for a in loc.op_inputs] == [("args[0]", 0, [3, 1]), ("args[1]", 3, [3, 1])]
+    _assert_location(loc, test_nonfinite_loss_outside_the_modules, "<lambda>")
+    assert loc.summary() == (
+        f"every module's output was finite but the loss was not: a non-finite input reached mse_loss at {loc.op_location}, "
+        "outside every module"
+    )
+    # An Inf written explicitly in the loss function is named where it is written.
+    loc = localize(model, lambda: (model(torch.ones(3, 2)) - torch.full((3, 1), -math.inf)).sum())  # op2
+    assert (loc.module, loc.op, loc.op_inputs_finite) == (None, "full", False)
+    _assert_location(loc, test_nonfinite_loss_outside_the_modules, "<lambda>", "# op2")
+    assert loc.op_inputs[-1] == {"arg": "args[1]", "dtype": "float", "value": "-inf", "nonfinite": 1, "has_zero": False, "has_negative": True}
+    # Without a module named, an operation outside the modules that makes the Inf from finite values is named.
+    loc = localize(model, lambda: torch.log(model(torch.ones(3, 2)).abs() * 0).sum())  # op3
+    assert (loc.module, loc.op, loc.op_inputs_finite, loc.op_output_nonfinite) == (None, "log", True, 3)
+    _assert_location(loc, test_nonfinite_loss_outside_the_modules, "<lambda>", "# op3")
+    assert loc.summary().endswith("(inputs finite: min 0, max 0 — log(0)?), 3 non-finite elements, outside every module")
 
 
 def _double_sqrt_model() -> nn.Sequential:
@@ -259,3 +320,196 @@ def test_to_dict_is_json_safe():
         **real.to_dict(),
         "input_range": list(real.input_range),
     }
+
+
+class Standardize(nn.Module):
+    """Per-sample standardisation: an all-zero sample gives 0/0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        z = (x - x.mean(dim=1, keepdim=True)) / x.std(dim=1, keepdim=True)  # op
+        return self.head(z)
+
+
+class Square(nn.Module):
+    def forward(self, x):
+        return x.pow(2)  # op
+
+
+class InPlaceLog(nn.Module):
+    def forward(self, x):
+        y = x.clone()
+        y.log_()  # op
+        return y
+
+
+class Reciprocal(nn.Module):
+    def forward(self, x):
+        return 1 / x  # op
+
+
+class MaskedThenLog(nn.Module):
+    """A deliberate -inf attention mask (finite after softmax), then a real log(0)."""
+
+    def forward(self, scores, mask, log=True):
+        probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+        return torch.log(probs) if log else probs  # op
+
+
+def test_standardisation_of_an_all_zero_sample_names_div_and_its_line():
+    model = Standardize()
+    x = torch.tensor([[1.0, 2.0, 4.0], [0.0, 0.0, 0.0], [3.0, -1.0, 0.5]])
+    loc = localize(model, lambda: model(x).sum())
+    # The module: the root, whose own forward made the NaN its child received.
+    assert (loc.module, loc.module_type, loc.inputs_finite) == ("", "Standardize", True)
+    num, den = x - x.mean(dim=1, keepdim=True), x.std(dim=1, keepdim=True)
+    assert (loc.op, loc.op_inputs_finite, loc.op_output_nonfinite) == ("div", True, _nonfinite(num / den)) == ("div", True, 3)
+    _assert_location(loc, Standardize.forward)
+    assert [(a["arg"], a["shape"], a["min"], a["max"], a["has_zero"], a["has_negative"], a["nonfinite"]) for a in loc.op_inputs] == [
+        ("args[0]", [3, 3], float(num.min()), float(num.max()), True, True, 0),
+        ("args[1]", [3, 1], float(den.min()), float(den.max()), True, False, 0),
+    ]
+    assert float(den.min()) == 0.0
+    assert loc.summary() == (
+        f"first non-finite value from div at {loc.op_location} (inputs finite: min {min(num.min(), den.min()):.3g}, "
+        f"max {max(num.max(), den.max()):.3g} — 0/0?), 3 non-finite elements, inside <root> (Standardize)"
+    )
+
+
+def test_pow_overflow():
+    model = nn.Sequential(nn.Identity(), Square())
+    loc = localize(model, lambda: model(torch.tensor([1e38, -2.0, 3.0])).sum())
+    assert (loc.module, loc.op, loc.op_output_nonfinite) == ("1", "pow", 1)
+    _assert_location(loc, Square.forward)
+    assert loc.op_inputs[0]["max"] == float(torch.tensor(1e38)) and loc.op_inputs[0]["min"] == -2.0
+    assert loc.op_inputs[1] == {"arg": "args[1]", "dtype": "int", "value": 2, "nonfinite": 0, "has_zero": False, "has_negative": False}
+    assert "— overflow?), 1 non-finite element, inside 1 (Square)" in loc.summary()
+
+
+def test_exp_of_100():
+    model = nn.Sequential(Exp())
+    loc = localize(model, lambda: model(torch.tensor([100.0, 1.0])).sum())
+    assert math.exp(100.0) > torch.finfo(torch.float32).max
+    assert (loc.module, loc.op, loc.op_output_nonfinite, loc.op_inputs[0]["max"]) == ("0", "exp", 1, 100.0)
+    _assert_location(loc, Exp.forward)
+
+
+def test_in_place_op_is_checked_against_its_input_before_the_call():
+    model = nn.Sequential(nn.ReLU(), InPlaceLog())
+    loc = localize(model, lambda: model(torch.tensor([2.0, -1.0, 5.0])).sum())
+    assert (loc.module, loc.op, loc.op_inputs_finite, loc.op_output_nonfinite) == ("1", "log_", True, 1)
+    _assert_location(loc, InPlaceLog.forward)
+    # The values before the call (relu's output), not the -inf written into the same tensor.
+    assert loc.op_inputs == [
+        {"arg": "args[0]", "shape": [3], "dtype": "float32", "min": 0.0, "max": 5.0, "nonfinite": 0, "has_zero": True, "has_negative": False}
+    ]
+
+
+def test_reflected_division_lists_operands_in_expression_order():
+    model = nn.Sequential(Reciprocal())
+    loc = localize(model, lambda: model(torch.tensor([[0.5, 0.0]])).sum())
+    assert (loc.op, loc.op_output_nonfinite) == ("div", 1)
+    _assert_location(loc, Reciprocal.forward)
+    assert [a["arg"] for a in loc.op_inputs] == ["args[1]", "args[0]"]  # 1 / x
+    assert loc.op_inputs[0]["value"] == 1 and loc.op_inputs[1]["has_zero"] is True
+    assert "— division by zero?)" in loc.summary()
+
+
+def test_deliberate_inf_mask_is_not_blamed():
+    model = MaskedThenLog()
+    scores = torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.5, 0.5]])
+    mask = torch.tensor([[False, True, False], [False, False, False]])
+    loc = localize(model, lambda: model(scores, mask).sum())
+    # masked_fill wrote -inf on purpose (a non-finite input); softmax turned it into an exact 0; log(0) = -inf.
+    assert (loc.module, loc.op, loc.op_output_nonfinite) == ("", "log", 1)
+    _assert_location(loc, MaskedThenLog.forward)
+    assert loc.op_inputs[0]["has_zero"] is True and loc.op_inputs[0]["min"] == 0.0
+    # The same mask with a healthy ending: no operation is named.
+    loc = localize(model, lambda: model(scores, mask, log=False).sum())
+    assert loc == Localization(loss_finite=True)
+
+
+def test_dirty_data_made_outside_the_modules_names_the_op():
+    model = nn.Sequential(nn.Linear(2, 1))
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0]])
+    loc = localize(model, lambda: model(a / b).sum())  # op
+    assert (loc.module, loc.inputs_finite, loc.first_nonfinite_input) == ("", False, "")
+    assert (loc.op, loc.op_inputs_finite, loc.op_output_nonfinite) == ("div", True, 1)
+    _assert_location(loc, test_dirty_data_made_outside_the_modules_names_the_op, "<lambda>")
+    assert loc.summary().endswith("— 0/0?), 1 non-finite element, outside every module, then reaching <root> (Sequential) as input")
+    # Data that was dirty before the loss function ran: no operation to name.
+    x = a / b
+    loc = localize(model, lambda: model(x).sum())
+    assert (loc.module, loc.inputs_finite, loc.op) == ("", False, None)
+
+
+def test_the_mode_is_active_only_inside_the_loss_function():
+    model = nn.Sequential(Exp())
+    seen = []
+
+    def loss_fn():
+        seen.append([type(m).__module__ for m in _mode_stack()])
+        return model(torch.tensor([1000.0])).sum()
+
+    assert _mode_stack() == []
+    assert localize(model, loss_fn).op == "exp"
+    assert seen == [["lightning_nan.core.localize"]] and _mode_stack() == []
+
+    def boom():
+        model(torch.ones(1))
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        localize(model, boom, backward=True)
+    assert _mode_stack() == [] and torch._C._is_torch_function_mode_enabled() is False
+    # A normal operation afterwards goes through no other mode: a probe mode sees nothing beneath it.
+    calls = []
+
+    class Probe(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append((func.__name__, [type(m).__name__ for m in _mode_stack()]))
+            return func(*args, **(kwargs or {}))
+
+    with Probe():
+        torch.exp(torch.full((1,), 1000.0))
+    assert calls == [("full", []), ("exp", [])] and _mode_stack() == []
+
+
+class _InfGradient(torch.autograd.Function):
+    """Identity forward; the backward, in Python torch ops, divides by zero."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / torch.zeros_like(grad)
+
+
+def test_backward_localization_works_with_the_mode_and_backward_ops_are_not_traced():
+    model = nn.Sequential(nn.Linear(2, 1), nn.Linear(1, 1))
+    x = torch.ones(4, 2)
+
+    def loss_fn():
+        return model[1](_InfGradient.apply(model[0](x))).mean()
+
+    grads = torch.autograd.grad(loss_fn(), list(model.parameters()))
+    assert [torch.isfinite(g).all().item() for g in grads] == [False, False, True, True]
+    loc = localize(model, loss_fn, backward=True)
+    assert (loc.module, loc.loss_finite, loc.grad_param, loc.op) == (None, True, "0.bias", None)
+    assert all(p.grad is None for p in model.parameters()) and _mode_stack() == []
+    # The sqrt'(0) = inf model too: forward finite, gradients not, no operation named.
+    loc = localize(_double_sqrt_model(), lambda: None)
+    assert loc == Localization()
+
+
+def test_to_dict_with_op_is_json_safe():
+    model = Standardize()
+    loc = localize(model, lambda: model(torch.zeros(2, 3)).sum())
+    data = json.loads(json.dumps(loc.to_dict(), allow_nan=False))
+    assert data["op"] == "div" and data["op_location"] == loc.op_location and data["op_output_nonfinite"] == 6
+    assert data["op_inputs"] == loc.op_inputs and data["op_inputs_finite"] is True

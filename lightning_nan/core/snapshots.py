@@ -1,0 +1,502 @@
+"""Snapshots of a training state in host memory, and the test that says a snapshot is known-good.
+
+Pure PyTorch; the Lightning callback :class:`~lightning_nan.CheckpointRollback` drives it. A
+:class:`SnapshotStore` copies a model's ``state_dict``, the optimizers', schedulers' and AMP
+scaler's states (every tensor, to CPU; asynchronously from a GPU, into pinned memory) so that later
+in-place updates do not touch the copy, and writes them back in place, bit for bit. A new snapshot
+is *pending* until :meth:`SnapshotStore.promote` declares it *good* (the caller decides when, with
+:func:`check_known_good` and a :class:`LossSpikeDetector`); the newest ``max_snapshots`` good ones
+are kept, in memory and optionally on disk.
+
+>>> import torch
+>>> model = torch.nn.Linear(2, 1)
+>>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+>>> model(torch.ones(1, 2)).sum().backward(); opt.step()
+>>> store = SnapshotStore(max_snapshots=2)
+>>> snap = store.take(1, model, [opt])
+>>> before = [p.detach().clone() for p in model.parameters()]
+>>> with torch.no_grad():
+...     _ = model.weight.fill_(float("nan"))  # training goes wrong
+>>> good = store.promote()
+>>> _ = store.restore(store.newest, model, [opt])
+>>> all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import math
+import os
+import re
+import statistics
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_nan.core.norms import tensor_norms, total_norm
+
+#: Default ``every_n_steps`` of :class:`~lightning_nan.CheckpointRollback`. A snapshot copies the
+#: whole training state once; at one copy per 100 steps that copy costs under 1% of the training
+#: time even when it takes as long as a whole step (a GPU model whose state crosses PCIe in about
+#: one step's time), and far less on the reference CNN (see BENCHMARKS.md). 100 steps is also what
+#: PaLM went back on a loss spike.
+DEFAULT_EVERY_N_STEPS = 100
+
+_FILE = "snapshot-step{step:010d}.pt"
+_FILE_RE = re.compile(r"^snapshot-step(\d{10})\.pt$")
+
+
+@dataclass
+class Snapshot:
+    """One copy of a training state (all tensors on CPU).
+
+    Attributes:
+        step: the step it was taken at (the caller's count; the trainer's ``global_step``).
+        model: the model's ``state_dict`` (parameters and buffers).
+        optimizers: each optimizer's ``state_dict``.
+        schedulers: each LR scheduler's ``state_dict``.
+        scaler: the AMP GradScaler's ``state_dict`` (``None``: none given).
+        extra: anything else the caller passed (callback states, ...), tensors copied too.
+        norm: total 2-norm of the model's floating-point state when taken (``inf``/``nan`` when not
+            finite); read from the device on first use.
+        path: the file holding it, when written to disk; the tensors may then be loaded lazily.
+        restores: how often it has been restored.
+    """
+
+    step: int
+    model: dict[str, Any] | None = None
+    optimizers: list[Any] = field(default_factory=list)
+    schedulers: list[Any] = field(default_factory=list)
+    scaler: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    restores: int = 0
+    _norm: Tensor | float | None = field(default=None, repr=False)
+    _events: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def norm(self) -> float:
+        if isinstance(self._norm, Tensor):
+            self._norm = float(self._norm)
+        if self._norm is None:
+            self._norm = float(state_norm(self.load().model))
+        return self._norm
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the tensors are in memory (``False`` for a snapshot known only by its file)."""
+        return self.model is not None
+
+    def wait(self) -> Snapshot:
+        """Block until the asynchronous device-to-host copies have landed (a no-op on CPU)."""
+        for event in self._events:
+            event.synchronize()
+        self._events = []
+        return self
+
+    def load(self) -> Snapshot:
+        """The tensors, read from :attr:`path` if they are not in memory yet."""
+        if self.model is None:
+            if self.path is None:
+                raise RuntimeError(f"Snapshot of step {self.step} has neither tensors nor a file")
+            other = load_snapshot(self.path)
+            self.model, self.optimizers, self.schedulers = other.model, other.optimizers, other.schedulers
+            self.scaler, self.extra = other.scaler, other.extra
+            if self._norm is None:
+                self._norm = other._norm
+        return self.wait()
+
+
+class SnapshotStore:
+    """Takes, keeps and restores snapshots: at most one pending, the newest ``max_snapshots`` good.
+
+    Args:
+        max_snapshots: good snapshots to keep (the oldest is evicted first).
+        dirpath: also write every good snapshot to this folder (``snapshot-step<step>.pt``, written
+            to a temporary file, flushed, then renamed, so a crash never leaves a torn one); a file
+            is deleted only once its successor is complete.
+
+    Tensors are copied with ``copy_`` into the buffers of an evicted or discarded snapshot when the
+    shapes match, so a steady run allocates (and, on a GPU host, pins) its host memory only once.
+
+    >>> import torch, tempfile
+    >>> model = torch.nn.Linear(2, 1)
+    >>> store = SnapshotStore(max_snapshots=1, dirpath=tempfile.mkdtemp())
+    >>> _ = store.take(0, model); first = store.promote()
+    >>> _ = store.take(5, model); second = store.promote()
+    >>> [s.step for s in store.good], [os.path.basename(p) for p in store.files()]
+    ([5], ['snapshot-step0000000005.pt'])
+    """
+
+    def __init__(self, max_snapshots: int = 2, dirpath: str | os.PathLike[str] | None = None) -> None:
+        if not isinstance(max_snapshots, int) or isinstance(max_snapshots, bool) or max_snapshots < 1:
+            raise ValueError(f"Expected `max_snapshots` to be an int >= 1, got {max_snapshots!r}")
+        self.max_snapshots = max_snapshots
+        self.dirpath = None if dirpath is None else os.fspath(dirpath)
+        self.good: list[Snapshot] = []  # oldest first
+        self.pending: Snapshot | None = None
+        self._spare: Snapshot | None = None  # buffers to reuse
+
+    @property
+    def newest(self) -> Snapshot | None:
+        """The newest good snapshot, or ``None``."""
+        return self.good[-1] if self.good else None
+
+    def take(
+        self,
+        step: int,
+        model: torch.nn.Module | dict[str, Tensor],
+        optimizers: Sequence[Any] = (),
+        schedulers: Sequence[Any] = (),
+        scaler: Any = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Snapshot:
+        """Copy the state as the pending snapshot (replacing an earlier pending one) and return it.
+
+        ``optimizers``, ``schedulers`` and ``scaler`` are objects with ``state_dict()``. Returns
+        without waiting for device-to-host copies; :meth:`restore` and :meth:`promote` wait.
+        """
+        if self.pending is not None:
+            self.discard()
+        spare, self._spare = self._spare, None
+        reuse = spare if spare is not None and spare.loaded else None
+        state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        events: dict[torch.device, Any] = {}
+        snap = Snapshot(
+            step=int(step),
+            model=_copy_tree(state, reuse.model if reuse else None, events),
+            optimizers=_copy_tree([o.state_dict() for o in optimizers], reuse.optimizers if reuse else None, events),
+            schedulers=_copy_tree([s.state_dict() for s in schedulers], None, events),
+            scaler=None if scaler is None else _copy_tree(scaler.state_dict(), None, events),
+            extra=_copy_tree(dict(extra or {}), None, events),
+            _norm=state_norm(state),
+        )
+        for device in events:
+            event = torch.cuda.Event()
+            with torch.cuda.device(device):
+                event.record()
+            snap._events.append(event)
+        self.pending = snap
+        return snap
+
+    def promote(self, snapshot: Snapshot | None = None) -> Snapshot:
+        """Declare the pending snapshot (or ``snapshot``, e.g. one loaded from disk) good; evict beyond ``max_snapshots``."""
+        snap = snapshot if snapshot is not None else self.pending
+        if snap is None:
+            raise ValueError("No pending snapshot to promote: call `take` first")
+        if snap is self.pending:
+            self.pending = None
+        snap.wait()
+        if self.dirpath is not None and snap.path is None and snap.loaded:
+            snap.path = save_snapshot(snap, os.path.join(self.dirpath, _FILE.format(step=snap.step)))
+        self.good = sorted([s for s in self.good if s.step != snap.step] + [snap], key=lambda s: s.step)
+        while len(self.good) > self.max_snapshots:
+            self._drop(self.good.pop(0))
+        return snap
+
+    def discard(self, snapshot: Snapshot | None = None) -> None:
+        """Forget the pending snapshot (or the given good one, deleting its file)."""
+        if snapshot is None or snapshot is self.pending:
+            if self.pending is not None:
+                self._spare = self.pending.wait()
+            self.pending = None
+            return
+        self.good = [s for s in self.good if s is not snapshot]
+        self._drop(snapshot)
+
+    def clear(self) -> None:
+        """Forget every snapshot in memory (files on disk stay)."""
+        self.good, self.pending, self._spare = [], None, None
+
+    def restore(
+        self,
+        snapshot: Snapshot,
+        model: torch.nn.Module,
+        optimizers: Sequence[Any] = (),
+        schedulers: Sequence[Any] = (),
+        scaler: Any = None,
+    ) -> dict[str, Any]:
+        """Write ``snapshot`` back in place (the parameter objects stay the same); return a copy of its ``extra``.
+
+        Model tensors are written with ``copy_`` (``load_state_dict``), so optimizers and DDP that
+        hold the parameters keep working; optimizers, schedulers and scaler load fresh copies, so the
+        snapshot itself never aliases live state and can be restored again.
+        """
+        snap = snapshot.load()
+        if len(optimizers) != len(snap.optimizers) or len(schedulers) != len(snap.schedulers):
+            raise ValueError(
+                f"Snapshot of step {snap.step} holds {len(snap.optimizers)} optimizer(s) and {len(snap.schedulers)} "
+                f"scheduler(s), got {len(optimizers)} and {len(schedulers)}: restore with the objects it was taken from"
+            )
+        self.restore_model(snap, model)
+        for opt, state in zip(optimizers, snap.optimizers):
+            opt.load_state_dict(_clone_tree(state))
+        for sched, state in zip(schedulers, snap.schedulers):
+            sched.load_state_dict(copy.deepcopy(state))
+        if scaler is not None and snap.scaler is not None:
+            scaler.load_state_dict(copy.deepcopy(snap.scaler))
+        snap.restores += 1
+        return _clone_tree(snap.extra)
+
+    @staticmethod
+    def restore_model(snapshot: Snapshot, model: torch.nn.Module) -> None:
+        """Write only the model's parameters and buffers back, in place (not counted in ``restores``).
+
+        For a caller that needs finite weights at once, in the middle of an optimizer step, and
+        restores the rest with :meth:`restore` once the step is over.
+        """
+        model.load_state_dict(snapshot.load().model)
+
+    # ------------------------------------------------------------------ disk
+    def files(self) -> list[str]:
+        """The complete snapshot files in ``dirpath``, oldest step first (temporary files ignored)."""
+        if self.dirpath is None:
+            return []
+        names = [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(self.dirpath), "snapshot-step*.pt"))]
+        return [os.path.join(self.dirpath, n) for n in sorted(n for n in names if _FILE_RE.match(n))]
+
+    def reload(self, steps: Iterable[int], norms: dict[int, float] | None = None) -> list[int]:
+        """Add the files of ``steps`` found in ``dirpath`` as good snapshots (loaded on first use); return the steps found."""
+        found = []
+        for step in steps:
+            path = os.path.join(self.dirpath or "", _FILE.format(step=int(step)))
+            if self.dirpath is not None and os.path.isfile(path):
+                self.promote(Snapshot(step=int(step), path=path, _norm=(norms or {}).get(int(step))))
+                found.append(int(step))
+        return found
+
+    def _drop(self, snap: Snapshot) -> None:
+        if snap.path is not None and self.dirpath is not None:
+            try:
+                os.remove(snap.path)
+            except FileNotFoundError:
+                pass
+        if snap.loaded:
+            self._spare = snap
+
+
+# ---------------------------------------------------------------------------------- files
+def save_snapshot(snapshot: Snapshot, path: str | os.PathLike[str]) -> str:
+    """Write ``snapshot`` to ``path`` atomically (temporary file, fsync, rename); return the path.
+
+    >>> import torch, tempfile
+    >>> snap = SnapshotStore().take(3, torch.nn.Linear(2, 1))
+    >>> path = save_snapshot(snap, os.path.join(tempfile.mkdtemp(), "s.pt"))
+    >>> load_snapshot(path).step
+    3
+    """
+    path = os.fspath(path)
+    snap = snapshot.load()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    payload = {
+        "format": 1,
+        "step": snap.step,
+        "model": snap.model,
+        "optimizers": snap.optimizers,
+        "schedulers": snap.schedulers,
+        "scaler": snap.scaler,
+        "extra": snap.extra,
+        "norm": snap.norm,
+    }
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return path
+
+
+def load_snapshot(path: str | os.PathLike[str]) -> Snapshot:
+    """Read a file written by :func:`save_snapshot` (only files this library wrote: it unpickles)."""
+    path = os.fspath(path)
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(data, dict) or "model" not in data or "step" not in data:
+        raise ValueError(f"{path} is not a snapshot written by lightning_nan (no 'step'/'model' entries)")
+    return Snapshot(
+        step=int(data["step"]),
+        model=data["model"],
+        optimizers=data.get("optimizers", []),
+        schedulers=data.get("schedulers", []),
+        scaler=data.get("scaler"),
+        extra=data.get("extra", {}),
+        path=path,
+        _norm=data.get("norm"),
+    )
+
+
+def _fsync_dir(dirpath: str) -> None:
+    try:
+        fd = os.open(dirpath, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------- copies
+def _copy_tree(obj: Any, reuse: Any, events: dict[torch.device, Any]) -> Any:
+    """A copy of nested dicts/lists/tuples with every tensor copied to CPU (into ``reuse``'s buffers when they fit)."""
+    if isinstance(obj, Tensor):
+        src = obj.detach()
+        if src.device.type == "cpu":
+            if _fits(reuse, src):
+                return reuse.copy_(src)
+            return src.clone()
+        cuda = src.device.type == "cuda"
+        dst = reuse if _fits(reuse, src) and (reuse.is_pinned() or not cuda) else None
+        if dst is None:
+            dst = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=cuda)
+        dst.copy_(src, non_blocking=cuda)  # asynchronous into pinned memory; waited for before use
+        if cuda:
+            events.setdefault(src.device, None)
+        return dst
+    if isinstance(obj, dict):
+        return {k: _copy_tree(v, reuse.get(k) if isinstance(reuse, dict) else None, events) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        same = isinstance(reuse, (list, tuple)) and len(reuse) == len(obj)
+        items = [_copy_tree(v, reuse[i] if same else None, events) for i, v in enumerate(obj)]
+        return type(obj)(items) if type(obj) in (list, tuple) else copy.deepcopy(obj)
+    return copy.deepcopy(obj)
+
+
+def _fits(buf: Any, src: Tensor) -> bool:
+    return isinstance(buf, Tensor) and buf.shape == src.shape and buf.dtype == src.dtype and buf.device.type == "cpu"
+
+
+def _clone_tree(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tree(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_clone_tree(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+# ---------------------------------------------------------------------------------- known-good
+def state_norm(state: torch.nn.Module | dict[str, Tensor] | Iterable[Tensor]) -> Tensor:
+    """Total 2-norm of the floating-point tensors of a module's ``state_dict`` (or of tensors), on their device.
+
+    Non-finite exactly when a tensor holds NaN/Inf (or the norm overflows float32). No host sync.
+
+    >>> state_norm({"w": torch.tensor([3.0, 4.0]), "steps": torch.tensor(7)})
+    tensor(5.)
+    """
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    tensors = list(state.values()) if isinstance(state, dict) else list(state)
+    floats = [t.detach() for t in tensors if isinstance(t, Tensor) and t.is_floating_point()]
+    return total_norm(tensor_norms(floats)) if floats else torch.zeros(())
+
+
+def check_known_good(
+    snapshot_norm: float,
+    current_norm: float,
+    *,
+    reference_norm: float | None = None,
+    intervals: float = 1.0,
+    max_norm_growth: float = 2.0,
+    incident: bool = False,
+    spike: bool = False,
+) -> str | None:
+    """``None`` when a pending snapshot may be promoted, else why not (one sentence).
+
+    A snapshot is known-good when no incident and no loss spike came near it, its weights and the
+    weights ``confirm_steps`` later are finite, and neither norm grew more than ``max_norm_growth``
+    per snapshot interval over the newest good snapshot (``reference_norm``, ``intervals`` intervals
+    ago; at least one factor). Without a reference, the later norm is compared to the snapshot's.
+
+    >>> check_known_good(10.0, 11.0, reference_norm=9.0) is None
+    True
+    >>> check_known_good(10.0, 50.0, reference_norm=9.0)
+    'the weight norm grew from 9 to 50 (more than 2x per snapshot interval)'
+    >>> check_known_good(10.0, float("nan"))
+    'the weights are not finite'
+    """
+    if not (math.isfinite(snapshot_norm) and math.isfinite(current_norm)):
+        return "the weights are not finite"
+    if incident:
+        return "a NaN/Inf incident happened near it"
+    if spike:
+        return "the loss spiked near it"
+    ref = snapshot_norm if reference_norm is None else reference_norm
+    allowed = ref * max_norm_growth ** max(1.0, float(intervals))
+    worst = max(snapshot_norm, current_norm)
+    if worst > allowed:
+        return f"the weight norm grew from {ref:.3g} to {worst:.3g} (more than {max_norm_growth:g}x per snapshot interval)"
+    return None
+
+
+class LossSpikeDetector:
+    """Robust z-scores of new losses against a running window: ``(loss - median) / (1.4826 * MAD)``.
+
+    Host floats only: the caller reads a batch of losses at once (one transfer) and passes them to
+    :meth:`update`. Each value is scored against the window *before* it, then joins the window;
+    non-finite values are neither scored nor kept. Scores are ``nan`` until ``min_history`` values are in.
+
+    Args:
+        window: how many recent losses make the reference.
+        threshold: a robust z above it is a spike (:meth:`is_spike`).
+        min_history: values needed before scoring (default ``max(5, window // 5)``).
+
+    >>> det = LossSpikeDetector(window=20, threshold=6.0)
+    >>> z = det.update([1.0, 1.1, 0.9, 1.05, 0.95] * 2 + [5.0])
+    >>> [det.is_spike(v) for v in z[-2:]], round(z[-1], 1)
+    ([False, True], 54.0)
+    """
+
+    def __init__(self, window: int = 100, threshold: float = 6.0, min_history: int | None = None) -> None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 5:
+            raise ValueError(f"Expected `window` to be an int >= 5, got {window!r}")
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold > 0:
+            raise ValueError(f"Expected `threshold` > 0, got {threshold!r}")
+        min_history = max(5, window // 5) if min_history is None else min_history
+        if not isinstance(min_history, int) or not 1 <= min_history <= window:
+            raise ValueError(f"Expected `min_history` in [1, window={window}], got {min_history!r}")
+        self.window, self.threshold, self.min_history = window, float(threshold), min_history
+        self.history: deque[float] = deque(maxlen=window)
+
+    def zscore(self, value: float) -> float:
+        """The robust z of ``value`` against the current window (``nan`` with too little history)."""
+        if len(self.history) < self.min_history or not math.isfinite(value):
+            return math.nan
+        median = statistics.median(self.history)
+        mad = statistics.median(abs(v - median) for v in self.history)
+        scale = max(1.4826 * mad, 1e-3 * abs(median), 1e-12)
+        return (value - median) / scale
+
+    def update(self, values: Iterable[float]) -> list[float]:
+        """Score each value in turn, then add it to the window; return the scores."""
+        out = []
+        for v in values:
+            v = float(v)
+            out.append(self.zscore(v))
+            if math.isfinite(v):
+                self.history.append(v)
+        return out
+
+    def is_spike(self, z: float) -> bool:
+        return math.isfinite(z) and z > self.threshold
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = deque((float(v) for v in state.get("history", [])), maxlen=self.window)
