@@ -17,7 +17,7 @@ from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.errors import NonFiniteWarning
 from lightning_nan.core.events import IncidentEvent
 from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record
-from lightning_nan.core.sampling import TrackingBatchSampler, track
+from lightning_nan.core.sampling import TrackingBatchSampler, track, untrack
 
 #: Incident kinds a re-evaluation of the batch can explain (weights and loss scale are not the data).
 BISECTED_KINDS = ("loss", "input", "grad")
@@ -39,9 +39,11 @@ class BatchBisectionBase:
     shuffled or distributed, any ``num_workers``) go to ``incident.samples`` and, one record per
     sample, to the quarantine file (rank zero writes after gathering every rank's findings). By
     default quarantined samples are left out of every later epoch, and out of later runs that use
-    the same file (batch count and sizes stay the same: they are refilled from the epoch's other
-    samples). Iterable data sets have no indices: positions in the batch and content fingerprints
-    are recorded instead, and the incident says so.
+    the same file (batch count and sizes stay the same: a batch refills its gaps by repeating its own
+    clean samples, so batches grouped by shape or length stay grouped; see
+    :class:`~lightning_nan.core.sampling.TrackingBatchSampler`). When ``fit`` ends, or raises, the
+    train loader gets its own batch sampler back. Iterable data sets have no indices: positions in
+    the batch and content fingerprints are recorded instead, and the incident says so.
 
     On the first incident (``localize="first"``) the failing samples are run once more with forward
     hooks, to name the first module whose output turns non-finite (``incident.module``) and the
@@ -60,6 +62,17 @@ class BatchBisectionBase:
         dump_dir: if set, the first failing samples and the model (pickled, with ``torch.save``) go to
             ``<dump_dir>/nan_dump_step<step>_rank<r>.pt``; ``lightning-nan replay FILE`` reproduces the
             failure offline and prints the localization. The model class must be importable there.
+        ddp: bisect under DDP (world size > 1). ``False`` for a ``training_step`` that communicates
+            (see below): every rank then skips the search alike.
+
+    Under DDP, sub-batches are re-evaluated on the rank that holds them only, while the other ranks
+    wait at the gather that follows. So ``training_step`` must not communicate: with SyncBatchNorm
+    (whose forward pass communicates) bisection is off, and a ``training_step`` that calls a
+    collective itself (``self.all_gather``, ``torch.distributed.all_reduce``, ...; ``self.log(...,
+    sync_dist=True)`` is muted during the search) would be paired with a different collective on the
+    other ranks: a hang or wrong data. For such a model pass ``ddp=False``: under DDP no incident is
+    bisected (``incident.detail["bisection"]["skipped"]`` says so), while a quarantine file from an
+    earlier run still applies.
 
     Logged (rank zero): ``bisection/forward_passes`` and ``bisection/quarantined`` at each incident.
 
@@ -83,6 +96,8 @@ class BatchBisectionBase:
         >>> trainer = pl.Trainer(max_epochs=2, callbacks=[NaNGuard(), bisection], logger=False, enable_checkpointing=False,
         ...                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
         >>> trainer.fit(Model(), loader)
+        1 non-finite incident, step ...
+        ...
         >>> [incident.samples for incident in trainer.callbacks[0].incidents]  # found in epoch 0, left out of epoch 1
         [[37]]
         >>> sorted(Quarantine(bisection.quarantine_file).indices())
@@ -103,11 +118,14 @@ class BatchBisectionBase:
         min_size: int | None = None,
         max_tests: int | None = None,
         dump_dir: str | os.PathLike[str] | None = None,
+        ddp: bool = True,
     ) -> None:
         if localize not in LOCALIZE_CHOICES:
             raise ValueError(f"Expected `localize` in {LOCALIZE_CHOICES}, got {localize!r}")
         if not isinstance(exclude_quarantined, bool):
             raise ValueError(f"Expected `exclude_quarantined` to be a bool, got {exclude_quarantined!r}")
+        if not isinstance(ddp, bool):
+            raise ValueError(f"Expected `ddp` to be a bool (False: no bisection under DDP), got {ddp!r}")
         if splitter is not None and not callable(splitter):
             raise ValueError(f"Expected `splitter` to be a function (batch, positions) -> sub_batch, got {splitter!r}")
         if sizer is not None and not callable(sizer):
@@ -124,16 +142,15 @@ class BatchBisectionBase:
         self.min_size = min_size
         self.max_tests = max_tests
         self.dump_dir = None if dump_dir is None else os.fspath(dump_dir)
+        self.ddp = ddp
         #: Every report so far: one dict per incident bisected (primitives; saved in checkpoints).
         self.reports: list[dict[str, Any]] = []
         self.forward_passes = 0
         self._quarantine: Quarantine | None = None
         self._excluded: set[int] = set()
         self._tracker: TrackingBatchSampler | None = None
+        self._tracked_loaders: list[torch.utils.data.DataLoader] = []  # to give their batch samplers back
         self._indices: dict[int, list[int] | None] = {}
-        self._control: Any = None  # the batch before the current one (it trained; a reference, no copy)
-        self._current: Any = None
-        self._failed: list[tuple[int, Any]] = []
         self._localized = False
         self._dumped = False
         self._rank_zero = True
@@ -150,7 +167,7 @@ class BatchBisectionBase:
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
-        state.update(_tracker=None, _indices={}, _control=None, _current=None, _failed=[])
+        state.update(_tracker=None, _tracked_loaders=[], _indices={})
         return state
 
     # ------------------------------------------------------------------ hooks
@@ -169,7 +186,17 @@ class BatchBisectionBase:
         self._watch_train_loader(trainer)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        trainer.strategy.__dict__.pop("process_dataloader", None)  # undo _watch_train_loader
+        self._restore(trainer)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._restore(trainer)  # Lightning calls no `teardown` hook when fit raises
+
+    def _restore(self, trainer: Any) -> None:
+        """Undo :meth:`_watch_train_loader`: the strategy's own method, the loaders' own batch samplers."""
+        trainer.strategy.__dict__.pop("process_dataloader", None)
+        for loader in self._tracked_loaders:
+            untrack(loader)
+        self._tracked_loaders, self._tracker = [], None
 
     def _watch_train_loader(self, trainer: Any) -> None:
         """Track the train loader's batch sampler from the moment Lightning has prepared the loader.
@@ -187,6 +214,8 @@ class BatchBisectionBase:
             dataloader = original(dataloader)
             if trainer.training and isinstance(dataloader, torch.utils.data.DataLoader):
                 self._tracker = track(dataloader, exclude=self._exclude())
+                if self._tracker is not None and not any(dataloader is d for d in self._tracked_loaders):
+                    self._tracked_loaders.append(dataloader)
             return dataloader
 
         strategy.process_dataloader = process_dataloader
@@ -196,16 +225,13 @@ class BatchBisectionBase:
             self._tracker = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._current is not None and not any(self._current is b for _, b in self._failed):
-            self._control = self._current  # the last batch that trained: the control for "data or model?"
-        self._current, self._failed = batch, self._failed[-8:]
         if self._tracker is not None:
             self._indices[batch_idx] = self._tracker.next_batch_indices()
             for old in [k for k in self._indices if k < batch_idx - 64]:
                 del self._indices[old]
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._indices, self._control, self._current, self._failed = {}, None, None, []
+        self._indices = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"reports": list(self.reports), "forward_passes": self.forward_passes, "localized": self._localized}
@@ -226,8 +252,13 @@ class BatchBisectionBase:
         trainer, pl_module = event.extra.get("trainer"), event.extra.get("pl_module")
         if trainer is None or pl_module is None:
             return
+        if not self.ddp and world()[1] > 1:  # the same on every rank: none reaches the gather below
+            incident.detail["bisection"] = {
+                "step": incident.step,
+                "skipped": "BatchBisection(ddp=False): no bisection under DDP (world size > 1)",
+            }
+            return
         locate = self.localize == "every" or (self.localize == "first" and not self._localized)
-        self._failed.extend(event.batches)
         try:
             local = self._search_local(trainer, pl_module, event, locate)
         except Exception as err:  # noqa: BLE001 - every rank must reach the gather below
@@ -267,12 +298,13 @@ class BatchBisectionBase:
                 min_size=self.min_size,
                 max_tests=self.max_tests,
                 locate=locate and localization is None,
-                control=self._control,
             )
             known = indices is not None
             to_index = (lambda p: indices[p]) if known else (lambda p: None)  # noqa: E731
             group_of = {p: g for g in report.groups for p in g}
             for pos, fp, dirty_input in zip(report.positions, report.fingerprints, report.input_nonfinite):
+                if known and any(r["index"] == indices[pos] for r in records):
+                    continue  # a sample a batch repeats (to fill a quarantined one's place): one record
                 partners = [to_index(q) if known else q for q in group_of.get(pos, [pos]) if q != pos]
                 reason = f"non-finite {'gradient' if backward else 'loss'}"
                 reason += " (its input holds NaN/Inf)" if dirty_input else " (finite input)"
@@ -293,11 +325,14 @@ class BatchBisectionBase:
                     )
                 )
             if report.localization is not None:
-                localization = dict(report.localization.to_dict(), summary=report.localization.summary())
+                localization = dict(
+                    report.localization.to_dict(), summary=report.localization.summary(), model=type(pl_module).__name__
+                )
             batches.append(
                 {
                     "batch_idx": batch_idx,
                     "rank": rank,
+                    "size": report.size,
                     "forward_passes": report.tests,
                     "reproduced": report.reproduced,
                     "whole_batch": report.whole_batch,
@@ -353,7 +388,9 @@ class BatchBisectionBase:
             self._localized = True
             incident.detail["localization"] = localization
             name = localization.get("module")
-            incident.module = name or (localization.get("module_type") if name == "" else None)  # "" is the model itself
+            if name == "" or (name is None and localization.get("op")):  # the model itself, or its training_step
+                name = localization.get("module_type") or localization.get("model")
+            incident.module = name
         elif locate and summary["reproduced"]:
             self._localized = True
         if self.exclude_quarantined:

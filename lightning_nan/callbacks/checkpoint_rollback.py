@@ -122,6 +122,8 @@ class CheckpointRollbackBase:
         ...                      enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
         >>> with warnings.catch_warnings(record=True):
         ...     trainer.fit(Model(), torch.utils.data.DataLoader(data, batch_size=4))
+        1 non-finite incident, step 7
+        ...
         >>> rollback.history
         [{'step': 7, 'restored_step': 4, 'reason': 'non-finite weights'}]
         >>> trainer.global_step, all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())

@@ -76,7 +76,9 @@ class LRBackoffBase:
         >>> trainer = pl.Trainer(max_epochs=1, callbacks=[NaNGuard(), backoff], logger=False,
         ...                      enable_checkpointing=False, enable_progress_bar=False,
         ...                      enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
-        >>> trainer.fit(Model(), loader)
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()):  # NaNGuard prints its incident table at the end
+        ...     trainer.fit(Model(), loader)
         >>> [(h["step"], h["reason"], h["factor"]) for h in backoff.history]
         [(1, 'incident: loss', 0.5), (3, 'grow back', 1.0)]
         >>> trainer.optimizers[0].param_groups[0]["lr"] == 0.1 * 0.9  # the schedule (stepped once, per epoch), untouched
@@ -128,6 +130,19 @@ class LRBackoffBase:
     def history(self) -> list[dict[str, Any]]:
         """The changes of the factor, oldest first: ``{"step", "reason", "factor", "ceiling"}``."""
         return self.controller.history
+
+    def lr_hint(self) -> str | None:
+        """What the backoff has learnt about a safe learning rate, for the diagnosis's advice."""
+        controller = self.controller
+        if not controller.history:
+            return None
+        opts = controller.optimizers
+        lr = controller.effective_lrs(opts[0])[0] if opts and controller.effective_lrs(opts[0]) else None
+        text = f"LRBackoff has the learning rate at {controller.factor_now:.3g}x the schedule"
+        text += f" ({lr:.3g} for the first param group)" if lr is not None else ""
+        if controller.ceiling < 1.0:
+            text += f"; levels above {controller.ceiling:.3g}x failed twice, so a safe learning rate is below that"
+        return text + "."
 
     def back_off(self, step: int, reason: str = "rollback") -> float:
         """Lower the factor now (call it on every rank; once per step); returns the new factor."""
@@ -184,7 +199,10 @@ class LRBackoffBase:
         self.controller.observe(trainer.global_step - 1, loss, clean)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self.controller.restore_lrs()
+        # Lightning calls `on_exception`, not `teardown`, when fit raises: put the scheduled LRs back and
+        # take the hooks off, or a later manual `optimizer.step()` would still be scaled.
+        self.controller.detach()
+        self._loss = None
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self.controller.detach()

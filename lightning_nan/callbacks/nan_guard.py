@@ -14,12 +14,15 @@ from lightning_nan.core.errors import NonFiniteWarning
 from lightning_nan.core.events import EscalationHandler, IncidentListener
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl
+from lightning_nan.core.quarantine import Quarantine
 from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, StepVerdict
 
 INCIDENTS_FILE = "nan_incidents.jsonl"
 #: Listeners are called in increasing ``incident_order`` (a class attribute; this when absent), then
 #: in the order of ``callbacks``: fact finders (bisection 10, diagnosis 20) before actors (50).
 DEFAULT_INCIDENT_ORDER = 50
+#: The end-of-run console table shows the first and last incidents, this many in all.
+SUMMARY_ROWS = 12
 
 
 class NaNGuardBase:
@@ -88,6 +91,9 @@ class NaNGuardBase:
         ...                      default_root_dir=tempfile.mkdtemp())
         >>> with warnings.catch_warnings(record=True):
         ...     trainer.fit(Model(), loader)
+        1 non-finite incident, step 1
+        step  epoch  kind  cause    module  samples  action
+        ...
         >>> [(i.step, i.kind, i.action) for i in guard.incidents]
         [(1, 'loss', 'skipped')]
         >>> all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
@@ -128,6 +134,8 @@ class NaNGuardBase:
         self._path: str | None = None
         self._rank_zero = True
         self._checked: tuple[tuple[int, int], StepVerdict] | None = None
+        self._trainer: Any = None
+        self._incidents_at_start = 0
 
     @property
     def incidents(self) -> list[Incident]:
@@ -150,7 +158,7 @@ class NaNGuardBase:
     def __getstate__(self) -> dict[str, Any]:
         # Lightning binds the module's `log`/`log_dict` onto every callback; they are re-bound on the next fit.
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
-        state.update(_checked=None, _norm_stats=[], _norm_stats_before=[])
+        state.update(_checked=None, _norm_stats=[], _norm_stats_before=[], _trainer=None)
         return state
 
     # ------------------------------------------------------------------ hooks
@@ -169,6 +177,8 @@ class NaNGuardBase:
         self._rank_zero = trainer.is_global_zero
         self._path = self.incidents_path or os.path.join(run_dir(trainer), INCIDENTS_FILE)
         self._checked = None
+        self._trainer = trainer
+        self._incidents_at_start = len(self.guard.incidents)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Here, not in setup: the strategy has moved the module to its device (new buffer tensors) by now.
@@ -222,6 +232,23 @@ class NaNGuardBase:
                 epoch=trainer.current_epoch,
                 extra={"trainer": trainer, "pl_module": pl_module},
             )
+        self._print_summary(trainer)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._print_summary(trainer)
+
+    def _print_summary(self, trainer: Any) -> None:
+        """The run's incidents as a table on the console (rank zero, only when there were some)."""
+        incidents = self.guard.incidents[self._incidents_at_start :]
+        if not self._rank_zero or not incidents:
+            return
+        from lightning_nan.core.summary import summary_table
+
+        quarantine = next((cb for cb in trainer.callbacks if hasattr(cb, "quarantine_file")), None)
+        path = getattr(quarantine, "quarantine_file", None)
+        records = Quarantine(path).records() if path and os.path.exists(path) else []
+        print(summary_table(incidents, records, quarantine_path=path, max_rows=SUMMARY_ROWS))
+        self._incidents_at_start = len(self.guard.incidents)
 
     def state_dict(self) -> dict[str, Any]:
         return self.guard.state_dict()
@@ -244,6 +271,10 @@ class NaNGuardBase:
             return
         if self._path is not None:
             append_jsonl(self._path, [incident.to_dict()])
+        for logger in getattr(self._trainer, "loggers", None) or []:
+            add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
+            if type(logger).__name__ == "TensorBoardLogger" and add_text is not None:
+                add_text("nan_guard/incidents", incident_markdown(incident), incident.step)
         warnings.warn(f"NaNGuard: {incident.summary()}", NonFiniteWarning, stacklevel=2)
 
 
@@ -257,3 +288,16 @@ def norm_running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
         for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
         if buf is not None
     ]
+
+
+def incident_markdown(incident: Incident) -> str:
+    """The incident as a few lines of Markdown, for TensorBoard's TEXT tab."""
+    lines = [f"**step {incident.step}: non-finite {incident.kind}, cause {incident.cause}** ({incident.action})", ""]
+    where = incident.where()
+    if where:
+        lines.append(f"- where: {where}")
+    for fact in incident.detail.get("evidence", []):
+        lines.append(f"- {fact}")
+    if incident.advice:
+        lines += ["", incident.advice]
+    return "\n".join(lines)

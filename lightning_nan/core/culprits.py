@@ -44,13 +44,14 @@ class CulpritReport:
         groups: minimal failing groups of positions (``[[p]]`` for a sample that fails alone).
         tests: forward passes used (the first one re-evaluates the whole batch).
         reproduced: the whole batch failed again; ``False`` means a transient fault, nothing found.
-        whole_batch: (nearly) every sample fails alone, or every one does and so does a batch that
-            trained fine before: a model problem, not dirty data.
+        whole_batch: (nearly) every sample fails alone (with finite inputs, in a small batch): a
+            model problem, not dirty data.
         complete: the search ran to the end (``max_tests`` not reached).
         fingerprints: a content hash of each culprit, in the order of ``positions``.
         input_nonfinite: for each culprit, whether its own input tensors hold NaN/Inf.
         localization: where the NaN first appears, for the first group (when asked for).
         seconds: wall time of the search.
+        size: the number of samples in the batch.
     """
 
     positions: list[int]
@@ -63,6 +64,7 @@ class CulpritReport:
     input_nonfinite: list[bool] = field(default_factory=list)
     localization: Localization | None = None
     seconds: float = 0.0
+    size: int = 0
 
 
 def default_min_size(module: torch.nn.Module) -> int:
@@ -83,7 +85,6 @@ def find_culprits(
     min_size: int | None = None,
     max_tests: int | None = None,
     locate: bool = False,
-    control: Any = None,
 ) -> CulpritReport:
     """Bisect ``batch`` down to the samples that make ``loss_fn`` (or, with ``backward``, its gradients) non-finite.
 
@@ -102,10 +103,6 @@ def find_culprits(
             :func:`default_min_size`.
         max_tests: stop after this many forward passes.
         locate: also localize the first failing group (forward hooks; once more per call).
-        control: a batch known to have trained fine (the previous one). When every sample of
-            ``batch`` fails on its own (a batch of one, say) and their inputs are finite, the
-            control is evaluated too: if it fails as well, the model is to blame, not these samples
-            (``whole_batch``). Without a control such a batch is always put down to the model.
     """
     start = time.perf_counter()
     named = list(params) if params is not None else [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -141,6 +138,7 @@ def find_culprits(
         reproduced=result.reproduced,
         whole_batch=result.whole_batch,
         complete=result.complete,
+        size=n,
     )
     if splitter is None:
         report.fingerprints = [fingerprint(batch, p, size=n) for p in report.positions]
@@ -150,22 +148,18 @@ def find_culprits(
         any(not bool(torch.isfinite(t).all()) for _, t in iter_tensors(split(batch, [p]))) for p in report.positions
     ]
     if report.positions and len(report.positions) == n and not all(report.input_nonfinite):
-        # Every sample fails alone (a small batch, or a batch of one): the data or the model? A batch
-        # that trained fine before (``control``) decides; without one, the model is the suspect.
-        control_fails = True
-        if control is not None:
-            with preserved(module, params=tensors):
-                control_fails = evaluate(loss_fn, control, params=tensors, backward=backward)
-            report.tests += 1
-        if control_fails:
-            report.whole_batch = True
-            report.positions, report.groups, report.fingerprints, report.input_nonfinite = [], [], [], []
+        # Every sample fails on its own (a small batch, or a batch of one) and their inputs are finite:
+        # nothing singles them out from the rest of the data set, so the model is the suspect.
+        report.whole_batch = True
+        report.positions, report.groups, report.fingerprints, report.input_nonfinite = [], [], [], []
     if locate and report.groups:
         group = report.groups[0]
         clean = [p for p in range(n) if p not in set(report.positions)]
         padded = sorted(group + clean[: max(0, min_size - len(group))])  # BatchNorm needs company
         sub = split(batch, padded)
         report.localization = localize(module, lambda: loss_fn(sub), backward=backward, params=named)
+    elif locate and report.whole_batch:  # not the data: where in the model does it break?
+        report.localization = localize(module, lambda: loss_fn(batch), backward=backward, params=named)
     report.seconds = time.perf_counter() - start
     return report
 

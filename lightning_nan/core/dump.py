@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Any
 
 import torch
+
+from lightning_nan.core.files import atomic_write
 
 
 FORMAT = 1
@@ -49,11 +50,8 @@ def write_dump(
 ) -> None:
     """Save the module (pickled whole, as ``torch.save(model)`` does) and the failing batch, atomically.
 
-    The file appears complete or not at all (written to a temporary file, synced, then renamed).
+    The file appears complete or not at all (:func:`~lightning_nan.core.files.atomic_write`).
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     payload = {
         "format": FORMAT,
         "module": module,
@@ -66,17 +64,7 @@ def write_dump(
         "incident": incident,
         "torch": torch.__version__,
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def read_dump(path: str | os.PathLike[str]) -> dict[str, Any]:

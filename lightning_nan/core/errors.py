@@ -6,6 +6,8 @@
 Non-finite param at step 3 (in fc.weight). Lower the learning rate.
 >>> err.incident.params
 ['fc.weight']
+>>> print(NonFiniteError(Incident(step=9, kind="loss", cause="divergence", advice="Lower the learning rate.")))
+Cause: divergence. Lower the learning rate. Non-finite loss at step 9.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ class NonFiniteError(RuntimeError):
         self.history = list(history or [])
         where = incident.where()
         where = f" ({where})" if where else ""
-        lead = f"Non-finite {incident.kind} at step {incident.step}{where}."
-        if incident.cause != "unknown":
-            lead = f"{incident.cause}: {lead}"
+        what = f"Non-finite {incident.kind} at step {incident.step}{where}."
         reason = incident.detail.get("escalation")
-        super().__init__(" ".join(p for p in (lead, reason, incident.advice) if p))
+        if incident.cause != "unknown":  # lead with the cause and what to do about it
+            parts = (f"Cause: {incident.cause}.", incident.advice, what, reason)
+        else:
+            parts = (what, reason, incident.advice)
+        super().__init__(" ".join(p for p in parts if p))
 
     def __reduce__(self):  # keep the incident when pickled across processes
         return (type(self), (self.incident, self.history))

@@ -83,6 +83,14 @@ class LRBackoffController:
     step (at 4.0: 2e-3); Student-t(3) noise 4e-3. A false alarm costs one back-off, undone after
     ``patience`` clean steps.
 
+    At each step the pre-hook saves every group's ``lr``, then scales it (a tensor ``lr`` shared by
+    several groups, as torch makes for ``lr=torch.tensor(...)``, is scaled and restored once); the
+    post-hook puts the saved value back only where the ``lr`` still holds what the pre-hook wrote. An
+    ``lr`` written *inside* ``optimizer.step()`` (by the closure, or by Lightning's
+    ``on_before_optimizer_step`` under automatic optimization: both run after the pre-hook) is used
+    **unscaled** for that step and kept; set warm-up or hand-made LRs before the step (a scheduler,
+    ``on_train_batch_start``) for the backoff to apply to them.
+
     Cost: the hooks do nothing but record the factor while it is 1; otherwise they rescale the
     ``lr`` of each group twice per step (a float, or an in-place op on a tensor ``lr``; no host sync).
     With spike detection each step adds a few small device ops, one ``all_reduce`` of a flag under
@@ -179,8 +187,9 @@ class LRBackoffController:
 
         self._optimizers: list[torch.optim.Optimizer] = []
         self._handles: list[Any] = []
-        # id(optimizer) -> (factor, [(param group, its scheduled lr)]) while a step is in progress
-        self._inside: dict[int, tuple[float, list[tuple[dict, Any]] | None]] = {}
+        # id(optimizer) -> (factor, [(group, scheduled lr, float written)], [[tensor lr, scheduled, written]])
+        # while a step is in progress
+        self._inside: dict[int, tuple[float, list[tuple[dict, Any, Any]] | None, list[list[Any]] | None]] = {}
 
     # ------------------------------------------------------------------ the factor
     @property
@@ -201,7 +210,7 @@ class LRBackoffController:
         optimizer = _unwrap(optimizer)
         entry = self._inside.get(id(optimizer))
         if entry is not None and entry[1] is not None:
-            return [float(lr) * entry[0] for _, lr in entry[1]]
+            return [float(lr) * entry[0] for _, lr, _ in entry[1]]
         f = self._factor if entry is None else entry[0]
         return [float(group["lr"]) * f for group in optimizer.param_groups]
 
@@ -321,41 +330,61 @@ class LRBackoffController:
     def restore_lrs(self) -> None:
         """Put back the scheduled ``lr`` wherever a step raised between the hooks (its post-hook never ran)."""
         for opt in self._optimizers:
-            self._restore(opt, only_untouched=False)
+            self._restore(opt)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if id(optimizer) in self._inside:  # the previous step raised: its lr is still scaled
-            self._restore(optimizer, only_untouched=True)
+            self._restore(optimizer)
         f = self._factor
         if f == 1.0:
-            self._inside[id(optimizer)] = (1.0, None)
+            self._inside[id(optimizer)] = (1.0, None, None)
             return
-        saved: list[Any] = []
+        # Save every group's value before scaling any: torch puts one `lr` tensor object in every group
+        # when `lr=torch.tensor(...)` is the default, and that tensor must be scaled (and saved) once.
+        groups: list[tuple[dict, Any, Any]] = []  # (group, its scheduled lr, the float written; None: tensor)
+        tensors: dict[int, list[Any]] = {}  # id -> [tensor lr, its scheduled value, the value written]
         for group in optimizer.param_groups:
             lr = group["lr"]
             if isinstance(lr, Tensor):
-                saved.append((group, lr.clone()))
-                lr.mul_(f)
+                entry = tensors.get(id(lr))
+                if entry is None:
+                    entry = tensors[id(lr)] = [lr, lr.clone(), None]
+                groups.append((group, entry[1], None))
             else:
-                saved.append((group, lr))
-                group["lr"] = lr * f
-        self._inside[id(optimizer)] = (f, saved)
+                groups.append((group, lr, lr * f))
+        for group, _, written in groups:
+            if written is not None:
+                group["lr"] = written
+        for entry in tensors.values():
+            entry[0].mul_(f)
+            entry[2] = entry[0].clone()
+        self._inside[id(optimizer)] = (f, groups, list(tensors.values()))
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._restore(optimizer, only_untouched=False)
+        self._restore(optimizer)
 
-    def _restore(self, optimizer: torch.optim.Optimizer, only_untouched: bool) -> None:
-        f, saved = self._inside.pop(id(optimizer), (1.0, None))
-        if saved is None:
+    def _restore(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put back the scheduled lr of each group that still holds exactly the value the pre-hook wrote.
+
+        Anything else was written since (inside the step: the closure, ``on_before_optimizer_step``, a
+        scheduler; or ``optimizer.load_state_dict`` by a rollback) and is kept.
+        """
+        _, groups, tensors = self._inside.pop(id(optimizer), (1.0, None, None))
+        if groups is None:
             return
-        for group, (scaled, lr) in zip(optimizer.param_groups, saved):
+        held: set[int] = set()  # the tensor lrs still in the groups that were scaled
+        for group, (scaled, lr, written) in zip(optimizer.param_groups, groups):
             if group is not scaled:  # `optimizer.load_state_dict` ran inside the step (a rollback): keep its values
                 continue
             current = group["lr"]
-            if isinstance(current, Tensor):
-                current.copy_(lr)
-            elif not only_untouched or current == lr * f:  # a scheduler that rewrote it since knows better
+            if written is None:
+                if isinstance(current, Tensor):
+                    held.add(id(current))
+            elif not isinstance(current, Tensor) and current == written:
                 group["lr"] = lr
+        for tensor, lr, written in tensors:
+            if id(tensor) in held:  # once per tensor object; a value written in place since is kept (no host sync)
+                tensor.copy_(torch.where(tensor == written, lr, tensor))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

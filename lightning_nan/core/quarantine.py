@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lightning_nan.core.files import fsync_dir
 from lightning_nan.core.jsonl import append_jsonl, locked, read_jsonl
 
 QUARANTINE_FILE = "quarantine.jsonl"
@@ -140,7 +141,7 @@ class Quarantine:
             backup = f"{self.path}.{stamp}-{n}.bak"
             n += 1
         os.rename(self.path, backup)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         return backup
 
 
@@ -231,16 +232,3 @@ def _line_of_record(path: str, i: int) -> int:
     with open(path, encoding="utf-8") as f:
         nonblank = [n for n, line in enumerate(f, 1) if line.strip()]
     return nonblank[i]
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)

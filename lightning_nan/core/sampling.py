@@ -1,22 +1,27 @@
 """Know which dataset indices each batch holds, and leave quarantined samples out.
 
 :class:`TrackingBatchSampler` wraps a DataLoader's batch sampler. It drops quarantined indices and
-re-forms batches of exactly the inner sizes (so every epoch has the same number of batches, on every
-rank), and it queues the indices of each batch it yields. A DataLoader delivers batches in the order
+keeps every batch within its own inner batch, at the inner size: the gap an excluded index leaves is
+filled by repeating the batch's clean indices (so batch samplers that group samples by shape, aspect
+ratio or length still get batches of one group, every epoch has the same number of batches, on every
+rank). It also queues the indices of each batch it yields. A DataLoader delivers batches in the order
 its batch sampler yielded them (with ``num_workers > 0`` too, the default ``in_order=True``), so
-popping one entry per delivered batch gives that batch's dataset indices.
+popping one entry per delivered batch gives that batch's dataset indices. :func:`untrack` puts the
+loader's own batch sampler back.
 
 >>> import torch
 >>> from torch.utils.data import DataLoader
 >>> loader = DataLoader(list(range(10)), batch_size=4)
->>> tracker = track(loader, exclude={1, 2})
+>>> tracker = track(loader, exclude={1, 2, 8, 9})
 >>> for batch in loader:
 ...     print(batch.tolist(), tracker.next_batch_indices())
-[0, 3, 4, 5] [0, 3, 4, 5]
-[6, 7, 8, 9] [6, 7, 8, 9]
-[0, 3] [0, 3]
+[0, 3, 0, 3] [0, 3, 0, 3]
+[4, 5, 6, 7] [4, 5, 6, 7]
+[4, 5] [4, 5]
 >>> len(loader), tracker.excluded_this_epoch()
-(3, 2)
+(3, 4)
+>>> untrack(loader) is tracker, [batch.tolist() for batch in loader][0]
+(True, [0, 1, 2, 3])
 """
 
 from __future__ import annotations
@@ -42,17 +47,19 @@ class TrackingBatchSampler:
             ``DataLoader(in_order=False)`` with workers) still leaves indices out, but
             :meth:`next_batch_indices` then answers ``None``: which batch comes next is unknown.
 
-    Batches keep the sizes of the inner batches: the gap an excluded index leaves is filled from the
-    following inner batches, and when the stream runs short at the end of the iteration the last
-    batches are padded with the first clean indices of that iteration (as ``DistributedSampler``
-    pads). Under DDP every rank therefore keeps the same number of steps.
+    Each batch is made from its own inner batch and keeps its size: the clean indices in their order,
+    then, for each excluded one, a repeat of the batch's clean indices (cycling through them). So a
+    batch sampler that groups samples (equal shapes, aspect ratio or length buckets) still yields
+    batches of one group, and under DDP every rank keeps the same number and sizes of steps. Only an
+    inner batch whose indices are all excluded is filled from another one: the clean indices of the
+    nearest inner batch that has some (the earlier one on a tie), which may belong to another group.
 
     >>> from torch.utils.data import BatchSampler, SequentialSampler
-    >>> tracker = TrackingBatchSampler(BatchSampler(SequentialSampler(range(7)), 3, False), exclude=[4])
+    >>> tracker = TrackingBatchSampler(BatchSampler(SequentialSampler(range(7)), 3, False), exclude=[4, 6])
     >>> list(tracker), len(tracker)
-    ([[0, 1, 2], [3, 5, 6], [0]], 3)
+    ([[0, 1, 2], [3, 5, 3], [3]], 3)
     >>> tracker.next_batch_indices(), tracker.next_batch_indices()
-    ([0, 1, 2], [3, 5, 6])
+    ([0, 1, 2], [3, 5, 3])
     """
 
     def __init__(self, inner: Iterable[list[int]], exclude: Exclude = (), *, ordered: bool = True) -> None:
@@ -122,42 +129,35 @@ class TrackingBatchSampler:
         return self._excluded
 
     def _batches(self, excluded: frozenset[int], generation: int) -> Iterator[list[int]]:
-        def emit(out: list[int]) -> list[int]:
+        def emit(source: list[int], size: int) -> list[int]:
+            out = [source[k % len(source)] for k in range(size)] if size else []
             if self.ordered and generation == self._generation:
                 self._queue.append(list(out))  # a copy: the consumer of ``out`` may change it
             return out
 
-        pending: deque[int] = deque()  # clean indices not yet placed in a batch
-        sizes: deque[int] = deque()  # sizes of the inner batches not yet yielded
-        head: list[int] = []  # the first clean indices of this iteration, to pad a short tail
-        for batch in self.inner:
+        donor: list[int] = []  # clean indices of the latest inner batch that had some
+        donor_at = -1
+        waiting: list[tuple[int, int]] = []  # (position, size) of inner batches with no clean index
+        for at, batch in enumerate(self.inner):
             batch = [int(i) for i in batch]
-            sizes.append(len(batch))
-            for i in batch:
-                if i in excluded:
-                    self._excluded += generation == self._generation
-                else:
-                    pending.append(i)
-                    if len(head) < len(excluded):
-                        head.append(i)
-            while sizes and len(pending) >= sizes[0]:
-                yield emit([pending.popleft() for _ in range(sizes.popleft())])
-        if not sizes:
-            return
-        if not head:
+            clean = [i for i in batch if i not in excluded]
+            if generation == self._generation:
+                self._excluded += len(batch) - len(clean)
+            if not clean:
+                waiting.append((at, len(batch)))  # its donor may be the next batch: wait for it
+                continue
+            for w_at, size in waiting:
+                yield emit(donor if donor and w_at - donor_at <= at - w_at else clean, size)
+            waiting.clear()
+            donor, donor_at = clean, at
+            yield emit(clean, len(batch))
+        if any(size for _, size in waiting) and not donor:
             raise RuntimeError(
                 f"Every sample of this iteration is excluded ({self._excluded} quarantined indices), so no batch"
                 " can be formed. Check the quarantine (`lightning-nan quarantine list PATH`) and clear it if needed."
             )
-        pad = 0
-        while sizes:
-            out = list(pending)[: sizes[0]]
-            pending.clear()
-            while len(out) < sizes[0]:
-                out.append(head[pad % len(head)])
-                pad += 1
-            sizes.popleft()
-            yield emit(out)
+        for _, size in waiting:
+            yield emit(donor, size)
 
 
 def track(loader: DataLoader, exclude: Exclude | None = None) -> TrackingBatchSampler | None:
@@ -199,5 +199,33 @@ def track(loader: DataLoader, exclude: Exclude | None = None) -> TrackingBatchSa
     live = getattr(loader, "_iterator", None)
     if live is not None and getattr(live, "_index_sampler", None) is current:
         live._index_sampler = tracker
+    return tracker
+
+
+def untrack(loader: DataLoader) -> TrackingBatchSampler | None:
+    """Put back the batch sampler :func:`track` wrapped in ``loader``; return the removed tracker (``None``: untracked).
+
+    Afterwards the loader yields exactly what it did before :func:`track` (no index left out), from
+    its next ``iter(loader)``; a later :func:`track` installs a new tracker.
+
+    >>> from torch.utils.data import DataLoader
+    >>> loader = DataLoader(list(range(4)), batch_size=2)
+    >>> inner = loader.batch_sampler
+    >>> tracker = track(loader, exclude={0})
+    >>> untrack(loader) is tracker, loader.batch_sampler is inner, untrack(loader)
+    (True, True, None)
+    >>> [batch.tolist() for batch in loader]
+    [[0, 1], [2, 3]]
+    """
+    if not isinstance(loader, DataLoader):
+        raise ValueError(f"Expected a torch DataLoader, got {type(loader).__name__}")
+    tracker = loader.batch_sampler
+    if not isinstance(tracker, TrackingBatchSampler):
+        return None
+    object.__setattr__(loader, "batch_sampler", tracker.inner)  # DataLoader's own guard refuses a plain assignment
+    live = getattr(loader, "_iterator", None)  # a persistent workers' iterator (see `track`)
+    if live is not None and getattr(live, "_index_sampler", None) is tracker:
+        live._index_sampler = tracker.inner
+    tracker._queue.clear()
     return tracker
 

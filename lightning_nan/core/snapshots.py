@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_nan.core.files import atomic_write
 from lightning_nan.core.norms import tensor_norms, total_norm
 
 #: Default ``every_n_steps`` of :class:`~lightning_nan.CheckpointRollback`. A snapshot copies the
@@ -293,7 +294,6 @@ def save_snapshot(snapshot: Snapshot, path: str | os.PathLike[str]) -> str:
     """
     path = os.fspath(path)
     snap = snapshot.load()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = {
         "format": 1,
         "step": snap.step,
@@ -304,19 +304,7 @@ def save_snapshot(snapshot: Snapshot, path: str | os.PathLike[str]) -> str:
         "extra": snap.extra,
         "norm": snap.norm,
     }
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_snapshot(path: str | os.PathLike[str]) -> Snapshot:
@@ -335,19 +323,6 @@ def load_snapshot(path: str | os.PathLike[str]) -> Snapshot:
         path=path,
         _norm=data.get("norm"),
     )
-
-
-def _fsync_dir(dirpath: str) -> None:
-    try:
-        fd = os.open(dirpath, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------- copies

@@ -33,6 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from collections import deque
+
+from lightning_nan.core.diagnosis import StepRecord, diagnose
 from lightning_nan.core.distributed import all_reduce_max, gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import IncidentEvent, escalate, notify
@@ -70,6 +73,10 @@ ADVICE = {
 # Which agreed flag names the incident when several are set (under a GradScaler a gradient overflow
 # alone is not a failure, so a collapsed scale outranks it).
 _FLAG_KINDS = ("param", "input", "loss", "scale", "grad")
+#: Listeners with an ``incident_order`` below this run before the diagnosis (they add evidence).
+DIAGNOSIS_ORDER = 20
+#: Steps of history kept for the diagnosis.
+HISTORY = 32
 _FLAGS = ("input", "loss", "grad", "param", "scale")  # the order of the screened values
 
 
@@ -152,6 +159,8 @@ class StepGuard:
         #: :attr:`last_grad_names`, so that clipping and monitoring can reuse them instead of a second pass.
         self.last_grad_norms: Tensor | None = None
         self._last_with_grad: list[Tensor] = []
+        #: The last steps' loss, gradient norm and weight norm (host values of the one transfer per step).
+        self.history: deque[StepRecord] = deque(maxlen=HISTORY)
 
         self._losses: list[Tensor] = []
         self._loss_where: list[int | None] = []
@@ -236,10 +245,21 @@ class StepGuard:
         )
         if world()[1] > 1:  # agree: a fault on one rank is every rank's fault
             flags = torch.cat([~torch.isfinite(values[:4]), values[4:] < self.min_loss_scale]).float()
-            host = [v > 0 for v in self.reduce(flags).tolist()]  # the one host transfer of a healthy step
+            stats = torch.nan_to_num(values[1:4].float().abs(), nan=math.inf)  # for the history: the largest rank's
+            reduced = self.reduce(torch.cat([flags, stats])).tolist()  # the one host transfer of a healthy step
+            host, numbers = [v > 0 for v in reduced[:5]], reduced[5:]
         else:
-            host = values.tolist()  # the one host transfer of a healthy step
-            host = [not math.isfinite(v) for v in host[:4]] + [host[4] < self.min_loss_scale]
+            numbers = values.tolist()  # the one host transfer of a healthy step
+            host = [not math.isfinite(v) for v in numbers[:4]] + [numbers[4] < self.min_loss_scale]
+            numbers = numbers[1:4]
+        self.history.append(
+            StepRecord(
+                step,
+                loss=numbers[0] if losses else None,
+                grad_norm=numbers[1] if grads else None,  # the sum of the per-tensor norms: its trend is what counts
+                weight_norm=numbers[2] if check_params else None,
+            )
+        )
         if not any(host):
             self.consecutive_skips = 0
             return StepVerdict()
@@ -328,7 +348,10 @@ class StepGuard:
     def _dispatch(self, event: IncidentEvent, device: torch.device) -> None:
         """Tell listeners, escalate when skipping cannot help, record; raise if nobody recovered."""
         incident = event.incident
-        notify(self.listeners, event)
+        order = [getattr(listener, "incident_order", 50) for listener in self.listeners]
+        notify([l for l, o in zip(self.listeners, order) if o < DIAGNOSIS_ORDER], event)  # evidence first (bisection)
+        self._diagnose(incident)
+        notify([l for l, o in zip(self.listeners, order) if o >= DIAGNOSIS_ORDER], event)
         raise_error = False
         if incident.kind == "param" or self.consecutive_skips >= self.max_consecutive:
             incident.detail["escalation"] = (
@@ -402,6 +425,30 @@ class StepGuard:
                 {f"batch {idx}{path}" for idx, batch in batches for path, t in iter_tensors(batch) if not _finite(t)}
             )
         return detail
+
+    def _diagnose(self, incident: Incident) -> None:
+        """Fill ``cause``, ``advice`` and ``detail["evidence"]`` from the incident and the history."""
+        if incident.cause != "unknown":  # a listener already decided
+            return
+        hint = next((l.lr_hint() for l in self.listeners if callable(getattr(l, "lr_hint", None))), None)
+        found = diagnose(incident, list(self.history), lr_hint=hint)
+        previous = self.incidents[-1] if self.incidents else None
+        if (
+            found.cause == "unknown"
+            and previous is not None
+            and previous.cause != "unknown"
+            and previous.kind == incident.kind
+            and self.consecutive_skips > 1
+        ):  # nothing changed since the last step (it was skipped): the same failure again
+            found.cause, found.advice = previous.cause, previous.advice
+            found.evidence = [f"the same failure as at step {previous.step}: the weights have not changed since"]
+            found.missing = []
+        incident.cause = found.cause
+        if found.advice:
+            incident.advice = found.advice
+        incident.detail["evidence"] = found.evidence
+        if found.missing:
+            incident.detail["missing_evidence"] = found.missing
 
     def _agreed(self, recovered_by: str | None, device: torch.device) -> str | None:
         """Make sure all ranks agree on whether a handler recovered."""

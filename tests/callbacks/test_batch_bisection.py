@@ -383,25 +383,220 @@ def test_bisection_is_told_first_so_lr_backoff_knows_it_was_the_data(ns, tmp_pat
     assert backoff.factor_now == 1.0 and backoff.history == []  # dirty data: the learning rate is not to blame
 
 
-def test_batch_of_one_the_previous_batch_tells_data_from_model(ns, tmp_path):
-    """With one sample per batch every failure 'isolates' it; a batch that trained before is the control."""
-    data = Indexed(n=12, poison={5: "zero"})  # finite input, infinite gradient (sqrt at 0): the data
-    guard, _, _ = fit(ns, tmp_path / "data", module_class(ns.pl, sqrt_grad=True)(), data, epochs=1, batch_size=1, shuffle=False)
-    (incident,) = guard.incidents
-    assert incident.samples == [5] and incident.detail["bisection"]["forward_passes"] == 2  # the sample, the control
+def test_batch_of_one_blames_a_sample_only_when_its_input_is_not_finite(ns, tmp_path):
+    """With one sample per batch every failure 'isolates' it: only a non-finite input singles it out."""
+    guard, _, _ = fit(ns, tmp_path / "nan", module_class(ns.pl)(), Indexed(n=12, poison={5: "nan"}), epochs=1, batch_size=1, shuffle=False)
+    assert [i.samples for i in guard.incidents] == [[5]] and guard.incidents[0].cause == "dirty_data"
 
+    data = Indexed(n=12, poison={5: "zero"})  # finite input, infinite gradient (sqrt at 0)
+    guard, _, _ = fit(ns, tmp_path / "zero", module_class(ns.pl, sqrt_grad=True)(), data, epochs=1, batch_size=1, shuffle=False)
+    (incident,) = guard.incidents
+    assert incident.samples is None and incident.detail["bisection"]["whole_batch"]  # not quarantined
+    assert not (tmp_path / "zero" / "quarantine.jsonl").exists()
+
+def test_a_fit_that_raises_gives_the_strategy_and_the_loader_back(ns, tmp_path):
+    """Lightning calls `on_exception`, not `teardown`, when fit raises: nothing may stay patched."""
+    from faulty import loader as faulty_loader
     from faulty import model_class
 
-    class Pairs(Dataset):
-        def __len__(self):
-            return 6
+    from lightning_nan.core.errors import NonFiniteError
 
-        def __getitem__(self, i):
-            return torch.ones(4) * i, torch.zeros(1)
+    loader = faulty_loader(n=32, batch_size=4, nan_sample=1)  # step 0: dirty data, quarantined
+    inner = loader.batch_sampler
+    model = model_class(ns.pl)(faults={b: "loss" for b in range(2, 8)})  # then the model fails for good
+    bisection = ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl")
+    trainer = ns.pl.Trainer(callbacks=[ns.NaNGuard(max_consecutive=2), bisection], **trainer_kwargs(tmp_path))
+    with pytest.raises(NonFiniteError):
+        trainer.fit(model, loader)
+    assert bisection.quarantined == {1}
+    assert "process_dataloader" not in trainer.strategy.__dict__
+    assert loader.batch_sampler is inner
+    rows = torch.cat([x for x, _ in loader])
+    assert rows.shape == (32, 4) and torch.equal(rows.isnan().nonzero(), torch.tensor([[1, 1]]))  # sample 1 is back
+
+
+def test_the_users_loader_is_given_back_after_fit_and_tracked_again_by_the_next(ns, tmp_path):
+    class Model(module_class(ns.pl)):
+        def validation_step(self, batch, batch_idx):
+            self.validated = getattr(self, "validated", []) + batch[2].tolist()
+
+    loader = DataLoader(Indexed(n=16, poison={3: "nan"}), batch_size=4)
+    inner = loader.batch_sampler
+    bisection = ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl")
+    model = Model()
+    ns.pl.Trainer(callbacks=[ns.NaNGuard(), bisection], **trainer_kwargs(tmp_path, max_epochs=2)).fit(model, loader)
+    assert model.seen[4:] == [[0, 1, 2, 0], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]  # epoch 1: 3 left out
+    assert loader.batch_sampler is inner
+    ns.pl.Trainer(**trainer_kwargs(tmp_path / "v")).validate(model, loader)
+    assert model.validated == list(range(16))  # every sample, once: no quarantine outside fit
 
     guard = ns.NaNGuard()
-    trainer = ns.pl.Trainer(callbacks=[guard, ns.lib.BatchBisection(quarantine_path=tmp_path / "m.jsonl")], **trainer_kwargs(tmp_path / "m"))
-    trainer.fit(model_class(ns.pl)(faults={3: "loss"}), DataLoader(Pairs(), batch_size=1))  # the model fails, whatever the sample
-    (incident,) = guard.incidents
-    assert incident.samples is None and incident.detail["bisection"]["whole_batch"]
-    assert not (tmp_path / "m.jsonl").exists()
+    again = Model()
+    ns.pl.Trainer(callbacks=[guard, bisection], **trainer_kwargs(tmp_path / "again")).fit(again, loader)  # same callback
+    assert again.seen == [[0, 1, 2, 0], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]  # from the file, from epoch 0
+    assert guard.incidents == [] and loader.batch_sampler is inner
+
+
+def test_grouped_batches_stay_grouped_after_a_quarantine(ns, tmp_path):
+    """A batch sampler that groups equal shapes: a quarantined sample's place is taken within its batch."""
+
+    class Shaped(Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            x = torch.full((2 if i < 8 else 3,), 0.1 * (i + 1))
+            if i == 2:
+                x[0] = float("nan")
+            return x, i
+
+    class Buckets(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter([[0, 1, 2, 3], [8, 9, 10, 11], [4, 5, 6, 7], [12, 13, 14, 15]])
+
+        def __len__(self):
+            return 4
+
+    class Model(ns.pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            x, idx = batch
+            self.seen.append(idx.tolist())
+            return (self.w * x.sum(1)).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    guard, model = ns.NaNGuard(), Model()
+    bisection = ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl")
+    trainer = ns.pl.Trainer(callbacks=[guard, bisection], **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(model, DataLoader(Shaped(), batch_sampler=Buckets()))
+    assert [i.samples for i in guard.incidents] == [[2]] and trainer.current_epoch == 2
+    epoch1 = model.seen[-4:]  # the real steps (bisection's re-evaluations come before, in epoch 0)
+    assert epoch1 == [[0, 1, 3, 0], [8, 9, 10, 11], [4, 5, 6, 7], [12, 13, 14, 15]]
+
+
+def test_a_repeated_culprit_is_recorded_once(ns, tmp_path):
+    """Samples 1 and 3 are quarantined already: batch 0 becomes [0, 2, 0, 2], and 2 fails twice."""
+    from lightning_nan.core.quarantine import make_record
+
+    path = tmp_path / "q.jsonl"
+    Quarantine(path).add(
+        [make_record(index=i, position=i, epoch=0, step=0, batch_idx=0, reason="earlier run", fingerprint="") for i in (1, 3)]
+    )
+    guard, model = ns.NaNGuard(), module_class(ns.pl)()
+    trainer = ns.pl.Trainer(callbacks=[guard, ns.lib.BatchBisection(quarantine_path=path)], **trainer_kwargs(tmp_path))
+    trainer.fit(model, DataLoader(Indexed(n=16, poison={2: "nan"}), batch_size=4))
+    assert model.seen[-4] == [0, 2, 0, 2] and [i.samples for i in guard.incidents] == [[2]]
+    assert [r["index"] for r in Quarantine(path).records()] == [1, 3, 2]
+
+
+DDP_OPT_OUT_SCRIPT = '''
+import os, sys
+import torch
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset
+from lightning_nan import BatchBisection, NaNGuard
+
+outdir = sys.argv[1]
+
+
+class Data(Dataset):
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        x = torch.full((4,), 0.1 * i)
+        if i == 4:  # one rank's shard only
+            x[1] = float("nan")
+        return x, i
+
+
+class Model(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(4, 1)
+        self.batches = []
+
+    def training_step(self, batch, batch_idx):
+        x, idx = batch
+        self.all_gather(idx)  # a collective in training_step: a rank-local re-evaluation would break pairing
+        self.batches.append(idx.tolist())
+        return self.layer(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+guard, model = NaNGuard(), Model()
+bisection = BatchBisection(quarantine_path=os.path.join(outdir, "q.jsonl"), ddp=False)
+trainer = pl.Trainer(
+    strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, callbacks=[guard, bisection], logger=False,
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=outdir,
+)
+trainer.fit(model, DataLoader(Data(), batch_size=4))
+result = {
+    "incidents": [i.to_dict() for i in guard.incidents],
+    "batches": model.batches,
+    "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+}
+torch.save(result, os.path.join(outdir, f"rank{trainer.global_rank}.pt"))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
+    sys.exit(proc.wait(timeout=120))
+'''
+
+
+def test_ddp_false_skips_bisection_on_every_rank(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+
+    import pytorch_lightning as pl
+
+    from lightning_nan import BatchBisection, NaNGuard
+
+    with pytest.raises(ValueError, match="ddp"):
+        BatchBisection(ddp="no")
+    # one process: world size 1, bisection runs as usual
+    guard = NaNGuard()
+    trainer = pl.Trainer(callbacks=[guard, BatchBisection(quarantine_path=tmp_path / "one.jsonl", ddp=False)], **trainer_kwargs(tmp_path))
+    trainer.fit(module_class(pl)(), DataLoader(Indexed(n=16, poison={6: "nan"}), batch_size=8))
+    assert [i.samples for i in guard.incidents] == [[6]]
+
+    script = tmp_path / "ddp_opt_out.py"
+    script.write_text(DDP_OPT_OUT_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the DDP run hung:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    (owner,) = [r for r, res in enumerate((r0, r1)) if any(4 in b for b in res["batches"])]
+    (step,) = [k for k, b in enumerate((r0, r1)[owner]["batches"]) if 4 in b]
+    for res in (r0, r1):
+        (incident,) = res["incidents"]
+        assert incident["step"] == step and incident["ranks"] == [owner] and incident["samples"] is None
+        assert "ddp=False" in incident["detail"]["bisection"]["skipped"]
+        assert len(res["batches"]) == 4  # the real steps only: no re-evaluation ran training_step
+    assert not (tmp_path / "q.jsonl").exists()
+    for name, value in r0["state_dict"].items():
+        assert torch.equal(value, r1["state_dict"][name]), name

@@ -337,6 +337,93 @@ def test_manual_optimization_two_optimizers_both_get_the_factor(tmp_path):
     assert rows[1] == {"lr_backoff/factor": 1.0, "lr_backoff/lr-1-0": LR / 2, "lr_backoff/lr-1-1": LR / 4}
 
 
+def test_an_exception_in_fit_takes_the_hooks_off(tmp_path):
+    """Lightning calls ``on_exception``, not ``teardown``, when fit raises: the hooks must go there too."""
+
+    class Crash(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise RuntimeError("boom")
+
+    backoff = LRBackoff(patience=100)
+    trainer = pl.Trainer(callbacks=[planter_class(pl)([1]), backoff, Crash()], **trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model_class(pl)(), loader())
+    opt = trainer.optimizers[0]
+    assert backoff.factor_now == 0.5 and backoff.controller.optimizers == []
+    assert len(opt._optimizer_step_pre_hooks) == 0 and len(opt._optimizer_step_post_hooks) == 0
+    # the user carries on by hand: the plain LR, and it stays
+    w = trainer.lightning_module.a.weight
+    w.grad = torch.ones_like(w)
+    before = w.detach().clone()
+    opt.step()
+    torch.testing.assert_close(before - w.detach(), torch.full_like(w, LR), rtol=1e-12, atol=0)
+    assert opt.param_groups[0]["lr"] == LR
+
+
+def test_an_exception_inside_the_step_leaves_the_scheduled_lr(tmp_path):
+    class Crash(pl.Callback):  # raises inside optimizer.step(), between the hooks
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 3:
+                assert optimizer.param_groups[0]["lr"] == LR * 0.5
+                raise RuntimeError("boom")
+
+    backoff = LRBackoff(patience=100)
+    trainer = pl.Trainer(callbacks=[planter_class(pl)([1]), backoff, Crash()], **trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model_class(pl)(), loader())
+    opt = trainer.optimizers[0]
+    assert opt.param_groups[0]["lr"] == LR and len(opt._optimizer_step_pre_hooks) == 0
+
+
+def test_a_shared_tensor_lr_gets_the_factor_once_in_a_trainer(tmp_path):
+    """``lr=torch.tensor(...)`` as the default puts one tensor in both groups: each update uses LR x 0.5
+    after the incident, and the tensor ends on LR (it used to shrink by the factor at every step)."""
+
+    class TensorLR(model_class(pl)):
+        def configure_optimizers(self):
+            return torch.optim.SGD(
+                [{"params": [self.a.weight]}, {"params": [self.a.bias]}], lr=torch.tensor(LR, dtype=torch.float64)
+            )
+
+    backoff, probe = LRBackoff(patience=100), probe_class(pl)()
+    trainer = pl.Trainer(callbacks=[planter_class(pl)([1]), backoff, probe], **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(TensorLR(), loader())
+    assert_trajectory(probe.records, [LR] * 2 * BATCHES, [1.0, None] + [0.5] * (2 * BATCHES - 2))
+    groups = trainer.optimizers[0].param_groups
+    assert groups[0]["lr"] is groups[1]["lr"] and float(groups[0]["lr"]) == LR
+
+
+def test_a_warmup_written_in_on_before_optimizer_step_is_kept(tmp_path):
+    """Under automatic optimization ``on_before_optimizer_step`` runs inside ``optimizer.step()``, after
+    the pre-hook: an LR written there is used unscaled for that step (documented) and not overwritten."""
+
+    def warmup(step):
+        return 0.01 * (step + 1)
+
+    class Warmup(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            for group in optimizer.param_groups:
+                group["lr"] = warmup(trainer.global_step)
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.lrs = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    backoff, probe, record = LRBackoff(patience=100), probe_class(pl)(), Record()
+    trainer = pl.Trainer(
+        callbacks=[planter_class(pl)([0]), backoff, Warmup(), probe, record], **trainer_kwargs(tmp_path, max_epochs=1)
+    )
+    trainer.fit(model_class(pl)(), loader())
+    assert backoff.factor_now == 0.5
+    assert record.lrs == [LR] + [warmup(k) for k in range(BATCHES - 1)]
+    assert trainer.optimizers[0].param_groups[0]["lr"] == warmup(BATCHES - 1)
+    assert_trajectory(probe.records, [warmup(k) for k in range(BATCHES)], [None] + [1.0] * (BATCHES - 1))
+
+
 @pytest.mark.parametrize("ignore", [True, False])
 def test_data_incidents_do_not_back_off_unless_asked(tmp_path, ignore):
     backoff = LRBackoff(patience=100, ignore_data_incidents=ignore)

@@ -170,6 +170,77 @@ def test_optimizer_state_loaded_inside_the_step_is_kept():
     assert opt.param_groups[0]["lr"] == pytest.approx(LR * 0.8, rel=1e-12)
 
 
+def two_group_problem(lr):
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(2, dtype=torch.float64))
+    return a, b, torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=lr)
+
+
+def test_a_tensor_lr_shared_by_groups_is_scaled_and_restored_once():
+    """torch puts the same default ``lr`` tensor in every group: scaling it per group would square the
+    factor, and saving it after the first group's scaling would shrink it at every step."""
+    lr = torch.tensor(LR, dtype=torch.float64)
+    a, b, opt = two_group_problem(lr)
+    assert opt.param_groups[0]["lr"] is opt.param_groups[1]["lr"]
+    backoff = LRBackoffController()
+    backoff.attach(opt)
+    backoff.back_off(0, "incident")
+    for _ in range(3):
+        a.grad, b.grad = torch.ones(3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+        before = torch.cat([a.detach(), b.detach()])
+        opt.step()
+        lrs = effective_lr(before, torch.cat([a.detach(), b.detach()]), torch.ones(5, dtype=torch.float64))
+        torch.testing.assert_close(lrs, torch.full((5,), LR * 0.5, dtype=torch.float64), rtol=1e-12, atol=0)
+        assert all(g["lr"] is lr for g in opt.param_groups) and float(lr) == LR
+    # a shared tensor next to a group of its own: each scaled once
+    c = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt.add_param_group({"params": [c], "lr": torch.tensor(LR / 4, dtype=torch.float64)})
+    seen = []
+
+    def closure():
+        seen.append([float(g["lr"]) for g in opt.param_groups])
+        return None
+
+    opt.step(closure)
+    assert seen == [[LR * 0.5, LR * 0.5, LR / 4 * 0.5]]
+    assert [float(g["lr"]) for g in opt.param_groups] == [LR, LR, LR / 4]
+
+
+@pytest.mark.parametrize("tensor", [False, True], ids=["float", "tensor"])
+def test_an_lr_written_inside_the_step_is_used_unscaled_and_kept(tensor):
+    """A closure (or Lightning's ``on_before_optimizer_step``) runs after the pre-hook: what it writes
+    is the user's, used as is for that step and not overwritten by the post-hook."""
+    w, opt = sgd_problem(torch.tensor(LR, dtype=torch.float64) if tensor else LR)
+    backoff = LRBackoffController()
+    backoff.attach(opt)
+    backoff.back_off(0, "incident")
+    warmup = [0.01, 0.02]
+
+    def closure(value):
+        def write():
+            if tensor:
+                opt.param_groups[0]["lr"].fill_(value)
+            else:
+                opt.param_groups[0]["lr"] = value
+            w.grad = torch.ones(5, dtype=torch.float64)
+            return None
+
+        return write
+
+    for value in warmup:
+        before = w.detach().clone()
+        opt.step(closure(value))
+        lrs = effective_lr(before, w.detach(), w.grad)
+        torch.testing.assert_close(lrs, torch.full((5,), value, dtype=torch.float64), rtol=1e-12, atol=0)
+        assert float(opt.param_groups[0]["lr"]) == value
+    # a step that writes nothing is scaled again, and its lr put back
+    before = w.detach().clone()
+    opt.step()
+    torch.testing.assert_close(effective_lr(before, w.detach(), w.grad), torch.full((5,), 0.02 * 0.5, dtype=torch.float64))
+    assert float(opt.param_groups[0]["lr"]) == 0.02
+
+
 def test_detach_removes_every_hook_and_attach_is_idempotent():
     w, opt = sgd_problem()
     backoff = LRBackoffController()

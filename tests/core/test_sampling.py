@@ -5,7 +5,7 @@ import torch
 from lightning_fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, SequentialSampler
 
-from lightning_nan.core.sampling import TrackingBatchSampler, track
+from lightning_nan.core.sampling import TrackingBatchSampler, track, untrack
 
 
 class IndexData(Dataset):
@@ -35,14 +35,13 @@ class Every3rdReversed(Sampler):
 
 
 def _expected(inner_batches, excluded):
-    """Independent reference: drop, re-chunk to the inner sizes, pad from the start of the clean stream."""
-    stream = [i for b in inner_batches for i in b if i not in excluded]
-    sizes = [len(b) for b in inner_batches]
-    padded = stream + list(itertools.islice(itertools.cycle(stream), sum(sizes) - len(stream)))
-    out, pos = [], 0
-    for s in sizes:
-        out.append(padded[pos : pos + s])
-        pos += s
+    """Independent reference: each batch keeps its clean indices and cycles them to its size; a batch with
+    none takes the clean ones of the nearest batch that has some (the earlier one on a tie)."""
+    clean = [[i for i in b if i not in excluded] for b in inner_batches]
+    out = []
+    for k, b in enumerate(inner_batches):
+        source = clean[k] or clean[min((j for j in range(len(clean)) if clean[j]), key=lambda j: (abs(j - k), j))]
+        out.append(list(itertools.islice(itertools.cycle(source), len(b))))
     return out
 
 
@@ -88,7 +87,7 @@ def test_fifo_gives_the_delivered_indices(kind, num_workers):
 @pytest.mark.parametrize("kind", KINDS)
 def test_batches_match_the_reference_and_keep_their_sizes(kind):
     reference_loader, loader = _loader(kind), _loader(kind)  # two identical, independently seeded loaders
-    excluded = {0, 1, 7, 13, 19, 21, 22}
+    excluded = {0, 1, 4, 7, 13, 19, 21, 22}  # custom_batches: [4] has no clean index left
     tracker = TrackingBatchSampler(loader.batch_sampler, exclude=excluded)
     for epoch in range(3):
         for dl in (reference_loader, loader):
@@ -97,20 +96,68 @@ def test_batches_match_the_reference_and_keep_their_sizes(kind):
         got = list(tracker)
         assert got == _expected(inner, excluded)
         assert [len(b) for b in got] == [len(b) for b in inner]
+        assert all(set(g) <= set(b) for g, b in zip(got, inner) if set(b) - excluded)  # nothing from other batches
         assert len(got) == len(tracker) == len(loader.batch_sampler)
         assert tracker.excluded_this_epoch() == sum(i in excluded for b in inner for i in b)
 
 
-def test_padding_when_the_tail_runs_short():
+def test_gaps_are_refilled_from_the_same_batch():
     inner = BatchSampler(SequentialSampler(range(10)), 4, drop_last=False)
-    assert list(TrackingBatchSampler(inner, exclude={1, 2})) == [[0, 3, 4, 5], [6, 7, 8, 9], [0, 3]]
-    # more padding than one batch, and fewer clean indices than needed: they repeat in order
+    assert list(TrackingBatchSampler(inner, exclude={1, 2})) == [[0, 3, 0, 3], [4, 5, 6, 7], [8, 9]]
+    inner = BatchSampler(SequentialSampler(range(9)), 4, drop_last=True)
+    assert list(TrackingBatchSampler(inner, exclude={0, 5})) == [[1, 2, 3, 1], [4, 6, 7, 4]]
+    inner = BatchSampler(SequentialSampler(range(8)), 4, drop_last=False)
+    assert list(TrackingBatchSampler(inner, exclude={0, 1, 2})) == [[3, 3, 3, 3], [4, 5, 6, 7]]
+
+
+def test_a_batch_with_no_clean_index_takes_the_nearest_batch():
     inner = BatchSampler(SequentialSampler(range(6)), 2, drop_last=False)
-    tracker = TrackingBatchSampler(inner, exclude=[0, 1, 2, 3])
+    tracker = TrackingBatchSampler(inner, exclude=[0, 1, 2, 3])  # the first two: only a later batch is clean
     assert list(tracker) == [[4, 5], [4, 5], [4, 5]]
     assert tracker.excluded_this_epoch() == 4
-    inner = BatchSampler(SequentialSampler(range(9)), 4, drop_last=True)
-    assert list(TrackingBatchSampler(inner, exclude={0, 5})) == [[1, 2, 3, 4], [6, 7, 1, 2]]
+    inner = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9, 10]]
+    # batches 1..3 are empty: 1 is nearest to 0, 2 is as near to 0 as to 4 (the earlier wins), 3 is nearest to 4
+    got = list(TrackingBatchSampler(inner, exclude={2, 3, 4, 5, 6, 7, 9}))
+    assert got == [[0, 1], [0, 1], [0, 1], [8, 10], [8, 10, 8]]
+    assert list(TrackingBatchSampler(inner, exclude=set(range(8, 11)))) == [[0, 1], [2, 3], [4, 5], [6, 7], [6, 7, 6]]
+
+
+class ShapedData(Dataset):
+    """Samples 0..7 have 2 features, 8..15 have 3: a batch mixing both cannot be collated."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return torch.full((2 if i < 8 else 3,), float(i))
+
+
+class Buckets(Sampler):
+    """A grouping batch sampler (as for aspect ratios or lengths): every batch holds equal shapes, shuffled."""
+
+    def __init__(self):
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __iter__(self):
+        groups = [torch.randperm(8, generator=self.generator) + base for base in (0, 8)]
+        batches = [g[k : k + 4].tolist() for g in groups for k in (0, 4)]
+        return iter([batches[k] for k in torch.randperm(4, generator=self.generator).tolist()])
+
+    def __len__(self):
+        return 4
+
+
+def test_a_grouping_batch_sampler_keeps_its_groups():
+    loader = DataLoader(ShapedData(), batch_sampler=Buckets())
+    tracker = track(loader, exclude={2, 9, 10, 11})
+    for _epoch in range(3):
+        batches = [batch for batch in loader]  # collating a mixed batch would raise "stack expects ..."
+        for batch in batches:
+            indices = tracker.next_batch_indices()
+            assert batch[:, 0].long().tolist() == indices and len(indices) == 4
+            assert len({i < 8 for i in indices}) == 1  # one group per batch
+        seen = {i for batch in batches for i in batch[:, 0].long().tolist()}
+        assert not seen & {2, 9, 10, 11} and seen == set(range(16)) - {2, 9, 10, 11}
 
 
 def test_everything_excluded_is_a_clear_error():
@@ -128,7 +175,7 @@ def test_a_growing_quarantine_applies_from_the_next_iteration():
     quarantined.update({4, 5})  # found bad during this epoch
     assert list(it) == [[3, 4, 5], [6, 7]]  # the running iteration is unchanged
     assert tracker.excluded_this_epoch() == 0
-    assert list(tracker) == [[0, 1, 2], [3, 6, 7], [0, 1]]
+    assert list(tracker) == [[0, 1, 2], [3, 3, 3], [6, 7]]
     assert tracker.excluded_this_epoch() == 2
 
 
@@ -137,9 +184,9 @@ def test_an_abandoned_iteration_does_not_disturb_the_queue():
     old = iter(tracker)
     assert next(old) == [0, 1]
     new = iter(tracker)  # e.g. the loop broke off and the loader was iterated again
-    assert next(new) == [0, 1] and next(old) == [2, 4]
-    assert next(new) == [2, 4]
-    assert [tracker.next_batch_indices() for _ in range(3)] == [[0, 1], [2, 4], None]
+    assert next(new) == [0, 1] and next(old) == [2, 2]
+    assert next(new) == [2, 2]
+    assert [tracker.next_batch_indices() for _ in range(3)] == [[0, 1], [2, 2], None]
     assert tracker.excluded_this_epoch() == 1
 
 
@@ -159,8 +206,12 @@ def test_lazy_stream_reads_only_what_it_needs():
             return 4
 
     it = iter(TrackingBatchSampler(Inner(), exclude={1}))
-    assert next(it) == [0, 2] and pulled == [[0, 1], [2, 3]]
-    assert next(it) == [3, 4] and len(pulled) == 3
+    assert next(it) == [0, 0] and pulled == [[0, 1]]
+    assert next(it) == [2, 3] and len(pulled) == 2
+    pulled.clear()
+    it = iter(TrackingBatchSampler(Inner(), exclude={0, 1}))  # the first batch waits for its donor, the next one
+    assert next(it) == [2, 3] and pulled == [[0, 1], [2, 3]]
+    assert next(it) == [2, 3] and len(pulled) == 2
 
 
 def test_ddp_ranks_keep_equal_step_counts_with_a_global_quarantine():
@@ -178,8 +229,8 @@ def test_ddp_ranks_keep_equal_step_counts_with_a_global_quarantine():
         assert tracker.excluded_this_epoch() == (5 if rank == 0 else 0)
     assert len(batches[0]) == len(batches[1])
     assert batches[1] == [shards[1][i : i + 4] for i in range(0, 15, 4)]  # untouched rank: unchanged
-    clean0 = [i for i in shards[0] if i not in excluded]
-    assert list(itertools.chain(*batches[0])) == clean0 + clean0[:5]
+    s = shards[0]  # its first batch has no clean index left: it takes the next batch's clean ones
+    assert batches[0] == [[s[5], s[6], s[7], s[5]]] * 2 + [s[8:12], s[12:15]]
 
 
 def test_set_epoch_still_reshuffles_a_distributed_sampler_through_the_wrapper():
@@ -210,7 +261,7 @@ def test_track_installs_once_and_keeps_the_loader_working():
     assert [b.tolist() for b in loader] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert track(loader, exclude={0}) is tracker  # updates the exclusion
     # the inner sampler drops 9 (drop_last), so the short tail is padded with the first clean index
-    assert [b.tolist() for b in loader] == [[1, 2, 3], [4, 5, 6], [7, 8, 1]]
+    assert [b.tolist() for b in loader] == [[1, 2, 1], [3, 4, 5], [6, 7, 8]]
     assert track(loader) is tracker and tracker.exclude == {0}
     with pytest.raises(ValueError, match="batch_sampler"):
         loader.batch_sampler = inner  # DataLoader's own guard is still in place
@@ -224,7 +275,7 @@ def test_out_of_order_delivery_still_excludes_but_reports_no_indices():
     for batch in loader:
         assert tracker.next_batch_indices() is None
         delivered += batch.tolist()
-    assert sorted(delivered) == [0, 0, 1, 1] + list(range(2, 4)) + list(range(6, 16))
+    assert sorted(delivered) == sorted(list(range(4)) + [6, 7, 6, 7] + list(range(8, 16)))
     assert track(DataLoader(IndexData(4), batch_size=2, in_order=False)).ordered  # no workers: in order
 
 
@@ -252,6 +303,33 @@ def test_track_takes_effect_on_a_live_persistent_worker_iterator():
             assert tracker.next_batch_indices() == batch.tolist()
             assert not {0, 5} & set(batch.tolist())
     assert tracker.excluded_this_epoch() == 2
+
+
+def test_untrack_puts_the_loader_back_and_a_new_track_works():
+    loader = DataLoader(IndexData(10), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
+    reference = DataLoader(IndexData(10), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
+    inner = loader.batch_sampler
+    tracker = track(loader, exclude={3})
+    assert all(3 not in b.tolist() for b in loader) and len(loader) == 3
+    reference_first = [b.tolist() for b in reference]
+    assert untrack(loader) is tracker and loader.batch_sampler is inner and untrack(loader) is None
+    assert [b.tolist() for b in loader] == [b.tolist() for b in reference]  # the same as never tracked
+    assert sorted(itertools.chain(*reference_first)) == list(range(10))
+    again = track(loader, exclude={5})  # e.g. a second fit
+    assert again is not tracker and again.inner is inner
+    for batch in loader:
+        assert again.next_batch_indices() == batch.tolist() and 5 not in batch.tolist()
+    with pytest.raises(ValueError, match="DataLoader"):
+        untrack([[0, 1]])
+
+
+def test_untrack_reaches_a_live_persistent_worker_iterator():
+    loader = DataLoader(IndexData(8), batch_size=4, num_workers=2, persistent_workers=True)
+    tracker = track(loader, exclude={0, 1})
+    assert [b.tolist() for b in loader] == [[2, 3, 2, 3], [4, 5, 6, 7]]  # creates the persistent iterator
+    assert untrack(loader) is tracker
+    for _ in range(2):
+        assert [b.tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 # --- Under a real Lightning Trainer -------------------------------------------------------------------

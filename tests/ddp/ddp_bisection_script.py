@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 import dirty_data  # noqa: E402
+from ddp_common import finish, write_pid  # noqa: E402
 
 N_SAMPLES = 1024  # holds culprits 137, 911 (and 1402, 1777 are beyond it: not planted)
 BATCH_SIZE = 32
@@ -58,8 +59,7 @@ def main(outdir: str) -> int:
             self.indices: dict[int, list[int]] = {}
 
         def setup(self, trainer, pl_module, stage) -> None:
-            with open(os.path.join(outdir, f"pid{trainer.global_rank}"), "w") as f:
-                f.write(str(os.getpid()))
+            write_pid(outdir, trainer.global_rank)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.indices.setdefault(trainer.current_epoch, []).extend(batch[2].tolist())
@@ -78,7 +78,6 @@ def main(outdir: str) -> int:
     )
     model = Net()
     trainer.fit(model, loader)
-    rank = trainer.global_rank
     result = {
         "culprits": culprits,
         "incidents": [i.to_dict() for i in guard.incidents],
@@ -87,16 +86,7 @@ def main(outdir: str) -> int:
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "quarantined": sorted(bisection.quarantined),
     }
-    path = os.path.join(outdir, f"rank{rank}.pt")
-    torch.save(result, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    code = 0
-    for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
-        code = code or proc.wait(timeout=150)
-    return code
+    return finish(outdir, result, trainer)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ checks the processes whose ids the ranks wrote to ``OUTDIR/pid{r}``.
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 
 import torch
+from ddp_common import finish, load_namespace, write_pid
 
 SCENARIOS = ("loss", "grad", "grad_hook", "escalate", "clip")
 FAULT_BATCH = 3
@@ -63,12 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from torch.utils.data import DataLoader, TensorDataset
 
-    if args.namespace == "pytorch_lightning":
-        pl = importlib.import_module("pytorch_lightning")
-        lib = importlib.import_module("lightning_nan")
-    else:
-        pl = importlib.import_module("lightning.pytorch")
-        lib = importlib.import_module("lightning_nan.lightning")
+    pl, lib = load_namespace(args.namespace)
     NaNGuard = lib.NaNGuard
     NonFiniteError = lib.NonFiniteError
     scenario = args.scenario
@@ -119,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             self.batches: dict[int, list[torch.Tensor]] = {}
 
         def setup(self, trainer, pl_module, stage) -> None:
-            with open(os.path.join(args.outdir, f"pid{trainer.global_rank}"), "w") as f:
-                f.write(str(os.getpid()))
+            write_pid(args.outdir, trainer.global_rank)
 
         def on_train_start(self, trainer, pl_module) -> None:
             self.initial = weights(pl_module)
@@ -179,23 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "error_type": type(error).__name__ if error is not None else None,
         "error_message": str(error) if error is not None else None,
     }
-    path = os.path.join(args.outdir, f"rank{rank}.pt")
-    torch.save(result, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    if error is not None and args.reraise:
-        raise error
-
-    # Tear gloo down before the interpreter exits: left to exit-time destructors, its threads
-    # sometimes abort the process ("terminate called without an active exception").
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    code = 0
-    # Rank 0 started rank 1 (subprocess launcher): wait for it so the caller sees both finish.
-    for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
-        child = proc.wait(timeout=150)
-        code = code or child
-    return code
+    return finish(args.outdir, result, trainer, reraise=error if args.reraise else None)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,11 @@ its final weights; and its process id to ``OUTDIR/pid{r}``.
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 
 import torch
 
+from ddp_common import finish, load_namespace, write_pid
 from ddp_guard_script import BATCH_SIZE, make_data, make_net, make_optimizer
 
 EVERY_N_STEPS = 4
@@ -41,12 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from torch.utils.data import DataLoader, TensorDataset
 
-    if args.namespace == "pytorch_lightning":
-        pl = importlib.import_module("pytorch_lightning")
-        lib = importlib.import_module("lightning_nan")
-    else:
-        pl = importlib.import_module("lightning.pytorch")
-        lib = importlib.import_module("lightning_nan.lightning")
+    pl, lib = load_namespace(args.namespace)
 
     class Model(pl.LightningModule):
         def __init__(self) -> None:
@@ -68,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             self.states: dict[int, dict[str, torch.Tensor]] = {}
 
         def setup(self, trainer, pl_module, stage) -> None:
-            with open(os.path.join(args.outdir, f"pid{trainer.global_rank}"), "w") as f:
-                f.write(str(os.getpid()))
+            write_pid(args.outdir, trainer.global_rank)
 
         def on_train_start(self, trainer, pl_module) -> None:
             self.states[trainer.global_step] = weights(pl_module)
@@ -118,19 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "incidents": [i.to_dict() for i in guard.incidents],
         "error": None if error is None else f"{type(error).__name__}: {error}",
     }
-    path = os.path.join(args.outdir, f"rank{rank}.pt")
-    torch.save(result, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-    # Tear gloo down before the interpreter exits (see ddp_guard_script.py).
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    code = 0
-    for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
-        child = proc.wait(timeout=150)
-        code = code or child
-    return code
+    return finish(args.outdir, result, trainer)
 
 
 if __name__ == "__main__":

@@ -1,81 +1,36 @@
 """Real two-process DDP run (gloo, CPU): a NaN weight on rank 1 alone rolls both ranks back together.
 
 Starts ``ddp_rollback_script.py`` (Lightning's ``ddp`` strategy re-launches it for rank 1) the way
-``test_ddp_guard.py`` starts its script, reusing that file's helpers, and reads the per-rank
+``test_ddp_guard.py`` starts its script (with its ``launch``), and reads the per-rank
 result files. One run per namespace per session, shared by the tests below.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from test_ddp_guard import TIMEOUT, _tail, launch
 
 import ddp_rollback_script as script
-from test_ddp_guard import _alive, _free_port
 
 SCRIPT = Path(script.__file__).resolve()
-TIMEOUT = 120
 STEPS = script.MAX_EPOCHS * 8  # 32 samples, batches of 2, 2 ranks: 8 steps per epoch
 
 _RUNS: dict[str, SimpleNamespace] = {}
 
 
 def _run(tmp_path_factory, namespace: str) -> SimpleNamespace:
-    """Run the script once per namespace; kill its whole process group on a hang."""
-    if namespace in _RUNS:
-        return _RUNS[namespace]
-    outdir = tmp_path_factory.mktemp(f"ddp_rollback_{namespace}")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), namespace, str(outdir)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    hung = False
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        hung = True
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-    pids = {int(p.name[3:]): int(p.read_text()) for p in outdir.glob("pid*")}
-    deadline = time.monotonic() + 10.0
-    while any(_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left_alive = sorted(rank for rank, pid in pids.items() if _alive(pid))
-    if left_alive:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    ranks = {r: torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in (0, 1) if (outdir / f"rank{r}.pt").exists()}
-    run = SimpleNamespace(
-        returncode=proc.returncode,
-        hung=hung,
-        left_alive=left_alive,
-        seconds=time.monotonic() - start,
-        output=output,
-        ranks=ranks,
-    )
-    _RUNS[namespace] = run
-    return run
+    """Run the script once per namespace (``launch`` kills its whole process group on a hang)."""
+    if namespace not in _RUNS:
+        _RUNS[namespace] = launch(tmp_path_factory, SCRIPT, f"ddp_rollback_{namespace}", [namespace, "{outdir}"])
+    return _RUNS[namespace]
 
 
 def _ok(run: SimpleNamespace) -> None:
-    tail = run.output[-4000:]
+    tail = _tail(run)
     assert not run.hung, f"the DDP run hung (killed after {TIMEOUT} s):\n{tail}"
     assert not run.left_alive, f"rank(s) {run.left_alive} still running after rank 0 exited:\n{tail}"
     assert run.returncode == 0, f"exit code {run.returncode}:\n{tail}"
