@@ -71,6 +71,7 @@ from pytorch_lightning.loggers.logger import Logger  # noqa: E402
 
 from lightning_nan import GradientClipping, NaNGuard, NormMonitor  # noqa: E402
 from lightning_nan.callbacks import _shared_grads  # noqa: E402
+from lightning_nan.callbacks._tensorboard import ScalarBatch  # noqa: E402
 
 MONITOR_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
 
@@ -231,7 +232,7 @@ def monitor_in_isolation(st: StepState, repeats: int, root: str) -> list[tuple[s
     other = timed(hooks(every50))
     rows = [
         ("NormMonitor, a logging step: its 3 hooks (MemoryLogger)", logging_memory),
-        ("part: on_before_optimizer_step (gradient norms + clone of the weights)", timed(before_step)),
+        ("part: on_before_optimizer_step (gradient norms, copy of the weights)", timed(before_step)),
         (f"part: on_train_batch_end (weight and update norms, one transfer, {n} scalars logged)", timed(batch_end)),
         (f"part: MemoryLogger.log_metrics({n} scalars)", timed(lambda i: memory[0].log_metrics(metrics, i))),
     ]
@@ -239,9 +240,17 @@ def monitor_in_isolation(st: StepState, repeats: int, root: str) -> list[tuple[s
     trainer.loggers = [tensorboard]
     try:
         logging_tb = timed(hooks(every1))
+        one_event = ScalarBatch(list(metrics))
         rows += [
             ("NormMonitor, a logging step: its 3 hooks (TensorBoardLogger)", logging_tb),
-            (f"part: TensorBoardLogger.log_metrics({n} scalars)", timed(lambda i: tensorboard.log_metrics(metrics, i))),
+            (
+                f"part: TensorBoardLogger.log_metrics({n} scalars): one event per scalar",
+                timed(lambda i: tensorboard.log_metrics(metrics, i)),
+            ),
+            (
+                f"part: the same {n} scalars as one event (ScalarBatch.write, what NormMonitor writes)",
+                timed(lambda i: one_event.write(tensorboard.experiment, list(metrics.values()), i)),
+            ),
         ]
         tensorboard.experiment.flush()
     finally:

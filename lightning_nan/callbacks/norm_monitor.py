@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_nan.callbacks._shared_grads import step_grads
-from lightning_nan.callbacks._trainer import log_metrics
+from lightning_nan.callbacks._shared_grads import StepGrads, step_grads
+from lightning_nan.callbacks._tensorboard import ScalarBatch, prefixed, tensorboard_writer
 from lightning_nan.core.norms import tensor_norms
 
 #: The TensorBoard custom-scalars page: one multi-line chart per quantity, one line per layer.
@@ -23,14 +23,22 @@ LAYOUT = {
     }
 }
 
+_QUANTITIES = ("weight", "grad", "update_ratio")
+_MAX_CACHED = 8  # plans / key layouts kept; more means the parameters with gradients keep changing
+
 
 class NormMonitorBase:
     """Log, every ``every_n_steps`` optimizer steps, for each parameter or module: the weight norm,
     the gradient norm (before clipping) and the update-to-weight ratio ``||w_after - w_before|| / ||w_before||``.
 
     The gradient norms are those the guard (or the clipper) computed for the step, when one is
-    present; the weight and update norms take one fused pass on logging steps only, and all values
-    reach the host in one transfer per logging step. Nothing runs on other steps.
+    present. On logging steps only, and on rank zero only: one fused copy of the weights before the
+    step, the updates, one fused norm pass (weights after, update, weights before), and one transfer
+    of all values to the host. With ``every_n_steps=1`` the copies and updates live in buffers kept
+    between steps (two extra copies of the monitored weights, which the old per-step clones also
+    needed at their peak); otherwise they are freed after each logging step. Nothing runs on other steps. A Lightning ``TensorBoardLogger`` gets the
+    step's scalars as one event (the tags, step and values its ``log_metrics`` would write, one event
+    per key); any other logger, a subclass overriding ``log_metrics`` included, one ``log_metrics`` call.
 
     Args:
         every_n_steps: log at optimizer steps that are multiples of this.
@@ -54,6 +62,10 @@ class NormMonitorBase:
 
     With a TensorBoard logger it also writes a custom-scalars layout (the "CUSTOM SCALARS" tab): one
     chart per quantity with a line per layer, plus the guard's and the clipper's scalars.
+
+    >>> monitor = NormMonitorBase(every_n_steps=10, group_by="module", exclude=r"\\.bias$")
+    >>> monitor.every_n_steps, monitor.group_by
+    (10, 'module')
     """
 
     def __init__(
@@ -83,14 +95,19 @@ class NormMonitorBase:
         self.exclude = exclude
         self.histograms = histograms
         self.eps = eps
+        self._reset()
+
+    def _reset(self) -> None:
         self._names: dict[int, str] = {}
-        self._pending: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id -> (param, weight before, grad norm)
+        self._plans: dict[tuple[int, ...], _Plan] = {}  # by the ids of an optimizer's parameters with gradients
+        self._keys: dict[tuple[str, ...], _Keys] = {}  # by the names of the parameters logged together
+        self._pending: dict[_Plan, Tensor] = {}  # plan -> its gradient norms, for the current batch
         self._step = 0  # the optimizer step the pending values belong to
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        self._names = {}
+        self._reset()
         for name, p in pl_module.named_parameters():
             if self.include is not None and not re.search(self.include, name):
                 continue
@@ -109,43 +126,84 @@ class NormMonitorBase:
         self._pending = {}
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
-        if trainer.global_step % self.every_n_steps != 0:
+        step = trainer.global_step
+        if step % self.every_n_steps != 0:
             return
-        grads = step_grads(trainer, pl_module, optimizer)
-        if grads.norms is None:
+        grads = step_grads(trainer, pl_module, optimizer)  # on every rank: it may run the guard's check
+        if grads.norms is None or not trainer.is_global_zero:
+            return
+        plan = self._plan(grads)
+        if not plan.params:
             return
         if not self._pending:
-            self._step = trainer.global_step
-        for p, g in zip(grads.params, grads.norms.unbind()):
-            if id(p) in self._names:
-                self._pending[id(p)] = (p, p.detach().clone(), g)
+            self._step = step
+        plan.snapshot(keep=self.every_n_steps == 1)
+        self._pending[plan] = grads.norms if plan.select is None else grads.norms.index_select(0, plan.select)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._pending:
             return
-        pending, self._pending = list(self._pending.values()), {}
-        params = [p.detach() for p, _, _ in pending]
-        befores = [before for _, before, _ in pending]
-        n = len(params)
-        fused = tensor_norms(params + list(torch._foreach_sub(params, befores)) + befores)  # one pass
-        weights, updates, weights_before = fused[:n], fused[n : 2 * n], fused[2 * n :]
-        grad_norms = torch.stack([g.to(weights.device) for _, _, g in pending])
-        names = [self._names[id(p)] for p, _, _ in pending]
-        if self.group_by == "module":
-            names, (weights, updates, grad_norms, weights_before) = _group_by_module(
-                names, [weights, updates, grad_norms, weights_before]
+        pending, self._pending = self._pending, {}
+        columns = [plan.norms(grad_norms) for plan, grad_norms in pending.items()]  # (weight, grad, update, before)
+        names = [name for plan in pending for name in plan.names]
+        if len(columns) == 1:
+            (weights, grad_norms, updates, weights_before), keys = columns[0], next(iter(pending)).keys
+        else:  # several optimizers stepped in this batch
+            keys, device = self._cached_keys(names), columns[0][0].device
+            weights, grad_norms, updates, weights_before = (
+                torch.cat([c.to(device) for c in col]) for col in zip(*columns)
             )
+        if keys.last is not None:  # a parameter stepped twice: its last values, at its first place
+            last = keys.on(weights.device)[0]
+            weights, grad_norms, updates, weights_before = (
+                t.index_select(0, last) for t in (weights, grad_norms, updates, weights_before)
+            )
+        if keys.group is not None:
+            grouped = torch.stack([weights, grad_norms, updates, weights_before])
+            sums = grouped.new_zeros(grouped.shape[0], keys.n_groups)
+            sums.index_add_(1, keys.on(grouped.device)[1], grouped.pow(2))
+            weights, grad_norms, updates, weights_before = sums.sqrt().unbind()
         ratios = updates / (weights_before + self.eps)
-        values = torch.cat([weights, grad_norms, ratios]).tolist()  # the one transfer of a logging step
-        n = len(names)
-        metrics = {}
-        for i, name in enumerate(names):
-            metrics[f"norms/weight/{name}"] = values[i]
-            metrics[f"norms/grad/{name}"] = values[n + i]
-            metrics[f"norms/update_ratio/{name}"] = values[2 * n + i]
-        log_metrics(trainer, metrics, step=self._step)
-        if self.histograms and trainer.is_global_zero:
-            self._histograms(trainer, [(self._names[id(p)], p) for p, _, _ in pending])
+        values = torch.stack([weights, grad_norms, ratios], dim=1).flatten().tolist()  # the one transfer
+        self._log(trainer, keys, values)
+        if self.histograms:
+            named = dict(zip(names, (p for plan in pending for p in plan.params)))
+            self._histograms(trainer, list(named.items()))
+
+    def _plan(self, grads: StepGrads) -> _Plan:
+        key = tuple(map(id, grads.params))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MAX_CACHED:
+                self._plans.clear()
+            monitored = [i for i, p in enumerate(grads.params) if id(p) in self._names]
+            names = [self._names[id(grads.params[i])] for i in monitored]
+            select = None
+            if len(monitored) < len(grads.params):
+                select = torch.tensor(monitored, dtype=torch.long, device=grads.norms.device)
+            plan = self._plans[key] = _Plan([grads.params[i] for i in monitored], names, select)
+            plan.keys = self._cached_keys(names)
+        return plan
+
+    def _cached_keys(self, names: list[str]) -> _Keys:
+        key = tuple(names)
+        keys = self._keys.get(key)
+        if keys is None:
+            if len(self._keys) >= _MAX_CACHED:
+                self._keys.clear()
+            keys = self._keys[key] = _Keys(names, self.group_by == "module")
+        return keys
+
+    def _log(self, trainer: Any, keys: _Keys, values: list[float]) -> None:
+        metrics = None
+        for logger in trainer.loggers:
+            writer = tensorboard_writer(logger)
+            if writer is not None:  # one event instead of one per key
+                keys.batch(logger).write(writer, values, self._step)
+                continue
+            if metrics is None:
+                metrics = dict(zip(keys.keys, values))
+            logger.log_metrics(metrics, step=self._step)
 
     def _histograms(self, trainer: Any, named: list[tuple[str, Tensor]]) -> None:
         for logger in trainer.loggers:
@@ -157,22 +215,98 @@ class NormMonitorBase:
                 if p.grad is not None:
                     writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), self._step)
 
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._plans, self._keys, self._pending = {}, {}, {}  # let go of the parameters and buffers
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
-        state.update(_names={}, _pending={})
+        state.update(_names={}, _plans={}, _keys={}, _pending={})
         return state
 
 
-def _group_by_module(names: list[str], columns: list[Tensor]) -> tuple[list[str], list[Tensor]]:
-    """Combine per-parameter 2-norms into per-module ones: ``sqrt(sum of squares)`` on the device."""
-    modules = [n.rsplit(".", 1)[0] if "." in n else n for n in names]
-    order = list(dict.fromkeys(modules))
-    index = torch.tensor([order.index(m) for m in modules], device=columns[0].device)
-    grouped = []
-    for col in columns:
-        sums = torch.zeros(len(order), device=col.device, dtype=col.dtype).index_add_(0, index, col.pow(2))
-        grouped.append(sums.sqrt())
-    return order, grouped
+class _Plan:
+    """The monitored parameters among one optimizer's parameters with gradients, and their copies before the step."""
+
+    def __init__(self, params: list[Tensor], names: list[str], select: Tensor | None) -> None:
+        self.params = params
+        self.names = names
+        self.select = select  # positions in the step's gradient norms; None: all of them, in order
+        self.single_device = len({p.device for p in params}) <= 1
+        self.before: list[Tensor] | None = None  # the weights before the step
+        self.updates: list[Tensor] | None = None  # kept with the copies: the buffers the updates go to
+        self.keep = False
+        self.keys: _Keys
+
+    @torch.no_grad()
+    def snapshot(self, keep: bool) -> None:
+        """Copy the weights before the step (into the buffers of the last step when ``keep``)."""
+        self.keep = keep
+        if keep and self.before is not None:
+            torch._foreach_copy_(self.before, self.params)
+        else:
+            self.before = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def norms(self, grad_norms: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(||w_after||, ||g||, ||w_after - w_before||, ||w_before||)`` per parameter, on the device.
+
+        One fused norm pass over the weights, the updates and the copies (a single ``_foreach_norm``
+        per logging step); the copies and updates are dropped unless they are kept for the next step.
+        """
+        before, updates, n = self.before, self.updates, len(self.params)
+        assert before is not None
+        if updates is None:
+            updates = list(torch._foreach_sub(self.params, before))
+            self.updates = updates if self.keep else None
+        else:  # into the kept buffers: no allocation (there is no out= form of _foreach_sub)
+            for p, b, u in zip(self.params, before, updates):
+                torch.sub(p, b, out=u)
+        fused = self._norms(self.params + updates + before)
+        if not self.keep:
+            self.before = None
+        return fused[:n], grad_norms.to(fused.device), fused[n : 2 * n], fused[2 * n :]
+
+    def _norms(self, tensors: list[Tensor]) -> Tensor:
+        if self.single_device:
+            return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+        return tensor_norms(tensors)
+
+
+class _Keys:
+    """The logged keys for a list of parameter names, in ``log_metrics`` order, and how to group them."""
+
+    def __init__(self, names: list[str], by_module: bool) -> None:
+        first = list(dict.fromkeys(names))
+        self.last: Tensor | None = None  # picks one entry per name when a name appears twice
+        if len(first) < len(names):
+            last = {name: i for i, name in enumerate(names)}
+            self.last = torch.tensor([last[name] for name in first])
+        self.group: Tensor | None = None  # the module of each name
+        self.n_groups = 0
+        if by_module:
+            modules = [name.rsplit(".", 1)[0] if "." in name else name for name in first]
+            order = list(dict.fromkeys(modules))
+            self.group = torch.tensor([order.index(m) for m in modules])
+            self.n_groups = len(order)
+            first = order
+        self.keys = [f"norms/{quantity}/{name}" for name in first for quantity in _QUANTITIES]
+        self._batches: dict[tuple[str, str], ScalarBatch] = {}
+        self._devices: dict[torch.device, tuple[Any, Any]] = {}
+
+    def on(self, device: torch.device) -> tuple[Any, Any]:
+        """``(last, group)`` on ``device`` (copied there once)."""
+        out = self._devices.get(device)
+        if out is None:
+            out = self._devices[device] = tuple(None if t is None else t.to(device) for t in (self.last, self.group))
+        return out
+
+    def batch(self, logger: Any) -> ScalarBatch:
+        """The keys as one TensorBoard event, named as ``logger.log_metrics`` would (its prefix)."""
+        cache = (getattr(logger, "_prefix", ""), getattr(logger, "LOGGER_JOIN_CHAR", ""))
+        batch = self._batches.get(cache)
+        if batch is None:
+            batch = self._batches[cache] = ScalarBatch(prefixed(logger, self.keys))
+        return batch

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import struct
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from faulty import loader, model_class, trainer_kwargs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.overrides import TorchFunctionMode
+
+from lightning_nan.callbacks._tensorboard import ScalarBatch, tensorboard_writer
 
 
 def probe_class(pl):
@@ -49,13 +57,15 @@ def scalars(acc, tag):
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
-def test_per_parameter_values_match_independent_norms(ns, tmp_path):
+@pytest.mark.parametrize("every", [1, 3])  # 1: the weights before the step go to buffers kept between steps
+def test_per_parameter_values_match_independent_norms(ns, tmp_path, every):
     clip = ns.lib.GradientClipping("norm", max_norm=0.1)  # the logged gradient norms are the ones before clipping
-    acc, probe, names = run(ns, tmp_path, ns.lib.NormMonitor(every_n_steps=3), extra=[ns.NaNGuard(), clip])
+    acc, probe, names = run(ns, tmp_path, ns.lib.NormMonitor(every_n_steps=every), extra=[ns.NaNGuard(), clip])
+    steps = list(range(0, 8, every))
     for name in names:
         weight, grad, ratio = (scalars(acc, f"norms/{q}/{name}") for q in ("weight", "grad", "update_ratio"))
-        assert sorted(weight) == sorted(grad) == sorted(ratio) == [0, 3, 6]
-        for step in (0, 3, 6):
+        assert sorted(weight) == sorted(grad) == sorted(ratio) == steps
+        for step in steps:
             after, before = probe.after[step][name], probe.before[step][name]
             assert weight[step] == pytest.approx(after.norm().item(), rel=1e-5)
             assert grad[step] == pytest.approx(probe.grad[step][name], rel=1e-5)
@@ -119,3 +129,196 @@ def test_bad_arguments(ns):
     for kwargs, match in [({"every_n_steps": 0}, "every_n_steps"), ({"group_by": "layer"}, "group_by"), ({"include": "("}, "include")]:
         with pytest.raises(ValueError, match=match):
             ns.lib.NormMonitor(**kwargs)
+
+
+def per_key_logger_class(pl):
+    class PerKeyLogger(pl.loggers.TensorBoardLogger):
+        """Overrides ``log_metrics`` (then runs Lightning's: one ``add_scalar`` per key): must see every call."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.calls = []
+
+        def log_metrics(self, metrics, step=None):
+            self.calls.append((step, dict(metrics)))
+            super().log_metrics(metrics, step)
+
+    return PerKeyLogger
+
+
+def fit_logged(ns, root, logger, monitor, **model_kwargs):
+    model = model_class(ns.pl)(**model_kwargs)
+    callbacks = [ns.NaNGuard(), monitor]
+    trainer = ns.pl.Trainer(callbacks=callbacks, **trainer_kwargs(root, logger=logger, log_every_n_steps=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader())
+    logger.finalize("success")
+
+
+def norm_events(log_dir, prefix="", raw=False):
+    """``[(step, [(tag, float32 bits), ...]), ...]`` for every event holding norms scalars, in file order
+    (``raw``: ``(step, Event)`` for every event holding scalars)."""
+    (path,) = Path(log_dir).glob("events.out.tfevents.*")
+    out = []
+    for record in RawEventFileLoader(str(path)).Load():  # the records as written (no conversion on reading)
+        event = Event.FromString(record)
+        if raw:
+            if event.summary.value:
+                out.append((event.step, event))
+            continue
+        values = [(v.tag, struct.pack("<f", v.simple_value)) for v in event.summary.value]
+        if values and all(tag.startswith(f"{prefix}norms/") for tag, _ in values):
+            out.append((event.step, values))
+    return out
+
+
+MONITORS = [
+    {"every_n_steps": 1},
+    {"every_n_steps": 1, "exclude": r"body\.0\.bias"},  # a subset of the gradient norms
+    {"every_n_steps": 2, "group_by": "module"},
+]
+
+
+@pytest.mark.parametrize("kwargs", MONITORS)
+def test_tensorboard_events_hold_what_log_metrics_writes(ns, tmp_path, kwargs):
+    """One event per logging step, with the tags (prefix included), steps and values of ``log_metrics``."""
+    fast = ns.pl.loggers.TensorBoardLogger(str(tmp_path / "fast"), name="n", prefix="fit")
+    per_key = per_key_logger_class(ns.pl)(str(tmp_path / "per_key"), name="n", prefix="fit")
+    faults = {2: "grad"}  # an Inf gradient norm, a skipped step: a zero update ratio
+    fit_logged(ns, tmp_path, fast, ns.lib.NormMonitor(**kwargs), faults=faults)
+    fit_logged(ns, tmp_path, per_key, ns.lib.NormMonitor(**kwargs), faults=faults)
+
+    steps = list(range(0, 8, kwargs["every_n_steps"]))
+    calls = [(step, m) for step, m in per_key.calls if all(k.startswith("norms/") for k in m)]  # not the guard's
+    assert [step for step, _ in calls] == steps
+    keys = list(calls[0][1])
+    names = list(dict.fromkeys(key.split("/", 2)[2] for key in keys))
+    assert keys == [f"norms/{q}/{n}" for n in names for q in ("weight", "grad", "update_ratio")]
+    module = kwargs.get("group_by") == "module"
+    if module:
+        assert names == ["body.0", "head"]
+    else:
+        excluded = ["body.0.bias"] if "exclude" in kwargs else []
+        assert names == [n for n in ("body.0.weight", "body.0.bias", "head.weight", "head.bias") if n not in excluded]
+    if 2 in steps:  # the planted Inf gradient, and the step the guard skipped
+        body = "body.0" if module else "body.0.weight"
+        assert math.isinf(dict(calls)[2][f"norms/grad/{body}"])
+        assert dict(calls)[2][f"norms/update_ratio/{body}"] == 0.0
+
+    events = norm_events(fast.log_dir, "fit-")
+    assert [step for step, _ in events] == steps  # one event per logging step...
+    expected = [(step, [(f"fit-{k}", struct.pack("<f", v)) for k, v in metrics.items()]) for step, metrics in calls]
+    assert events == expected  # ...holding every key, in order, with the value log_metrics got (as float32)
+    reference = norm_events(per_key.log_dir, "fit-")  # Lightning's own writing: one event per key
+    assert len(reference) == len(steps) * len(keys)
+    assert sorted((s, t, v) for s, values in reference for t, v in values) == sorted(
+        (s, t, v) for s, values in events for t, v in values
+    )
+
+
+def test_two_optimizers_in_one_batch(ns, tmp_path):
+    """Manual optimization: both optimizers' parameters are logged at the first one's step, each update
+    measured against the weights just before its own optimizer stepped."""
+
+    class Probe(ns.pl.Callback):
+        def __init__(self):
+            self.before, self.after, self.first = {}, {}, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.first = None
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if self.first is None:
+                self.first = trainer.global_step
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            for name, p in pl_module.named_parameters():
+                if id(p) in owned:
+                    self.before[(self.first, name)] = p.detach().double().clone()
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            for name, p in pl_module.named_parameters():
+                self.after[(self.first, name)] = p.detach().double().clone()
+
+    logger = ns.pl.loggers.TensorBoardLogger(str(tmp_path), name="n")
+    probe = Probe()
+    model = model_class(ns.pl)(manual=True)
+    trainer = ns.pl.Trainer(
+        callbacks=[probe, ns.lib.NormMonitor(every_n_steps=1)], **trainer_kwargs(tmp_path, logger=logger, max_steps=6)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader())
+    logger.finalize("success")
+    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    names = [n for n, _ in model.named_parameters()]
+    quantities = ("weight", "grad", "update_ratio")
+    assert set(acc.Tags()["scalars"]) == {f"norms/{q}/{n}" for q in quantities for n in names}
+    for name in names:
+        ratio, weight = scalars(acc, f"norms/update_ratio/{name}"), scalars(acc, f"norms/weight/{name}")
+        assert sorted(ratio) == sorted(weight) == [0, 2, 4]  # the step of each batch's first optimizer
+        for step in (0, 2, 4):
+            before, after = probe.before[(step, name)], probe.after[(step, name)]
+            assert weight[step] == pytest.approx(after.norm().item(), rel=1e-5)
+            assert ratio[step] == pytest.approx(((after - before).norm() / before.norm()).item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("step", [0, 1, 300, 2**40])
+def test_scalar_batch_encodes_the_event_protobuf_would(step):
+    tags = ["loss", "norms/update_ratio/features.10.weight", "é/" + "x" * 200]  # a 2-byte length, UTF-8
+    values = [float("nan"), -0.0, float("-inf")]
+    summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, values)])
+    expected = Event(wall_time=1234.5, step=step, summary=summary).SerializeToString()
+    assert ScalarBatch(tags).serialize(values, step, wall_time=1234.5) == expected
+
+
+def test_scalar_batch_beyond_float32_is_written_as_add_scalar_writes_it(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    ScalarBatch(["big", "small"]).write(writer, [1e39, 0.5], step=4)
+    writer.close()
+    (event,) = [e for _, e in norm_events(tmp_path, "", raw=True)]
+    assert event.step == 4 and [(v.tag, v.simple_value) for v in event.summary.value] == [("big", math.inf), ("small", 0.5)]
+
+
+def test_tensorboard_writer_only_for_lightnings_own_log_metrics(ns, tmp_path):
+    stock = ns.pl.loggers.TensorBoardLogger(str(tmp_path), name="a")
+    assert tensorboard_writer(stock) is stock.experiment
+    assert tensorboard_writer(per_key_logger_class(ns.pl)(str(tmp_path), name="b")) is None
+    assert tensorboard_writer(ns.pl.loggers.CSVLogger(str(tmp_path), name="c")) is None
+    with pytest.raises(ValueError, match="Expected 2 values"):
+        ScalarBatch(["a", "b"]).write(stock.experiment, [1.0], step=0)
+
+
+def tensors_in(obj, seen=None):
+    """Every tensor reachable from ``obj`` through containers and instance attributes."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        children = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set)):
+        children = list(obj)
+    else:
+        children = list(getattr(obj, "__dict__", {}).values())
+    return [t for child in children for t in tensors_in(child, seen)]
+
+
+def test_holds_no_tensors_after_fit(ns, tmp_path):
+    """The copies of the weights kept between steps (``every_n_steps=1``) and the parameters are let go at teardown."""
+    monitor = ns.lib.NormMonitor(every_n_steps=1)
+    seen_during_fit = []
+
+    class Spy(ns.pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen_during_fit.append(len(tensors_in(monitor)))
+
+    acc, _, names = run(ns, tmp_path, monitor, extra=[Spy()])
+    assert len(acc.Scalars(f"norms/weight/{names[0]}")) == 8
+    assert min(seen_during_fit) >= 2 * len(names)  # the parameters and their copies, between two logging steps
+    assert tensors_in(monitor) == []
