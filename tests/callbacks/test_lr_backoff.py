@@ -8,6 +8,7 @@ import math
 
 import pytest
 import pytorch_lightning as pl
+import faulty
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -181,17 +182,7 @@ def assert_trajectory(records, reference, factors, first=0):
 
 
 def trainer_kwargs(tmp_path, **overrides):
-    kwargs = dict(
-        accelerator="cpu",
-        max_epochs=EPOCHS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
-    kwargs.update(overrides)
-    return kwargs
+    return faulty.trainer_kwargs(tmp_path, **{"max_epochs": EPOCHS, **overrides})
 
 
 CASES = [(None, "step")] + list(itertools.product(sorted(SCHEDULERS), ["step", "epoch"]))
