@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import warnings
@@ -46,7 +47,9 @@ class CheckpointRollbackBase:
     Triggers (the same decision on every rank under DDP):
 
     1. NaNGuard escalates (the weights are non-finite, or its ``max_consecutive`` skips in a row);
-    2. ``max_consecutive_skips`` skipped steps in a row (fewer than NaNGuard's limit);
+    2. ``max_consecutive_skips`` skipped steps in a row (fewer than NaNGuard's limit), or ``k`` of the
+       last ``n`` steps skipped (``skip_rate=(k, n)``; incidents blamed on the data do not count): a
+       state that fails every other batch is as broken as one that fails every batch;
     3. a loss spike that persists: robust z above ``spike_threshold`` for ``spike_patience`` steps.
 
     Action: restore the newest good snapshot in place (a snapshot that was already restored and
@@ -54,7 +57,9 @@ class CheckpointRollbackBase:
     triggered inside an optimizer step, the weights at once and the rest at the end of the batch,
     after that step's hooks and scheduler step, so every state ends exactly as in the snapshot), reset
     NaNGuard's consecutive-skip count, call ``back_off(step, reason)`` on the first callback that has
-    it (``LRBackoff``; without one the LR stays as it was, with a warning), drop the updates of the
+    it (``LRBackoff``, which is also given ``since=`` the restored step and goes one level below the
+    factor the run left that state with; without one the LR stays as it was, with a warning), restore
+    the loss-spike statistics of the snapshot (not those of the blow-up), drop the updates of the
     next ``skip_batches`` batches, and carry on with the next batches: the data is not rewound and
     ``trainer.global_step`` keeps counting steps attempted. NaNGuard's incidents and LRBackoff's
     memory are never rolled back. After ``max_rollbacks`` rollbacks the next trigger raises
@@ -69,6 +74,9 @@ class CheckpointRollbackBase:
         max_snapshots: good snapshots kept.
         max_norm_growth: allowed growth of the weights' 2-norm per snapshot interval (> 1).
         max_consecutive_skips: skipped steps in a row that trigger a rollback (trigger 2).
+        skip_rate: ``(k, n)``: ``k`` skipped steps among the last ``n`` trigger a rollback too
+            (trigger 2; ``None``: only steps in a row count). Incidents blamed on the data (culprit
+            samples found, ``cause == "dirty_data"``, non-finite inputs) do not count.
         spike_threshold: robust z-score of the loss that counts as a spike; ``None`` turns the loss
             tests off (trigger 3 and the spike part of the known-good test). Default 6: for Gaussian
             noise a z of 6 happens once in 10^9 steps, and batch losses, though heavier-tailed,
@@ -138,6 +146,7 @@ class CheckpointRollbackBase:
         max_snapshots: int = 2,
         max_norm_growth: float = 2.0,
         max_consecutive_skips: int = 5,
+        skip_rate: tuple[int, int] | None = (3, 10),
         spike_threshold: float | None = 6.0,
         spike_patience: int = 10,
         spike_window: int = 100,
@@ -156,6 +165,16 @@ class CheckpointRollbackBase:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"Expected `{name}` to be an int >= {low}, got {value!r}")
+        if skip_rate is not None and not (
+            isinstance(skip_rate, (tuple, list))
+            and len(skip_rate) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in skip_rate)
+            and 1 <= skip_rate[0] <= skip_rate[1]
+        ):
+            raise ValueError(
+                f"Expected `skip_rate` to be None or (k, n) with ints 1 <= k <= n (k skipped steps among the last n), "
+                f"got {skip_rate!r}"
+            )
         if confirm_steps >= every_n_steps:
             raise ValueError(
                 f"Expected `confirm_steps` < `every_n_steps` ({every_n_steps}), got {confirm_steps!r}: "
@@ -172,6 +191,7 @@ class CheckpointRollbackBase:
         self.confirm_steps = confirm_steps
         self.max_norm_growth = float(max_norm_growth)
         self.max_consecutive_skips = max_consecutive_skips
+        self.skip_rate = None if skip_rate is None else (int(skip_rate[0]), int(skip_rate[1]))
         self.spike_patience = spike_patience
         self.skip_batches = skip_batches
         self.max_rollbacks = max_rollbacks
@@ -197,6 +217,7 @@ class CheckpointRollbackBase:
         self._flushed_step = 0
         self._spike_run = 0
         self._spike_steps: deque[int] = deque(maxlen=64)
+        self._skip_steps: deque[int] = deque()  # steps skipped (not for the data) within the skip_rate window
         self._last_incident_step: int | None = None
         self._next_snapshot_step = 0
         self._drop_left = 0
@@ -330,12 +351,24 @@ class CheckpointRollbackBase:
         if guard is None or incident.kind == "param":  # non-finite weights: NaNGuard escalates next
             return
         skips = guard.consecutive_skips
-        if not self.max_consecutive_skips <= skips < guard.max_consecutive:
-            return  # too few yet, or NaNGuard escalates next
+        if not (incident.kind == "input" or incident.cause == "dirty_data" or incident.samples):
+            self._skip_steps.append(incident.step)
+        horizon = incident.step - (self.skip_rate[1] if self.skip_rate else 1)
+        while self._skip_steps and self._skip_steps[0] <= horizon:
+            self._skip_steps.popleft()
+        recent = len(self._skip_steps)
+        if skips >= guard.max_consecutive:
+            return  # NaNGuard escalates next
+        if skips >= self.max_consecutive_skips:
+            reason = f"{skips} consecutive skipped steps"
+        elif self.skip_rate is not None and recent >= self.skip_rate[0]:
+            reason = f"{recent} of the last {self.skip_rate[1]} steps skipped"
+        else:
+            return
         trainer, pl_module = self._objects(event)
         if trainer is None:
             return
-        ok, why = self._rollback(trainer, pl_module, f"{skips} consecutive skipped steps", event.optimizer is not None)
+        ok, why = self._rollback(trainer, pl_module, reason, event.optimizer is not None)
         if ok:
             incident.action = f"recovered by {type(self).__name__}"
             incident.detail["rollback"] = dict(self.history[-1])
@@ -369,6 +402,7 @@ class CheckpointRollbackBase:
                 "drop_left": self._drop_left + int(self._dropping),
                 "spike_run": self._spike_run,
                 "spike_steps": list(self._spike_steps),
+                "skip_steps": list(self._skip_steps),
                 "last_incident_step": self._last_incident_step,
                 "detector": self.detector.state_dict() if self.detector is not None else {},
                 "warned": sorted(self._warned),
@@ -382,6 +416,7 @@ class CheckpointRollbackBase:
         self._drop_left = int(policy.get("drop_left", 0))
         self._spike_run = int(policy.get("spike_run", 0))
         self._spike_steps = deque(policy.get("spike_steps", []), maxlen=64)
+        self._skip_steps = deque(int(s) for s in policy.get("skip_steps", []))
         self._last_incident_step = policy.get("last_incident_step")
         self._warned = set(policy.get("warned", []))
         if self.detector is not None:
@@ -400,7 +435,7 @@ class CheckpointRollbackBase:
             trainer.optimizers,
             [config.scheduler for config in trainer.lr_scheduler_configs],
             grad_scaler(trainer),
-            {"callbacks": states},
+            {"callbacks": states, "detector": self.detector.state_dict() if self.detector is not None else {}},
         )
 
     def _confirm(self, trainer: Any, pl_module: Any) -> None:
@@ -539,6 +574,9 @@ class CheckpointRollbackBase:
                     grad_scaler(trainer),
                 )
                 self._load_callbacks(trainer, extra.get("callbacks", {}))
+                if self.detector is not None:  # the loss statistics of the good state, not of the blow-up
+                    self.detector = LossSpikeDetector(self.detector.window, self.detector.threshold)
+                    self.detector.load_state_dict(extra.get("detector", {}))
 
         if in_step:
             weights()
@@ -547,6 +585,7 @@ class CheckpointRollbackBase:
             everything()
         self.store.discard()  # a pending snapshot is newer than the state restored
         self.history.append({"step": step, "restored_step": restored, "reason": reason})
+        self._skip_steps.clear()
         self._last_incident_step = step
         self._losses, self._flushed_step, self._spike_run = [], step + int(in_step), 0
         self._drop_left, self._dropping = self.skip_batches, False
@@ -556,7 +595,10 @@ class CheckpointRollbackBase:
         log_metrics(trainer, metrics)
         backoff = next((cb for cb in trainer.callbacks if cb is not self and callable(getattr(cb, "back_off", None))), None)
         if backoff is not None:
-            backoff.back_off(step, reason)
+            if "since" in inspect.signature(backoff.back_off).parameters:
+                backoff.back_off(step, reason, since=restored)
+            else:
+                backoff.back_off(step, reason)
         else:
             self._warn(
                 "backoff",

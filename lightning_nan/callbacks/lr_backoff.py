@@ -22,11 +22,16 @@ class LRBackoffBase:
     effective one is logged here).
 
     Each incident NaNGuard reports (on every rank, already agreed) multiplies the factor by
-    ``factor``, down to ``min_factor``; after ``patience`` clean training steps it grows back by
-    ``growth``, never above a ceiling that drops whenever a level it grew back to fails again, so
-    recovery cannot loop (the exact rule is in :class:`~lightning_nan.core.lr_backoff.LRBackoffController`).
-    ``back_off(step, reason)`` is public: CheckpointRollback calls it after a rollback (once per step:
-    the incident it rolled back from already backed off, so that call changes nothing). With
+    ``factor``, down to ``min_factor``, once the current factor has been tested by 3 clean steps in
+    a row (failures right after a back-off come from the state the higher LR broke; rolling back
+    cures those). After ``patience`` clean training steps it grows back by ``growth``, on trial: if
+    the mean loss of the next ``growth_trial`` steps is worse than that of the ``growth_trial``
+    before, the growth is undone for good. The ceiling also drops whenever a level it grew back to
+    fails again, so recovery cannot loop (the exact rules are in
+    :class:`~lightning_nan.core.lr_backoff.LRBackoffController`). ``back_off(step, reason, since=None)``
+    is public: CheckpointRollback calls it after a rollback with ``since`` the restored step, and the
+    factor goes one level below the highest one used since then (nothing changes if the incident it
+    rolled back from already did that). With
     ``spike_zscore`` set, a loss spike (robust z-score against the last ``window`` losses, agreed
     across ranks) backs off too, one step after it happened (no host sync is spent on it).
 
@@ -44,6 +49,9 @@ class LRBackoffBase:
         spike_zscore: robust z-score threshold for loss spikes; ``None`` (default) disables them.
         window: losses kept for the spike statistics.
         min_history: losses needed before spikes are tested.
+        growth_trial: training-step losses on each side of a growth compared to keep or undo it
+            (the growth is undone, and its level never tried again, if the loss got worse);
+            ``None``: no trial.
         ignore_data_incidents: do not back off on incidents blamed on the data.
         log_every_n_steps: how often to log; default: the trainer's ``log_every_n_steps``. A step
             whose factor differs from the last logged one is always logged.
@@ -95,6 +103,7 @@ class LRBackoffBase:
         spike_zscore: float | None = None,
         window: int = 50,
         min_history: int = 20,
+        growth_trial: int | None = 50,
         ignore_data_incidents: bool = True,
         log_every_n_steps: int | None = None,
     ) -> None:
@@ -113,6 +122,7 @@ class LRBackoffBase:
             spike_zscore=spike_zscore,
             window=window,
             min_history=min_history,
+            growth_trial=growth_trial,
         )
         self.ignore_data_incidents = ignore_data_incidents
         self.log_every_n_steps = log_every_n_steps
@@ -144,9 +154,16 @@ class LRBackoffBase:
             text += f"; levels above {controller.ceiling:.3g}x failed twice, so a safe learning rate is below that"
         return text + "."
 
-    def back_off(self, step: int, reason: str = "rollback") -> float:
-        """Lower the factor now (call it on every rank; once per step); returns the new factor."""
+    def back_off(self, step: int, reason: str = "rollback", since: int | None = None) -> float:
+        """Lower the factor now (call it on every rank; once per step); returns the new factor.
+
+        ``since``: the step of the state a rollback restored; the factor then goes one level below the
+        one the run left that state with, unless it is already lower
+        (:meth:`~lightning_nan.core.lr_backoff.LRBackoffController.back_off_below`).
+        """
         self._dirty = True
+        if since is not None:
+            return self.controller.back_off_below(since, step, reason)
         return self.controller.back_off(step, reason)
 
     def on_nan_incident(self, event: Any) -> None:
@@ -170,7 +187,7 @@ class LRBackoffBase:
         self._observed_step = trainer.global_step
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        if self.controller.spike_zscore is not None:
+        if self.controller.spike_zscore is not None or self.controller.growth_trial is not None:
             loss = loss.detach()
             self._loss = loss if self._loss is None else self._loss + loss
 

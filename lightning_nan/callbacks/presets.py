@@ -8,9 +8,11 @@ from typing import Any
 #: Part name -> (callback class name, default arguments), in the order the list is built.
 PARTS: dict[str, tuple[str, dict[str, Any]]] = {
     "guard": ("NaNGuard", {}),
-    # z-score clipping adapts to the model's own gradient scale (no absolute cap: a fixed norm is
-    # right for one model and stalls another; a blow-up it lets through is rolled back).
-    "clipping": ("GradientClipping", {"method": "zclip"}),
+    # AutoClip at the median of the norms seen so far: scale-free (a fixed norm is right for one model
+    # and stalls another), and it cuts a spike to a typical step from the first steps on (z-score
+    # clipping lets everything through during its warm-up, when a badly scaled model blows up); the
+    # smaller half of the steps is never touched. A blow-up it lets through is rolled back.
+    "clipping": ("GradientClipping", {"method": "autoclip", "percentile": 50}),
     "bisection": ("BatchBisection", {}),
     # A learning rate that diverges is usually off by orders of magnitude (the two-layer net of
     # examples/exploding_mlp.py: 1e-4 diverges, 1e-6 converges), so each incident quarters it.

@@ -50,6 +50,13 @@ MAD_TO_STD = 1.4826
 REL_SCALE_FLOOR = 1e-3
 #: The change log kept in ``history`` (and in ``state_dict``) is capped at this many entries.
 MAX_HISTORY = 256
+#: A growth is undone when the mean loss after it exceeds the mean before it by more than this many
+#: standard errors (one-sided; about 2% false alarms on a flat, noisy loss).
+TRIAL_Z = 1.0
+#: Clean steps in a row that test a factor: a failure after fewer says nothing against it.
+TESTED_AFTER = 3
+#: Losses needed on each side of a growth for the trial to be run.
+TRIAL_MIN_LOSSES = 10
 
 
 class LRBackoffController:
@@ -57,9 +64,22 @@ class LRBackoffController:
 
     Rules (``f``: the current factor, ``c``: the ceiling, initially 1):
 
-    * **Back off** (:meth:`back_off`, on an incident or a loss spike): ``f <- max(f * factor, min_factor)``.
+    * **Back off** (:meth:`back_off`, on an incident or a loss spike): ``f <- max(f * factor, min_factor)``,
+      once ``f`` has been *tested*: ``3`` clean steps in a row were taken with it since the last back-off
+      (at the start of a run, ``f = 1`` counts as tested). Failures before that come from a state an
+      earlier, higher factor broke, and say nothing against ``f``: backing off on each of them would
+      sink the factor to the floor within a few steps of one blow-up. Restoring a good state cures
+      those; after a rollback to the state of step ``s``, :meth:`back_off_below` makes sure ``f`` is
+      one level below the highest factor used since ``s``.
     * **Grow back**: after ``patience`` consecutive clean steps (no incident, no spike) since the
       last change, ``f <- min(f * growth, c)``.
+    * **Trial** (``growth_trial`` losses given to :meth:`observe`): a growth is kept only if the mean
+      loss of the ``growth_trial`` clean steps after it is not worse than that of the ``growth_trial``
+      before it by more than one standard error (Welch's z > 1, one-sided). Otherwise the factor goes
+      back down and that level becomes the ceiling for good: a higher LR that does not fail outright
+      but leaves the loss noisier and higher (a model trained on unnormalised inputs, say) is not worth
+      the risk of the level that failed. A loss that keeps falling passes; on a flat, noisy loss about
+      one growth in six is undone (a cost of one level, after a run that had already failed there).
     * **Remember** (no loop): the controller knows whether ``f`` was reached by growing back. A back-off
       while at such a level means that level failed twice (it, or a level above it, failed before; that
       is why ``f`` had been lower): the ceiling drops for good to the level below,
@@ -93,6 +113,8 @@ class LRBackoffController:
 
     Cost: the hooks do nothing but record the factor while it is 1; otherwise they rescale the
     ``lr`` of each group twice per step (a float, or an in-place op on a tensor ``lr``; no host sync).
+    A loss given to :meth:`observe` is written into a device ring (no host sync); a trial's verdict is
+    one small read, a step after the trial ends.
     With spike detection each step adds a few small device ops, one ``all_reduce`` of a flag under
     DDP, and no host sync: the flag is read at the *next* :meth:`observe` (through a non-blocking copy
     on CUDA), so spike decisions, and the growth that waits for them, act one step late.
@@ -109,18 +131,25 @@ class LRBackoffController:
         spike_zscore: robust z-score above which a loss is a spike; ``None`` disables spike detection.
         window: losses kept for the spike statistics.
         min_history: losses needed before spikes are tested (at most ``window``).
-        reduce: in-place element-wise max over ranks, for the spike flag (default ``torch.distributed``).
+        growth_trial: clean-step losses on each side of a growth that the trial compares (>= 10);
+            ``None``: growths are kept without a trial. Without losses passed to :meth:`observe`
+            there is no trial either.
+        reduce: in-place element-wise max over ranks, for the spike flag and the trial's verdict
+            (default ``torch.distributed``: a growth is undone if the loss got worse on any rank).
 
-    Example: the toy that diverges whenever the factor is above 0.25.
+    Example: the toy that diverges whenever the factor is above 0.25 (it takes 3 clean steps to build up).
 
-    >>> ctl = LRBackoffController(0.5, patience=3)
+    >>> ctl = LRBackoffController(0.5, patience=5)
+    >>> built = 0
     >>> for step in range(40):
-    ...     diverged = ctl.factor_now > 0.25
+    ...     built = built + 1 if ctl.factor_now > 0.25 else 0
+    ...     diverged = built > 3
     ...     if diverged:
     ...         _ = ctl.back_off(step)
+    ...         built = 0
     ...     ctl.observe(step, clean=not diverged)
     >>> [(h["step"], h["reason"], h["factor"]) for h in ctl.history]
-    [(0, 'incident', 0.5), (1, 'incident', 0.25), (4, 'grow back', 0.5), (5, 'incident', 0.25)]
+    [(3, 'incident', 0.5), (7, 'incident', 0.25), (12, 'grow back', 0.5), (16, 'incident', 0.25)]
     >>> ctl.factor_now, ctl.ceiling
     (0.25, 0.25)
     """
@@ -135,6 +164,7 @@ class LRBackoffController:
         spike_zscore: float | None = None,
         window: int = 50,
         min_history: int = 20,
+        growth_trial: int | None = 50,
         reduce: Callable[[Tensor], Tensor] = all_reduce_max,
     ) -> None:
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
@@ -157,6 +187,12 @@ class LRBackoffController:
             raise ValueError(f"Expected `window` to be an int >= 3, got {window!r}")
         if not isinstance(min_history, int) or isinstance(min_history, bool) or not 3 <= min_history <= window:
             raise ValueError(f"Expected `min_history` to be an int in [3, window={window}], got {min_history!r}")
+        if growth_trial is not None and (
+            not isinstance(growth_trial, int) or isinstance(growth_trial, bool) or growth_trial < TRIAL_MIN_LOSSES
+        ):
+            raise ValueError(
+                f"Expected `growth_trial` to be None (no trial) or an int >= {TRIAL_MIN_LOSSES}, got {growth_trial!r}"
+            )
         self.factor = float(factor)
         self.min_factor = float(min_factor)
         self.patience = patience
@@ -164,12 +200,15 @@ class LRBackoffController:
         self.spike_zscore = None if spike_zscore is None else float(spike_zscore)
         self.window = window
         self.min_history = min_history
+        self.growth_trial = growth_trial
         self.reduce = reduce
 
         self._factor = 1.0
         self.ceiling = 1.0
         #: Whether the current factor was reached by growing back (see the memory rule).
         self.grown = False
+        #: Whether an update was taken (a clean step) at the current factor since the last back-off.
+        self.tested = True
         self.clean_steps = 0
         self.last_backoff_step: int | None = None
         self.backoffs = 0
@@ -184,6 +223,12 @@ class LRBackoffController:
         self._last_spike = False
         # (step, clean, deferred spike flag, superseded by a back-off) of the step still to settle
         self._pending: tuple[int, bool, Any, bool] | None = None
+        # growth trials: the last `growth_trial` clean losses (NaN: empty), and while a trial runs the
+        # losses before it and the factor it grew from; then the verdict, read at the next observe
+        self._ring: Tensor | None = None
+        self._ring_n = 0
+        self._trial: tuple[Tensor, float, int] | None = None  # (losses before, factor before, step)
+        self._verdict: tuple[Any, float, int] | None = None  # (deferred flag, factor before, step)
 
         self._optimizers: list[torch.optim.Optimizer] = []
         self._handles: list[Any] = []
@@ -217,16 +262,46 @@ class LRBackoffController:
     def back_off(self, step: int, reason: str = "incident") -> float:
         """Lower the factor by ``factor`` (down to ``min_factor``); returns the new factor.
 
-        At most once per step: a second call for the step of the last back-off (NaNGuard's incident,
-        then CheckpointRollback's call once it rolled back from it) changes nothing. Call it on every
-        rank with the same arguments (incident decisions are already agreed).
+        Only when the current factor has been *tested*: at least one clean step was taken with it since
+        the last back-off. Failures before that come from a state the earlier factor broke (no update
+        at the new one has been made yet), so they say nothing against it: backing off on each would
+        sink the factor to the floor in a few steps; rolling back (:meth:`back_off_below`) is the cure.
+        At most once per step. Call it on every rank with the same arguments (incident decisions are
+        already agreed).
         """
         self.clean_steps = 0
-        if step == self.last_backoff_step:
+        if step == self.last_backoff_step or not self.tested:
             return self._factor
-        self.last_backoff_step = step
+        return self._lower(max(self._factor * self.factor, self.min_factor), step, reason)
+
+    def back_off_below(self, since: int, step: int, reason: str = "rollback") -> float:
+        """After a rollback to the state of step ``since``: go one level below the factor the run left
+        that state with (the trajectory from there blew up), unless the factor is already lower.
+
+        Returns the factor. Call it on every rank with the same arguments.
+        """
+        self.clean_steps = 0
+        target = max(self.factor_since(since) * self.factor, self.min_factor)
+        if self._factor <= target:
+            return self._factor
+        return self._lower(target, step, reason)
+
+    def factor_since(self, step: int) -> float:
+        """The highest factor steps were taken with since ``step`` (from :attr:`history`)."""
+        earlier = [h for h in self.history if h["step"] < step]
+        if earlier:
+            start = float(earlier[-1]["factor"])
+        elif len(self.history) < MAX_HISTORY:  # the whole log: nothing changed before `step`
+            start = 1.0
+        else:
+            start = float(self.history[0]["factor"])
+        return max([start] + [float(h["factor"]) for h in self.history if h["step"] >= step])
+
+    def _lower(self, new: float, step: int, reason: str) -> float:
         f = self._factor
-        new = max(f * self.factor, self.min_factor)
+        self.last_backoff_step = step
+        self.tested = False
+        self._trial = self._verdict = None  # the failure has decided
         if self.grown:  # this level was reached by growing back and failed again: never return to it
             self.ceiling = min(self.ceiling, new)
         self._factor, self.grown, self.clean_steps = new, False, 0
@@ -243,6 +318,10 @@ class LRBackoffController:
         Call it once per optimizer step (or per training step with several optimizers), after the
         step, on every rank. Grows the factor back after ``patience`` clean steps in a row.
         """
+        if self._verdict is not None:
+            self._judge(step)
+        if clean and loss is not None and self.growth_trial is not None:
+            self._collect(loss)
         if self.spike_zscore is None:
             self._settle(step, clean, False)
             return
@@ -259,17 +338,66 @@ class LRBackoffController:
             self.clean_steps = 0
             return
         self.clean_steps += 1
+        self.tested = self.tested or self.clean_steps >= TESTED_AFTER
         if self.clean_steps >= self.patience and self._factor < self.ceiling:
             f = self._factor
             self._factor = min(f * self.growth, self.ceiling)
             self.grown, self.clean_steps = True, 0
             self.growths += 1
+            self._start_trial(f, step)
             self._note(step, "grow back")
             log.info("LRBackoff: %d clean steps at step %d: factor %.6g -> %.6g", self.patience, step, f, self._factor)
 
     def _note(self, step: int, reason: str) -> None:
         self.history.append({"step": int(step), "reason": reason, "factor": self._factor, "ceiling": self.ceiling})
         del self.history[:-MAX_HISTORY]
+
+    # ------------------------------------------------------------------ growth trials (on the device)
+    @torch.no_grad()
+    def _collect(self, loss: float | Tensor) -> None:
+        """Put a clean step's loss in the ring; at the end of a trial, compare the two sides."""
+        x = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
+        x = x.float().sum()
+        n = self.growth_trial
+        assert n is not None
+        if self._ring is None:
+            self._ring = torch.full((n,), math.nan, device=x.device)
+        elif self._ring.device != x.device:
+            self._ring = self._ring.to(x.device)
+        self._ring[self._ring_n % n] = torch.where(torch.isfinite(x), x, math.nan)
+        self._ring_n += 1
+        if self._trial is not None and self._ring_n >= n:
+            before, f, step = self._trial
+            self._trial = None
+            worse = (_zscore(before.to(self._ring.device), self._ring) > TRIAL_Z).float().reshape(1)
+            self._verdict = (_Deferred(self.reduce(worse)), f, step)
+
+    def _trial_losses(self) -> list[float]:
+        """The finite losses of the trial ring, oldest first (reads them to the host)."""
+        if self._ring is None or self._ring_n == 0:
+            return []
+        n = len(self._ring)
+        start = self._ring_n % n if self._ring_n >= n else 0
+        return _finite(torch.roll(self._ring, -start)[: min(self._ring_n, n)])
+
+    def _start_trial(self, before: float, step: int) -> None:
+        if self._ring is None or self._ring_n < TRIAL_MIN_LOSSES:
+            return
+        self._trial = (self._ring.clone(), before, step)
+        self._ring.fill_(math.nan)
+        self._ring_n = 0
+
+    def _judge(self, step: int) -> None:
+        """Undo the growth the verdict is about if the loss got worse after it (the level is then the ceiling)."""
+        flag, before, grown_at = self._verdict  # type: ignore[misc]
+        self._verdict = None
+        if not _read(flag):
+            return
+        f = self._factor
+        self._factor = self.ceiling = before
+        self.grown, self.clean_steps = False, 0
+        self._note(step, f"growth of step {grown_at} undone: the loss got worse")
+        log.info("LRBackoff: the loss got worse after growing at step %d: factor %.6g -> %.6g for good", grown_at, f, before)
 
     # ------------------------------------------------------------------ spike detection (on the device)
     @torch.no_grad()
@@ -406,6 +534,12 @@ class LRBackoffController:
             "spike_seen": self._seen,
             "last_spike": self._last_spike,
             "pending": pending,
+            "tested": self.tested,
+            "trial_losses": self._trial_losses(),
+            "trial": None if self._trial is None else {
+                "before": _finite(self._trial[0]), "factor": self._trial[1], "step": self._trial[2]
+            },
+            "verdict": None if self._verdict is None else [_read(self._verdict[0]), self._verdict[1], self._verdict[2]],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -428,6 +562,17 @@ class LRBackoffController:
             if values:  # the ring restarts with the oldest value in slot 0
                 self._buf[: len(values)] = torch.tensor(values, device=device)
             self._filled, self._next = len(values), len(values) % self.window
+        self.tested = bool(state.get("tested", self.tested))
+        if "trial_losses" in state and self.growth_trial is not None:
+            values = [float(v) for v in state["trial_losses"]][-self.growth_trial :]
+            self._ring = torch.full((self.growth_trial,), math.nan)
+            if values:
+                self._ring[: len(values)] = torch.tensor(values)
+            self._ring_n = len(values)
+        trial = state.get("trial")
+        self._trial = None if not trial else (torch.tensor([float(v) for v in trial["before"]]), float(trial["factor"]), int(trial["step"]))
+        verdict = state.get("verdict")
+        self._verdict = None if not verdict else (bool(verdict[0]), float(verdict[1]), int(verdict[2]))
         pending = state.get("pending", None)
         if pending is not None:
             pending = (int(pending[0]), bool(pending[1]), bool(pending[2]), bool(pending[3]) if len(pending) > 3 else False)
@@ -441,6 +586,24 @@ class LRBackoffController:
             step, clean, flag, superseded = self._pending
             state["_pending"] = (step, clean, _read(flag), superseded)
         return state
+
+
+def _finite(x: Tensor) -> list[float]:
+    return [v for v in x.tolist() if math.isfinite(v)]
+
+
+def _zscore(before: Tensor, after: Tensor) -> Tensor:
+    """Welch's z of ``mean(after) - mean(before)`` over the finite values of each (0 with too few)."""
+    stats = []
+    for x in (before, after):
+        ok = torch.isfinite(x)
+        n = ok.sum().clamp_min(1)
+        mean = torch.where(ok, x, 0.0).sum() / n
+        var = torch.where(ok, (x - mean) ** 2, 0.0).sum() / (n - 1).clamp_min(1)
+        stats.append((mean, var / n, ok.sum()))
+    (mb, vb, nb), (ma, va, na) = stats
+    z = (ma - mb) / (vb + va).sqrt().clamp_min(1e-12 * mb.abs().clamp_min(1e-30))
+    return torch.where((nb >= TRIAL_MIN_LOSSES) & (na >= TRIAL_MIN_LOSSES), z, torch.zeros_like(z))
 
 
 class _Deferred:

@@ -78,13 +78,13 @@ def test_recommended_callbacks_fit_save_and_resume_together(ns, tmp_path):
     assert all(isinstance(cb, ns.pl.Callback) for cb in callbacks)
     ckpt = ns.pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     trainer = ns.pl.Trainer(callbacks=[*callbacks, ckpt], **trainer_kwargs(tmp_path, enable_checkpointing=True))
-    trainer.fit(model_class(ns.pl)(faults={1: "loss", 3: "grad"}), loader())
+    trainer.fit(model_class(ns.pl)(faults={1: "loss", 5: "grad"}), loader())
     guard = callbacks[0]
-    assert [i.step for i in guard.incidents] == [1, 3]
-    assert callbacks[3].factor_now == 0.25 ** 2  # LRBackoff(factor=0.25), two incidents
+    assert [i.step for i in guard.incidents] == [1, 5]
+    assert callbacks[3].factor_now == 0.25 ** 2  # LRBackoff(factor=0.25), two incidents 3 clean steps apart
     resumed = ns.lib.recommended()
     trainer = ns.pl.Trainer(callbacks=resumed, **trainer_kwargs(tmp_path / "resume", max_epochs=2))
     trainer.fit(model_class(ns.pl)(), loader(), ckpt_path=ckpt.last_model_path)
-    assert [i.step for i in resumed[0].incidents] == [1, 3] and resumed[3].factor_now == 0.25 ** 2
+    assert [i.step for i in resumed[0].incidents] == [1, 5] and resumed[3].factor_now == 0.25 ** 2
     with pytest.raises(ValueError, match="parts among"):
         ns.lib.recommended(clip=False)

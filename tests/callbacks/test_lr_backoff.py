@@ -33,11 +33,11 @@ SCHEDULERS = {
     "plateau": lambda opt, n: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=1),
 }
 
-# Incidents (skipped steps) at steps 2 and 3 with patience 5. By the documented
-# rules: 1 until step 2; back off to 0.5 (step 2) and 0.25 (step 3); 5 clean steps (4-8) -> 0.5 from
-# step 9; 5 more (9-13) -> 1.0 from step 14. Steps 2 and 3 change nothing.
-FAULTS = (2, 3)
-FACTORS = [1.0, 1.0, None, None] + [0.25] * 5 + [0.5] * 5 + [1.0] * 2
+# Incidents (skipped steps) at steps 2 and 6 with patience 5. By the documented rules: 1 until
+# step 2; back off to 0.5 (step 2); 3 clean steps at 0.5 test it, so step 6 backs off to 0.25;
+# 5 clean steps (7-11) -> 0.5 from step 12. Steps 2 and 6 change nothing.
+FAULTS = (2, 6)
+FACTORS = [1.0, 1.0, None] + [0.5] * 3 + [None] + [0.25] * 5 + [0.5] * 4
 
 
 def loader(nan_sample: int | None = None, dtype: torch.dtype = torch.float64) -> DataLoader:
@@ -200,9 +200,8 @@ def test_effective_lr_is_schedule_times_factor(tmp_path, scheduler, interval):
     assert trainer.optimizers[0].param_groups[0]["lr"] == reference[STEPS]
     assert [(h["step"], h["reason"], h["factor"]) for h in backoff.history] == [
         (2, "incident: loss", 0.5),
-        (3, "incident: loss", 0.25),
-        (8, "grow back", 0.5),
-        (13, "grow back", 1.0),
+        (6, "incident: loss", 0.25),
+        (11, "grow back", 0.5),
     ]
 
 
@@ -245,8 +244,8 @@ def test_logged_factor_and_lr_in_both_namespaces(ns, tmp_path):
     reference = replay("exponential", "step")
     assert_trajectory(probe.records, reference, FACTORS)
     # Logged at the step each value was used for: every 4th step and whenever the factor changed.
-    # The incident steps were attempted with 1.0 (step 2) and 0.5 (step 3), then skipped.
-    applied = {0: 1.0, 3: 0.5, 4: 0.25, 8: 0.25, 9: 0.5, 12: 0.5, 14: 1.0}
+    # The incident steps were attempted with 1.0 (step 2) and 0.5 (step 6), then skipped.
+    applied = {0: 1.0, 3: 0.5, 4: 0.5, 7: 0.25, 8: 0.25, 12: 0.5}
     rows = logged(logger)
     assert [step for step, _ in rows] == sorted(applied)
     for step, metrics in rows:
@@ -436,13 +435,13 @@ def test_a_loss_spike_backs_off_one_step_later(tmp_path):
 
 
 def test_nan_guard_incidents_back_off_a_float32_model(tmp_path):
-    """The real guard: NaN losses at steps 2 and 3 are skipped and reported; the factors follow."""
+    """The real guard: NaN losses at steps 2 and 6 are skipped and reported; the factors follow."""
     backoff, probe, guard = LRBackoff(patience=5), probe_class(pl)(), NaNGuard()
     model = model_class(pl)("exponential", "step", faults=FAULTS, dtype=torch.float32)
     trainer = pl.Trainer(callbacks=[guard, backoff, probe], **trainer_kwargs(tmp_path))
     trainer.fit(model, loader(dtype=torch.float32))
-    assert [(i.step, i.kind) for i in guard.incidents] == [(2, "loss"), (3, "loss")]
-    assert [(h["step"], h["factor"]) for h in backoff.history] == [(2, 0.5), (3, 0.25), (8, 0.5), (13, 1.0)]
+    assert [(i.step, i.kind) for i in guard.incidents] == [(2, "loss"), (6, "loss")]
+    assert [(h["step"], h["factor"]) for h in backoff.history] == [(2, 0.5), (6, 0.25), (11, 0.5)]
     reference = replay("exponential", "step")
     for k, factor in enumerate(FACTORS):  # float32 weights: the update is exact to ~1e-4 here
         if factor is None:

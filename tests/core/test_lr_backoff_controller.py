@@ -62,10 +62,10 @@ def test_hand_written_loop_updates_with_schedule_times_factor(name):
     sched = SCHEDULERS[name](opt)
     backoff = LRBackoffController(patience=4)
     backoff.attach(opt)
-    incidents = {3, 4, 12}
-    # factor used by each step, from the documented rules: 3 -> 0.5, 4 -> 0.25, 4 clean steps (5-8)
-    # -> 0.5 from 9; step 12 fails at a grown level -> 0.25 and ceiling 0.25 for good.
-    expected = [1.0] * 4 + [0.5] + [0.25] * 4 + [0.5] * 3 + [0.5] + [0.25] * (n - 13)
+    incidents = {3, 7, 15}
+    # factor used by each step, from the documented rules: 3 -> 0.5; 3 clean steps test it, 7 -> 0.25;
+    # 4 clean steps (8-11) -> 0.5 from 12; step 15 fails at a grown level -> 0.25 and ceiling 0.25 for good.
+    expected = [1.0] * 4 + [0.5] * 4 + [0.25] * 4 + [0.5] * 4 + [0.25] * (n - 16)
     reference = scheduled_lrs(SCHEDULERS[name], n)
     for step in range(n):
         w.grad = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64) + 0.1 * step
@@ -84,7 +84,7 @@ def test_hand_written_loop_updates_with_schedule_times_factor(name):
         backoff.observe(step, clean=step not in incidents)
         sched.step()
     assert backoff.factor_now == 0.25 and backoff.ceiling == 0.25
-    assert [(h["step"], h["factor"]) for h in backoff.history] == [(3, 0.5), (4, 0.25), (8, 0.5), (12, 0.25)]
+    assert [(h["step"], h["factor"]) for h in backoff.history] == [(3, 0.5), (7, 0.25), (11, 0.5), (15, 0.25)]
     backoff.detach()
 
 
@@ -256,28 +256,87 @@ def test_detach_removes_every_hook_and_attach_is_idempotent():
 
 
 def test_floor_and_growth_steps():
-    backoff = LRBackoffController(0.5, min_factor=0.1, patience=3, growth=4.0)
-    factors = [backoff.back_off(i, "incident") for i in range(5)]
+    backoff = LRBackoffController(0.5, min_factor=0.1, patience=4, growth=4.0)
+    factors, step = [], 0
+    for _ in range(5):
+        factors.append(backoff.back_off(step, "incident"))
+        for step in range(step + 1, step + 4):  # 3 clean steps: the new factor is tested
+            backoff.observe(step, clean=True)
+        step += 1
     assert factors == [0.5, 0.25, 0.125, 0.1, 0.1]
-    for step in range(5, 8):
+    assert backoff.factor_now == 0.1
+    backoff.observe(step, clean=True)
+    assert backoff.factor_now == 0.4  # 0.1 * 4 after 4 clean steps
+    for step in range(step + 1, step + 4):
         backoff.observe(step, clean=True)
-    assert backoff.factor_now == 0.4  # 0.1 * 4 after 3 clean steps
-    backoff.observe(8, clean=True)
-    backoff.observe(9, clean=False)  # resets the count
-    backoff.observe(10, clean=True)
-    backoff.observe(11, clean=True)
+    backoff.observe(step + 1, clean=False)  # resets the count
+    for step in range(step + 2, step + 5):
+        backoff.observe(step, clean=True)
     assert backoff.factor_now == 0.4
-    backoff.observe(12, clean=True)
+    backoff.observe(step + 1, clean=True)
     assert backoff.factor_now == 1.0  # min(0.4 * 4, ceiling 1)
 
 
 def test_one_back_off_per_step():
     """NaNGuard reports the incident, then CheckpointRollback calls back_off for the same step."""
-    backoff = LRBackoffController(patience=2)
+    backoff = LRBackoffController(patience=10)
     assert backoff.back_off(5, "incident: param") == 0.5
     assert backoff.back_off(5, "rollback") == 0.5
-    assert backoff.back_off(6, "incident: loss") == 0.25
-    assert [h["step"] for h in backoff.history] == [5, 6] and backoff.backoffs == 2
+    assert [h["step"] for h in backoff.history] == [5] and backoff.backoffs == 1
+
+
+def test_a_failure_before_the_factor_was_tested_does_not_back_off():
+    """Right after a back-off the weights are those the higher LR made: failing again says nothing
+    against the new factor until 3 clean steps were taken with it."""
+    backoff = LRBackoffController(patience=10)
+    assert backoff.back_off(0, "incident") == 0.5
+    backoff.observe(0, clean=False)
+    assert backoff.back_off(1, "incident") == 0.5  # no update at 0.5 yet
+    backoff.observe(1, clean=False)
+    for step in (2, 3):
+        backoff.observe(step, clean=True)
+    assert backoff.back_off(4, "incident") == 0.5  # two clean steps are not enough
+    backoff.observe(4, clean=False)
+    for step in (5, 6, 7):
+        backoff.observe(step, clean=True)
+    assert backoff.back_off(8, "incident") == 0.25
+    assert [(h["step"], h["factor"]) for h in backoff.history] == [(0, 0.5), (8, 0.25)]
+
+
+def test_back_off_below_a_restored_state():
+    """After a rollback to step s: one level below the highest factor used since s, unless already lower."""
+    backoff = LRBackoffController(patience=4)
+    for step in range(4):
+        backoff.observe(step, clean=True)
+    assert backoff.factor_since(2) == 1.0
+    assert backoff.back_off_below(2, 4, "rollback") == 0.5  # the run left step 2 at 1.0
+    assert backoff.back_off_below(2, 5, "rollback") == 0.5  # already below: nothing
+    for step in range(5, 9):
+        backoff.observe(step, clean=True)  # 4 clean steps: grown back to 1.0 at step 8
+    assert backoff.factor_now == 1.0 and backoff.factor_since(6) == 1.0 and backoff.factor_since(9) == 1.0
+    backoff.back_off(9, "incident")  # 1.0 was tested: 0.5, and 1.0 (a grown level) is the ceiling no more
+    assert (backoff.factor_now, backoff.ceiling) == (0.5, 0.5)
+    # a rollback to step 3, before the growth: the highest factor since then was 1.0 -> 0.5, already there
+    assert backoff.back_off_below(3, 10, "rollback") == 0.5
+    # untested factors do not matter to it: it always lands below the level that was left
+    assert backoff.back_off_below(10, 11, "rollback") == 0.25
+    assert [(h["step"], h["reason"], h["factor"]) for h in backoff.history] == [
+        (4, "rollback", 0.5), (8, "grow back", 1.0), (9, "incident", 0.5), (11, "rollback", 0.25)
+    ]
+
+
+def building(threshold: float, steps_to_fail: int = 3):
+    """A divergence that fails a step once ``steps_to_fail`` clean steps above ``threshold`` built it up."""
+    above = {"n": 0}
+
+    def fails(f: float, step: int) -> bool:
+        above["n"] = above["n"] + 1 if f > threshold else 0
+        if above["n"] > steps_to_fail:
+            above["n"] = 0
+            return True
+        return False
+
+    return fails
 
 
 def run_toy(backoff: LRBackoffController, fails, steps: int) -> list[tuple[int, float]]:
@@ -296,12 +355,13 @@ def run_toy(backoff: LRBackoffController, fails, steps: int) -> list[tuple[int, 
 @pytest.mark.parametrize("threshold, settle", [(0.25, 0.25), (0.3, 0.25), (0.1, 0.0625), (1.0, 1.0)])
 def test_growing_back_into_the_same_divergence_stops(threshold, settle):
     backoff = LRBackoffController(0.5, patience=10)
-    incidents = run_toy(backoff, lambda f, step: f > threshold, 5000)
+    incidents = run_toy(backoff, building(threshold), 5000)
     levels_above = [level for level in (1.0, 0.5, 0.25, 0.125) if level > threshold]
-    # one incident per level on the way down, one more when growing back to the level above `settle`
-    expected = [(i, level) for i, level in enumerate(levels_above)]
+    # one incident per level on the way down (3 clean steps, then the failure), one more when growing
+    # back to the level above `settle` (10 clean steps, 3 more, the failure)
+    expected = [(3 + 4 * i, level) for i, level in enumerate(levels_above)]
     if levels_above:
-        expected.append((len(levels_above) + 10, settle * 2))
+        expected.append((4 * len(levels_above) + 13, settle * 2))
     assert incidents == expected
     assert backoff.factor_now == settle and backoff.ceiling == settle
 
@@ -329,12 +389,12 @@ def test_state_dict_resumes_mid_backoff_and_behaves_identically():
         a.observe(step, 1.0 + 0.01 * rng.random(), clean=True)
     a.back_off(12, "incident")
     a.observe(12, 1.0, clean=False)
-    a.back_off(13, "incident")
+    a.back_off(13, "incident")  # not tested yet: no change
     a.observe(13, 1.0, clean=False)
     a.observe(14, 1.0 + 0.01 * rng.random(), clean=True)
     state = a.state_dict()
     assert json.loads(json.dumps(state, allow_nan=False)) == state  # primitives only
-    assert state["factor_now"] == 0.25 and len(state["spike_window"]) == 10
+    assert state["factor_now"] == 0.5 and not state["tested"] and len(state["spike_window"]) == 10
     b = LRBackoffController(0.5, patience=3, spike_zscore=6.0, window=10, min_history=5)
     b.load_state_dict(state)
     assert b.state_dict() == state
