@@ -48,8 +48,9 @@ class CheckpointRollbackBase:
 
     1. NaNGuard escalates (the weights are non-finite, or its ``max_consecutive`` skips in a row);
     2. ``max_consecutive_skips`` skipped steps in a row (fewer than NaNGuard's limit), or ``k`` of the
-       last ``n`` steps skipped (``skip_rate=(k, n)``; incidents blamed on the data do not count): a
-       state that fails every other batch is as broken as one that fails every batch;
+       last ``n`` steps skipped (``skip_rate=(k, n)``): a state that fails every other batch is as
+       broken as one that fails every batch. An incident blamed on the data (BatchBisection found the
+       samples) never triggers it: restoring the weights does not help against dirty samples;
     3. a loss spike that persists: robust z above ``spike_threshold`` for ``spike_patience`` steps.
 
     Action: restore the newest good snapshot in place (a snapshot that was already restored and
@@ -76,7 +77,7 @@ class CheckpointRollbackBase:
         max_consecutive_skips: skipped steps in a row that trigger a rollback (trigger 2).
         skip_rate: ``(k, n)``: ``k`` skipped steps among the last ``n`` trigger a rollback too
             (trigger 2; ``None``: only steps in a row count). Incidents blamed on the data (culprit
-            samples found, ``cause == "dirty_data"``, non-finite inputs) do not count.
+            samples found, ``cause == "dirty_data"``, non-finite inputs) never trigger a rollback.
         spike_threshold: robust z-score of the loss that counts as a spike; ``None`` turns the loss
             tests off (trigger 3 and the spike part of the known-good test). Default 6: for Gaussian
             noise a z of 6 happens once in 10^9 steps, and batch losses, though heavier-tailed,
@@ -350,9 +351,10 @@ class CheckpointRollbackBase:
         guard = event.guard
         if guard is None or incident.kind == "param":  # non-finite weights: NaNGuard escalates next
             return
+        if incident.blames_data:  # rolling back does not help against dirty samples
+            return
         skips = guard.consecutive_skips
-        if not (incident.kind == "input" or incident.cause == "dirty_data" or incident.samples):
-            self._skip_steps.append(incident.step)
+        self._skip_steps.append(incident.step)
         horizon = incident.step - (self.skip_rate[1] if self.skip_rate else 1)
         while self._skip_steps and self._skip_steps[0] <= horizon:
             self._skip_steps.popleft()

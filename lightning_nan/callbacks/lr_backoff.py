@@ -169,9 +169,7 @@ class LRBackoffBase:
     def on_nan_incident(self, event: Any) -> None:
         incident = event.incident
         self._dirty = True
-        if self.ignore_data_incidents and (
-            incident.kind == "input" or incident.cause == "dirty_data" or incident.samples
-        ):
+        if self.ignore_data_incidents and incident.blames_data:
             return
         self.controller.back_off(incident.step, f"incident: {incident.kind}")
 

@@ -70,6 +70,12 @@ class Incident:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    @property
+    def blames_data(self) -> bool:
+        """Whether the data, not the model, is to blame: non-finite inputs, culprit samples found, or
+        diagnosed dirty data. Lowering the LR or rolling back does not help against those."""
+        return self.kind == "input" or self.cause == "dirty_data" or bool(self.samples)
+
     def where(self) -> str:
         """Where the fault was seen, in words: parameters, batches, ranks."""
         parts = []

@@ -230,6 +230,76 @@ def test_consecutive_skips_trigger_a_rollback(ns, tmp_path):
     assert trainer.global_step == 3 * STEPS_PER_EPOCH and finite(trainer.lightning_module)
 
 
+@pytest.mark.parametrize("skip_rate", [(3, 10), None])
+def test_skips_spread_over_a_window_trigger_a_rollback(ns, tmp_path, skip_rate):
+    """A state that fails every other batch is as broken as one that fails every batch."""
+
+    def nan_loss(module, loss):
+        return loss * float("nan") if module.global_step in (26, 28, 30) and not rollback.history else loss
+
+    rollback = ns.lib.CheckpointRollback(every_n_steps=10, confirm_steps=3, skip_rate=skip_rate)
+    model = net_class(ns.pl)(loss_hook=nan_loss)
+    trainer, guard, rec, _ = fit(ns, tmp_path, rollback, model=model, max_epochs=3)
+    if skip_rate is None:  # never two in a row: only consecutive skips would count
+        assert rollback.history == [] and [i.action for i in guard.incidents] == ["skipped"] * 3
+        return
+    assert [(i.step, i.action) for i in guard.incidents] == [
+        (26, "skipped"), (28, "skipped"), (30, "recovered by CheckpointRollback")
+    ]
+    assert rollback.history == [{"step": 30, "restored_step": 20, "reason": "3 of the last 10 steps skipped"}]
+    assert same_state(rec.states[31], rec.states[20])
+    assert trainer.global_step == 3 * STEPS_PER_EPOCH and finite(trainer.lightning_module)
+
+
+def test_skips_blamed_on_the_data_do_not_trigger_a_rollback(ns, tmp_path):
+    """Dirty samples in three batches in a row: BatchBisection names them, so no rollback (it would not help)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = x.sum(dim=1, keepdim=True) * 0.5
+    dirty = [4 * 6 + 1, 4 * 7 + 2, 4 * 8]  # one sample in each of the batches of steps 6, 7 and 8
+    x[dirty, 0] = float("nan")
+    rollback = ns.lib.CheckpointRollback(every_n_steps=10, confirm_steps=3, max_consecutive_skips=3)
+    guard = ns.NaNGuard()
+    trainer = ns.pl.Trainer(callbacks=[guard, ns.lib.BatchBisection(), rollback], **trainer_kwargs(tmp_path, max_epochs=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(net_class(ns.pl)(), DataLoader(TensorDataset(x, y), batch_size=4))
+    assert [(i.step, i.samples) for i in guard.incidents] == [(6, [dirty[0]]), (7, [dirty[1]]), (8, [dirty[2]])]
+    assert rollback.history == [] and all(i.action == "skipped" for i in guard.incidents)
+
+
+def test_rollback_restores_the_loss_statistics_of_the_snapshot(ns, tmp_path):
+    """The loss window the spike test uses goes back with the state: losses of the discarded steps
+    (here huge ones, read before the NaN) would otherwise be the baseline of every later test."""
+    _, Corrupt, _, _ = helpers(ns.pl)
+
+    def huge_after_20(module, loss):  # steps 21-24: 1000x the loss value, not the gradient
+        return loss + 999 * loss.detach() if 21 <= module.global_step <= 24 and not rollback.history else loss
+
+    class Capture(ns.pl.Callback):  # the detector's window when the snapshot of step 20 is taken
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 20:
+                self.window = list(rollback.detector.history)
+
+    capture = Capture()
+    # spike_patience=0: no spike trigger, the losses are read at every step (every confirm_steps)
+    rollback = ns.lib.CheckpointRollback(every_n_steps=10, confirm_steps=1, spike_patience=0, spike_window=50)
+    model = net_class(ns.pl)(loss_hook=huge_after_20)
+    seen = {}
+
+    class Before(ns.pl.Callback):  # the window just before the rollback
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 26:
+                seen["window"] = list(rollback.detector.history)
+
+    trainer, guard, _, _ = fit(ns, tmp_path, rollback, model=model, callbacks=[capture, Before(), Corrupt(26)], max_epochs=2)
+    assert [(h["step"], h["restored_step"]) for h in rollback.history] == [(26, 20)]
+    assert max(seen["window"]) > 100 * max(capture.window)  # the huge losses had been read
+    after = list(rollback.detector.history)
+    assert after[: len(capture.window)] == capture.window  # then the window went back to the snapshot's
+    assert max(after) < 10 * max(capture.window)  # and only ordinary losses joined it since
+
+
 def test_a_snapshot_that_fails_again_gives_way_to_the_one_before(ns, tmp_path):
     _, Corrupt, Backoff, _ = helpers(ns.pl)
     backoff = Backoff()
@@ -401,6 +471,8 @@ def test_logged_metrics(ns, tmp_path):
         ({"max_snapshots": 0}, "max_snapshots"),
         ({"max_norm_growth": 1.0}, "max_norm_growth"),
         ({"max_consecutive_skips": 0}, "max_consecutive_skips"),
+        ({"skip_rate": (4, 3)}, "skip_rate"),
+        ({"skip_rate": 3}, "skip_rate"),
         ({"spike_threshold": -1.0}, "threshold"),
         ({"spike_patience": -1}, "spike_patience"),
         ({"spike_window": 2}, "window"),

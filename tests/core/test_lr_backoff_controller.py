@@ -325,6 +325,61 @@ def test_back_off_below_a_restored_state():
     ]
 
 
+def grow_then(after: list[float], growth_trial: int | None = 10) -> LRBackoffController:
+    """Back off at step 0, 20 clean steps with losses ~1 (grown back at step 20), then ``after``."""
+    rng = random.Random(0)
+    backoff = LRBackoffController(0.5, patience=20, growth_trial=growth_trial)
+    backoff.back_off(0, "incident")
+    backoff.observe(0, None, clean=False)
+    for step in range(1, 21):
+        backoff.observe(step, 1.0 + 0.1 * rng.random(), clean=True)
+    assert backoff.factor_now == 1.0 and backoff.history[-1]["reason"] == "grow back"
+    for step, loss in enumerate(after, start=21):
+        backoff.observe(step, torch.tensor(loss), clean=True)
+    return backoff
+
+
+def test_a_growth_that_makes_the_loss_worse_is_undone_for_good():
+    rng = random.Random(1)
+    backoff = grow_then([2.0 + 0.1 * rng.random() for _ in range(11)])
+    # 10 losses after the growth, the verdict read at the next step
+    assert backoff.factor_now == 0.5 and backoff.ceiling == 0.5 and not backoff.grown
+    assert backoff.history[-1] == {
+        "step": 31, "reason": "growth of step 20 undone: the loss got worse", "factor": 0.5, "ceiling": 0.5
+    }
+    for step in range(32, 300):  # no loop: it never grows back to the level that made things worse
+        backoff.observe(step, 1.0, clean=True)
+    assert backoff.factor_now == 0.5 and backoff.growths == 1
+
+
+def test_a_growth_that_keeps_the_loss_falling_is_kept():
+    backoff = grow_then([0.9 - 0.01 * k for k in range(11)])
+    assert backoff.factor_now == 1.0 and backoff.ceiling == 1.0
+    assert [h["reason"] for h in backoff.history] == ["incident", "grow back"]
+
+
+def test_without_a_trial_a_growth_is_kept():
+    backoff = grow_then([2.0] * 11, growth_trial=None)
+    assert backoff.factor_now == 1.0
+    with pytest.raises(ValueError, match="growth_trial"):
+        LRBackoffController(growth_trial=5)
+
+
+def test_state_dict_mid_trial_resumes_the_trial():
+    rng = random.Random(1)
+    worse = [2.0 + 0.1 * rng.random() for _ in range(11)]
+    a = grow_then(worse[:4])
+    state = a.state_dict()
+    assert json.loads(json.dumps(state, allow_nan=False)) == state
+    assert state["trial"]["step"] == 20 and len(state["trial"]["before"]) == 10 and len(state["trial_losses"]) == 4
+    b = LRBackoffController(0.5, patience=20, growth_trial=10)
+    b.load_state_dict(state)
+    for step, loss in enumerate(worse[4:], start=25):
+        a.observe(step, loss, clean=True)
+        b.observe(step, loss, clean=True)
+    assert a.factor_now == b.factor_now == 0.5 and a.history == b.history
+
+
 def building(threshold: float, steps_to_fail: int = 3):
     """A divergence that fails a step once ``steps_to_fail`` clean steps above ``threshold`` built it up."""
     above = {"n": 0}
