@@ -587,13 +587,20 @@ DDP_SCRIPT = textwrap.dedent(
             loss = 10.0  # only rank 1 sees the spike
         backoff.observe(step, torch.tensor(loss), clean=True)
         factors.append(backoff.factor_now)
-    torch.save({"factors": factors, "history": backoff.history}, out)
+    # a growth trial whose loss gets worse on rank 1 only: both ranks undo it
+    trial = LRBackoffController(0.5, patience=20, growth_trial=10)
+    trial.back_off(0)
+    trial.observe(0, None, clean=False)
+    for step in range(1, 32):
+        worse = rank == 1 and step > 20
+        trial.observe(step, torch.tensor((3.0 if worse else 1.0) + 0.01 * (step % 3)), clean=True)
+    torch.save({"factors": factors, "history": backoff.history, "trial": trial.history}, out)
     dist.destroy_process_group()
     """
 )
 
 
-def test_ddp_ranks_agree_on_a_spike_seen_by_one_rank(tmp_path):
+def test_ddp_ranks_agree_on_a_spike_and_a_growth_trial_seen_by_one_rank(tmp_path):
     script = tmp_path / "ddp_spike.py"
     script.write_text(DDP_SCRIPT)
     init = f"file://{tmp_path / 'rendezvous'}"
@@ -614,3 +621,5 @@ def test_ddp_ranks_agree_on_a_spike_seen_by_one_rank(tmp_path):
     expected = [1.0] * 9 + [0.5] * 3  # spike at 8, settled at 9
     assert results[0]["factors"] == results[1]["factors"] == expected
     assert results[0]["history"] == results[1]["history"] and results[0]["history"][0]["step"] == 8
+    assert results[0]["trial"] == results[1]["trial"]
+    assert [h["reason"] for h in results[0]["trial"]] == ["incident", "grow back", "growth of step 20 undone: the loss got worse"]
