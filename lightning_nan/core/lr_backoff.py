@@ -51,7 +51,7 @@ REL_SCALE_FLOOR = 1e-3
 #: The change log kept in ``history`` (and in ``state_dict``) is capped at this many entries.
 MAX_HISTORY = 256
 #: A growth is undone when the mean loss after it exceeds the mean before it by more than this many
-#: standard errors (one-sided; about 2% false alarms on a flat, noisy loss).
+#: standard errors (one-sided; about one false alarm in six on a flat, noisy loss).
 TRIAL_Z = 1.0
 #: Clean steps in a row that test a factor: a failure after fewer says nothing against it.
 TESTED_AFTER = 3
@@ -207,7 +207,7 @@ class LRBackoffController:
         self.ceiling = 1.0
         #: Whether the current factor was reached by growing back (see the memory rule).
         self.grown = False
-        #: Whether an update was taken (a clean step) at the current factor since the last back-off.
+        #: Whether 3 clean steps in a row were taken at the current factor since the last back-off.
         self.tested = True
         self.clean_steps = 0
         self.last_backoff_step: int | None = None
@@ -262,10 +262,10 @@ class LRBackoffController:
     def back_off(self, step: int, reason: str = "incident") -> float:
         """Lower the factor by ``factor`` (down to ``min_factor``); returns the new factor.
 
-        Only when the current factor has been *tested*: at least one clean step was taken with it since
-        the last back-off. Failures before that come from a state the earlier factor broke (no update
-        at the new one has been made yet), so they say nothing against it: backing off on each would
-        sink the factor to the floor in a few steps; rolling back (:meth:`back_off_below`) is the cure.
+        Only when the current factor has been *tested*: 3 clean steps in a row were taken with it since
+        the last back-off. Failures before that come from a state the earlier factor broke, so they say
+        nothing against it: backing off on each would sink the factor to the floor in a few steps;
+        rolling back (then :meth:`back_off_below`) is the cure.
         At most once per step. Call it on every rank with the same arguments (incident decisions are
         already agreed).
         """
@@ -570,7 +570,10 @@ class LRBackoffController:
                 self._ring[: len(values)] = torch.tensor(values)
             self._ring_n = len(values)
         trial = state.get("trial")
-        self._trial = None if not trial else (torch.tensor([float(v) for v in trial["before"]]), float(trial["factor"]), int(trial["step"]))
+        if trial:
+            self._trial = (torch.tensor([float(v) for v in trial["before"]]), float(trial["factor"]), int(trial["step"]))
+        else:
+            self._trial = None
         verdict = state.get("verdict")
         self._verdict = None if not verdict else (bool(verdict[0]), float(verdict[1]), int(verdict[2]))
         pending = state.get("pending", None)
@@ -585,6 +588,9 @@ class LRBackoffController:
         if self._pending is not None:
             step, clean, flag, superseded = self._pending
             state["_pending"] = (step, clean, _read(flag), superseded)
+        if self._verdict is not None:
+            flag, before, grown_at = self._verdict
+            state["_verdict"] = (_read(flag), before, grown_at)
         return state
 
 
