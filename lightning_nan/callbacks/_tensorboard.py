@@ -27,6 +27,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_nan.callbacks._crc32c import TemplateCRC, crc32c, masked
+
 #: Fabric's ``TensorBoardLogger`` modules; the ``pytorch_lightning`` and ``lightning.pytorch`` loggers inherit
 #: their ``log_metrics``. Read from ``sys.modules``: a logger's own module is imported, so nothing is imported here.
 _FABRIC_MODULES = ("lightning_fabric.loggers.tensorboard", "lightning.fabric.loggers.tensorboard")
@@ -77,7 +79,9 @@ class ScalarBatch:
     that ``add_scalar`` would write per tag, with every value in one ``Summary``. Its encoding is
     prepared once: each :meth:`write` packs the values into it with one ``struct`` call and hands the
     bytes to the writer's queue (where ``EventFileWriter.add_event`` puts ``event.SerializeToString()``),
-    instead of building and copying a 48-entry protobuf message on every step.
+    instead of building and copying a 48-entry protobuf message on every step. The record's checksums
+    come with them (:class:`~lightning_nan.callbacks._crc32c.TemplateCRC`: only the value bytes are
+    hashed), so the writer's thread does not run its pure-Python CRC over the whole event.
 
     >>> from tensorboard.compat.proto.event_pb2 import Event
     >>> event = Event.FromString(ScalarBatch(["loss", "lr"]).serialize([0.5, 0.25], step=7, wall_time=1.0))
@@ -95,6 +99,30 @@ class ScalarBatch:
         self._summary = struct.Struct("<" + "".join(f"{len(h)}sf" for h in heads))
         self._args: list[Any] = [x for h in heads for x in (h, 0.0)]
         self._summary_key = b"\x2a" + _varint(self._summary.size)  # Event field 5 (summary), its length
+        self._crc: TemplateCRC | None = None  # prepared at the first write (a few ms)
+        self._headers: dict[int, bytes] = {}  # a record's length and its checksum, by length
+
+    def _template_crc(self) -> TemplateCRC:
+        if self._crc is None:
+            positions, offset = [], 0
+            for head in self._args[0::2]:
+                offset += len(head)
+                positions += range(offset, offset + 4)  # the float's bytes
+                offset += 4
+            self._crc = TemplateCRC(self._summary.pack(*_zeros(self._args)), positions)
+        return self._crc
+
+    def record(self, data: bytes, summary_at: int) -> bytes:
+        """``data`` framed as a TFRecord: length, its masked CRC, ``data``, its masked CRC.
+
+        ``data[summary_at:]`` is the packed summary (the part whose CRC comes from the template).
+        """
+        header = self._headers.get(len(data))
+        if header is None:
+            length = struct.pack("<Q", len(data))
+            header = self._headers[len(data)] = length + struct.pack("<I", masked(crc32c(length)))
+        crc = self._template_crc().crc(data[:summary_at], data[summary_at:])
+        return header + data + struct.pack("<I", masked(crc))
 
     def serialize(self, values: Sequence[float], step: int, wall_time: float) -> bytes:
         """The encoded ``Event`` holding ``values`` (one per tag, in order), as ``SerializeToString`` gives it."""
@@ -116,6 +144,10 @@ class ScalarBatch:
         events = writer._get_file_writer().event_writer  # tensorboard's EventFileWriter
         queue = getattr(events, "_async_writer", None)
         if data is not None and queue is not None:
+            if _frames_records(queue):
+                framed = _Framed(data)
+                framed.record = self.record(data, len(data) - self._summary.size)
+                data = framed
             queue.write(data)  # what EventFileWriter.add_event does with the serialized event
             return
         from tensorboard.compat.proto.summary_pb2 import Summary  # what torch's add_scalar builds
@@ -125,6 +157,61 @@ class ScalarBatch:
 
 
 _DOUBLE = struct.Struct("<d")
+
+
+def _zeros(args: list[Any]) -> list[Any]:
+    return [x if i % 2 == 0 else 0.0 for i, x in enumerate(args)]
+
+
+class _Framed(bytes):
+    """Event bytes that carry their framed record; any record writer can still write them as plain bytes."""
+
+    record: bytes
+
+
+def _frames_records(queue: Any) -> bool:
+    """Let the record writer behind tensorboard's ``_AsyncWriter`` ``queue`` take :class:`_Framed` as is.
+
+    Its class is swapped, once, for a subclass that writes a framed record without computing the
+    checksums again (and anything else as before). ``False`` when the writer is not tensorboard's
+    ``RecordWriter`` as this code knows it: the bytes then go as plain bytes.
+    """
+    record_writer = getattr(queue, "_writer", None)
+    if isinstance(record_writer, _FramingRecordWriter):
+        return True
+    worker = getattr(queue, "_worker", None)
+    base = _record_writer_class()
+    if base is None or type(record_writer) is not base or getattr(worker, "_record_writer", None) is not record_writer:
+        return False
+    record_writer.__class__ = _framing_class(base)
+    return True
+
+
+def _record_writer_class() -> Any:
+    module = sys.modules.get("tensorboard.summary.writer.record_writer")
+    return getattr(module, "RecordWriter", None)
+
+
+_FRAMING: dict[Any, Any] = {}
+
+
+def _framing_class(base: Any) -> Any:
+    cls = _FRAMING.get(base)
+    if cls is None:
+
+        class Framing(_FramingRecordWriter, base):  # type: ignore[misc, valid-type]
+            def write(self, data: bytes) -> None:
+                if type(data) is _Framed:
+                    self._writer.write(data.record)
+                else:
+                    super().write(data)
+
+        cls = _FRAMING[base] = Framing
+    return cls
+
+
+class _FramingRecordWriter:
+    """Marks record writers whose class :func:`_frames_records` swapped."""
 
 
 def _varint(n: int) -> bytes:

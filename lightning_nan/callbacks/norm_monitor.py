@@ -33,10 +33,10 @@ class NormMonitorBase:
 
     The gradient norms are those the guard (or the clipper) computed for the step, when one is
     present. On logging steps only, and on rank zero only: one fused copy of the weights before the
-    step, the updates, one fused norm pass (weights after, update, weights before), and one transfer
-    of all values to the host. With ``every_n_steps=1`` the copies and updates live in buffers kept
-    between steps (two extra copies of the monitored weights, which the old per-step clones also
-    needed at their peak); otherwise they are freed after each logging step. Nothing runs on other steps. A Lightning ``TensorBoardLogger`` gets the
+    step and one fused norm pass over it, the updates formed in place in the copy, one fused norm pass
+    over the weights after the step and the updates, and one transfer of all values to the host. The
+    gradients are not read again. With ``every_n_steps=1`` the copy lives in buffers kept between
+    steps (one extra copy of the monitored weights); otherwise it is freed after each logging step. Nothing runs on other steps. A Lightning ``TensorBoardLogger`` gets the
     step's scalars as one event (the tags, step and values its ``log_metrics`` would write, one event
     per key); any other logger, a subclass overriding ``log_metrics`` included, one ``log_metrics`` call.
 
@@ -235,39 +235,36 @@ class _Plan:
         self.names = names
         self.select = select  # positions in the step's gradient norms; None: all of them, in order
         self.single_device = len({p.device for p in params}) <= 1
-        self.before: list[Tensor] | None = None  # the weights before the step
-        self.updates: list[Tensor] | None = None  # kept with the copies: the buffers the updates go to
+        self.before: list[Tensor] | None = None  # the weights before the step, then minus the update
+        self.before_norms: Tensor | None = None  # ||w_before|| per parameter
         self.keep = False
         self.keys: _Keys
 
     @torch.no_grad()
     def snapshot(self, keep: bool) -> None:
-        """Copy the weights before the step (into the buffers of the last step when ``keep``)."""
+        """Copy the weights before the step (into the buffers of the last step when ``keep``) and take their norms."""
         self.keep = keep
         if keep and self.before is not None:
             torch._foreach_copy_(self.before, self.params)
         else:
             self.before = [p.detach().clone() for p in self.params]
+        self.before_norms = self._norms(self.before)
 
     @torch.no_grad()
     def norms(self, grad_norms: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(||w_after||, ||g||, ||w_after - w_before||, ||w_before||)`` per parameter, on the device.
 
-        One fused norm pass over the weights, the updates and the copies (a single ``_foreach_norm``
-        per logging step); the copies and updates are dropped unless they are kept for the next step.
+        The update is formed in place in the copies (``w_before - w_after``: the same norm), then one
+        fused norm pass over the weights and the updates; the copies are dropped unless kept for the
+        next step.
         """
-        before, updates, n = self.before, self.updates, len(self.params)
-        assert before is not None
-        if updates is None:
-            updates = list(torch._foreach_sub(self.params, before))
-            self.updates = updates if self.keep else None
-        else:  # into the kept buffers: no allocation (there is no out= form of _foreach_sub)
-            for p, b, u in zip(self.params, before, updates):
-                torch.sub(p, b, out=u)
-        fused = self._norms(self.params + updates + before)
+        before, n = self.before, len(self.params)
+        assert before is not None and self.before_norms is not None
+        torch._foreach_sub_(before, self.params)
+        fused = self._norms(self.params + before)
         if not self.keep:
             self.before = None
-        return fused[:n], grad_norms.to(fused.device), fused[n : 2 * n], fused[2 * n :]
+        return fused[:n], grad_norms.to(fused.device), fused[n:], self.before_norms.to(fused.device)
 
     def _norms(self, tensors: list[Tensor]) -> Tensor:
         if self.single_device:

@@ -98,18 +98,30 @@ def test_guard_decides_first_and_skipped_steps_stay_out_of_the_statistics(ns, tm
 
 @pytest.mark.parametrize("callbacks", ["clip", "guard+clip", "clip+guard", "guard+clip+monitor"])
 def test_one_pass_over_the_gradients_per_step(ns, tmp_path, monkeypatch, callbacks):
-    calls: list[int] = []
+    grad_passes: list[int] = []  # per step: _foreach_norm calls over the gradients
+    other_passes: list[int] = []  # per step: over anything else (the monitor's weights and updates)
+    grads: set[int] = set()
     real = torch._foreach_norm
 
     class Probe(ns.pl.Callback):
         def on_train_batch_start(self, *args):
-            calls.append(0)
+            grad_passes.append(0)
+            other_passes.append(0)
+
+        def on_after_backward(self, trainer, pl_module):
+            grads.clear()
+            grads.update(id(p.grad) for p in pl_module.parameters() if p.grad is not None)
 
         def on_train_end(self, *args):  # the guard's one check of the final weights
-            calls.append(0)
+            grad_passes.append(0)
+            other_passes.append(0)
 
     def counting(tensors, *args, **kwargs):
-        calls[-1] += 1
+        tensors = list(tensors)
+        if any(id(t) in grads for t in tensors):
+            grad_passes[-1] += 1
+        else:
+            other_passes[-1] += 1
         return real(tensors, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_foreach_norm", counting)
@@ -120,9 +132,12 @@ def test_one_pass_over_the_gradients_per_step(ns, tmp_path, monkeypatch, callbac
     }
     fit(ns, tmp_path, [Probe(), *(made[name] for name in callbacks.split("+"))])
     monitor_steps = {0, 4} if "monitor" in callbacks else set()
-    # one fused norm pass per step (the guard's or the clipper's), plus the monitor's weights pass when it logs
-    assert calls[:8] == [1 + (i in monitor_steps) for i in range(8)]
-    assert calls[8:] == [int("guard" in callbacks)]
+    # one fused pass over the gradients per step (the guard's, the clipper's or the monitor's), shared
+    assert grad_passes[:8] == [1] * 8
+    # when the monitor logs: one over the weights before the step, one over the weights and updates after
+    # it; the guard's weight check at the end of the run is not a gradient pass either
+    assert other_passes[:8] == [2 * (i in monitor_steps) for i in range(8)]
+    assert grad_passes[8:] == [0] and other_passes[8:] == [int("guard" in callbacks)]
 
 
 def test_zclip_in_a_trainer_logs_what_it_did(ns, tmp_path):

@@ -273,6 +273,52 @@ def test_scalar_batch_encodes_the_event_protobuf_would(step):
     assert ScalarBatch(tags).serialize(values, step, wall_time=1234.5) == expected
 
 
+@pytest.mark.parametrize("step", [0, 1, 300, 2**40])
+def test_scalar_batch_frames_the_record_tensorboards_writer_would(step):
+    """The checksums ScalarBatch computes from its template are those of tensorboard's own RecordWriter."""
+    import io
+    import random
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    rng = random.Random(step)
+    tags = ["loss", "norms/update_ratio/features.10.weight", "é/" + "x" * 200]
+    batch = ScalarBatch(tags)
+    for _ in range(20):
+        values = [rng.choice([rng.uniform(-1e30, 1e30), float("nan"), -0.0, rng.random()]) for _ in tags]
+        data = batch.serialize(values, step, wall_time=rng.uniform(0, 2e9))
+        out = io.BytesIO()
+        RecordWriter(out).write(data)
+        assert batch.record(data, len(data) - batch._summary.size) == out.getvalue()
+
+
+def test_framed_records_are_read_back_with_their_checksums_checked(tmp_path):
+    """Through a real SummaryWriter: the reader verifies both checksums of every record."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    batch = ScalarBatch([f"norms/weight/layer{i}" for i in range(48)])
+    for step in range(0, 3000, 7):
+        batch.write(writer, [step + i / 64 for i in range(48)], step)
+    writer.add_scalar("other", 2.0, 5)  # the writer's own path still works beside it
+    writer.close()
+    (path,) = list(tmp_path.glob("events.out.tfevents.*"))
+    reader = PyRecordReader_New(str(path))
+    records = []
+    while True:
+        try:
+            reader.GetNext()  # raises DataLossError on a bad checksum
+        except Exception as err:  # noqa: BLE001 - the end of the file
+            assert type(err).__name__ == "OutOfRangeError", err
+            break
+        records.append(Event.FromString(reader.record()))
+    steps = [e.step for e in records if e.summary.value and e.summary.value[0].tag.startswith("norms/")]
+    assert steps == list(range(0, 3000, 7))
+    assert [(e.step, e.summary.value[0].simple_value) for e in records if e.summary.value and e.summary.value[0].tag == "other"] == [(5, 2.0)]
+    assert all(e.summary.value[1].simple_value == e.step + 1 / 64 for e in records if len(e.summary.value) == 48)
+
+
 def test_scalar_batch_beyond_float32_is_written_as_add_scalar_writes_it(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -322,3 +368,25 @@ def test_holds_no_tensors_after_fit(ns, tmp_path):
     assert len(acc.Scalars(f"norms/weight/{names[0]}")) == 8
     assert min(seen_during_fit) >= 2 * len(names)  # the parameters and their copies, between two logging steps
     assert tensors_in(monitor) == []
+
+
+def test_template_crc_matches_tensorboards_crc32c():
+    import os
+    import random
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    from lightning_nan.callbacks._crc32c import TemplateCRC, masked
+
+    rng = random.Random(0)
+    template = os.urandom(700)
+    positions = sorted(rng.sample(range(700), 60)) + [0, 699]
+    crc = TemplateCRC(template, positions)
+    for _ in range(30):
+        tail = bytearray(template)
+        for i in positions:
+            tail[i] = rng.randrange(256)
+        prefix = os.urandom(rng.randrange(0, 24))
+        assert masked(crc.crc(prefix, bytes(tail))) == masked_crc32c(prefix + bytes(tail))
+    with pytest.raises(ValueError, match="positions"):
+        TemplateCRC(b"abc", [3])
