@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -80,6 +81,8 @@ class NormMonitorBase:
     ) -> None:
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise ValueError(f"Expected `every_n_steps` to be an int >= 1, got {every_n_steps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"Expected `eps` to be a number >= 0, got {eps!r}")
         if group_by not in ("parameter", "module"):
             raise ValueError(f"Expected `group_by` in ('parameter', 'module'), got {group_by!r}")
         for arg, pattern in (("include", include), ("exclude", exclude)):
@@ -144,30 +147,23 @@ class NormMonitorBase:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
-        columns = [plan.norms(grad_norms) for plan, grad_norms in pending.items()]  # (weight, grad, update, before)
-        names = [name for plan in pending for name in plan.names]
-        if len(columns) == 1:
-            (weights, grad_norms, updates, weights_before), keys = columns[0], next(iter(pending)).keys
-        else:  # several optimizers stepped in this batch
-            keys, device = self._cached_keys(names), columns[0][0].device
-            weights, grad_norms, updates, weights_before = (
-                torch.cat([c.to(device) for c in col]) for col in zip(*columns)
-            )
-        if keys.last is not None:  # a parameter stepped twice: its last values, at its first place
-            last = keys.on(weights.device)[0]
-            weights, grad_norms, updates, weights_before = (
-                t.index_select(0, last) for t in (weights, grad_norms, updates, weights_before)
-            )
-        if keys.group is not None:
-            grouped = torch.stack([weights, grad_norms, updates, weights_before])
-            sums = grouped.new_zeros(grouped.shape[0], keys.n_groups)
-            sums.index_add_(1, keys.on(grouped.device)[1], grouped.pow(2))
-            weights, grad_norms, updates, weights_before = sums.sqrt().unbind()
-        ratios = updates / (weights_before + self.eps)
-        values = torch.stack([weights, grad_norms, ratios], dim=1).flatten().tolist()  # the one transfer
-        self._log(trainer, keys, values)
+        columns = [plan.norms(grad_norms) for plan, grad_norms in pending.items()]
+        flat = columns[0] if len(columns) == 1 else torch.cat([c.to(columns[0].device) for c in columns])
+        values = flat.tolist()  # the one transfer
+        weights: list[float] = []
+        updates: list[float] = []
+        before: list[float] = []
+        grads: list[float] = []
+        at = 0
+        for plan in pending:  # each plan's block: after, update, before, grad (n values each)
+            n = len(plan.params)
+            for out in (weights, updates, before, grads):
+                out += values[at : at + n]
+                at += n
+        keys = next(iter(pending)).keys if len(pending) == 1 else self._cached_keys([n for p in pending for n in p.names])
+        self._log(trainer, keys, keys.rows(weights, grads, updates, before, self.eps))
         if self.histograms:
-            named = dict(zip(names, (p for plan in pending for p in plan.params)))
+            named = dict(zip((name for plan in pending for name in plan.names), (p for plan in pending for p in plan.params)))
             self._histograms(trainer, list(named.items()))
 
     def _plan(self, grads: StepGrads) -> _Plan:
@@ -251,25 +247,35 @@ class _Plan:
         self.before_norms = self._norms(self.before)
 
     @torch.no_grad()
-    def norms(self, grad_norms: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(||w_after||, ||g||, ||w_after - w_before||, ||w_before||)`` per parameter, on the device.
+    def norms(self, grad_norms: Tensor) -> Tensor:
+        """``[||w_after||..., ||w_after - w_before||..., ||w_before||..., ||g||...]``: one vector on the device.
 
         The update is formed in place in the copies (``w_before - w_after``: the same norm), then one
         fused norm pass over the weights and the updates; the copies are dropped unless kept for the
         next step.
         """
-        before, n = self.before, len(self.params)
+        before = self.before
         assert before is not None and self.before_norms is not None
         torch._foreach_sub_(before, self.params)
-        fused = self._norms(self.params + before)
+        after = self._norms(self.params + before)
         if not self.keep:
             self.before = None
-        return fused[:n], grad_norms.to(fused.device), fused[n:], self.before_norms.to(fused.device)
-
-    def _norms(self, tensors: list[Tensor]) -> Tensor:
         if self.single_device:
-            return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
-        return tensor_norms(tensors)
+            return torch.cat([torch.stack(after + self.before_norms), grad_norms.float()])
+        device = after[0].device
+        return torch.cat([torch.stack([t.to(device) for t in after + self.before_norms]), grad_norms.float().to(device)])
+
+    def _norms(self, tensors: list[Tensor]) -> list[Tensor]:
+        if self.single_device:
+            return list(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+        return list(tensor_norms(tensors).unbind())
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den`` with IEEE results where Python would raise (a zero denominator)."""
+    if den:
+        return num / den
+    return math.nan if num == 0 or math.isnan(num) else math.copysign(math.inf, num)
 
 
 class _Keys:
@@ -277,27 +283,38 @@ class _Keys:
 
     def __init__(self, names: list[str], by_module: bool) -> None:
         first = list(dict.fromkeys(names))
-        self.last: Tensor | None = None  # picks one entry per name when a name appears twice
+        self.last: list[int] | None = None  # picks one entry per name when a name appears twice
         if len(first) < len(names):
             last = {name: i for i, name in enumerate(names)}
-            self.last = torch.tensor([last[name] for name in first])
-        self.group: Tensor | None = None  # the module of each name
+            self.last = [last[name] for name in first]
+        self.group: list[int] | None = None  # the module of each name
         self.n_groups = 0
         if by_module:
             modules = [name.rsplit(".", 1)[0] if "." in name else name for name in first]
             order = list(dict.fromkeys(modules))
-            self.group = torch.tensor([order.index(m) for m in modules])
+            self.group = [order.index(m) for m in modules]
             self.n_groups = len(order)
             first = order
         self.keys = [f"norms/{quantity}/{name}" for name in first for quantity in _QUANTITIES]
         self._batches: dict[tuple[str, str], ScalarBatch] = {}
-        self._devices: dict[torch.device, tuple[Any, Any]] = {}
 
-    def on(self, device: torch.device) -> tuple[Any, Any]:
-        """``(last, group)`` on ``device`` (copied there once)."""
-        out = self._devices.get(device)
-        if out is None:
-            out = self._devices[device] = tuple(None if t is None else t.to(device) for t in (self.last, self.group))
+    def rows(
+        self, weights: list[float], grads: list[float], updates: list[float], before: list[float], eps: float
+    ) -> list[float]:
+        """The logged values in key order, from the per-parameter norms (on the host)."""
+        columns = [weights, grads, updates, before]
+        if self.last is not None:  # a parameter stepped twice: its last values, at its first place
+            columns = [[c[i] for i in self.last] for c in columns]
+        if self.group is not None:  # per module: sqrt of the sum of squares
+            sums = [[0.0] * self.n_groups for _ in columns]
+            for c, s in zip(columns, sums):
+                for value, g in zip(c, self.group):
+                    s[g] += value * value
+            columns = [[math.sqrt(v) for v in s] for s in sums]
+        weights, grads, updates, before = columns
+        out: list[float] = []
+        for w, g, u, b in zip(weights, grads, updates, before):
+            out += (w, g, _ratio(u, b + eps))
         return out
 
     def batch(self, logger: Any) -> ScalarBatch:
