@@ -32,14 +32,21 @@ Then the per-step work is timed in a hot loop on the same model with real gradie
 clipping, the guard plus GradientClipping (which reuses the guard's gradient norms), NormMonitor on a
 logging step and on another step, and their parts.
 
+Last, paired in one fit (``--only alternating``): a ``NormMonitor(every_n_steps=1)`` runs on even
+steps only, every step is timed from one ``on_train_batch_start`` to the next, and the median even
+(logging) step is compared with the median odd step of the same fit, ``--runs`` fits in all.
+Neighbouring steps share the machine's drift, which the interleaved rounds cannot cancel.
+
     python benchmarks/clipping_overhead.py                          # default: 20 rounds, ~3 min here
     python benchmarks/clipping_overhead.py --logger tensorboard --only monitor
+    python benchmarks/clipping_overhead.py --only alternating     # ~1 min
     python benchmarks/clipping_overhead.py --quick                  # smoke run, a few seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -53,6 +60,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from guard_overhead import (  # noqa: E402  (the shared timing machinery)
     GUARD_HOOKS,
+    BenchCNN,
+    ForeignLoad,
     StepState,
     add_common_args,
     guard_step,
@@ -66,7 +75,9 @@ from guard_overhead import (  # noqa: E402  (the shared timing machinery)
     quiet_lightning,
     step_state,
 )
+import pytorch_lightning as pl  # noqa: E402
 from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from pytorch_lightning.loggers.logger import Logger  # noqa: E402
 
 from lightning_nan import GradientClipping, NaNGuard, NormMonitor  # noqa: E402
@@ -264,6 +275,73 @@ def monitor_in_isolation(st: StepState, repeats: int, root: str) -> list[tuple[s
     return rows
 
 
+class EveryOtherStep(pl.Callback):
+    """Runs a ``NormMonitor(every_n_steps=1)`` on even steps only (its buffers are kept as at every step),
+    and records the wall time of every step, from one ``on_train_batch_start`` to the next."""
+
+    def __init__(self, monitor: NormMonitor) -> None:
+        self.monitor, self.starts = monitor, []
+
+    def setup(self, trainer, pl_module, stage):
+        self.monitor.setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer, pl_module):
+        self.monitor.on_fit_start(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.starts.append(time.perf_counter())
+        if trainer.global_step % 2 == 0:
+            self.monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step % 2 == 0:
+            self.monitor.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (trainer.global_step - 1) % 2 == 0:  # the step just taken was even
+            self.monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def teardown(self, trainer, pl_module, stage):
+        self.monitor.teardown(trainer, pl_module, stage)
+
+
+def alternating(*, logger: Callable[[str], Logger], runs: int, warmup: int, steps: int, batch_size: int, data, root: str):
+    """Per run: the median time of the steps the monitor logs and of the steps between them, in the same
+    fit (neighbouring steps, so the machine's drift cancels). Returns ``[(logging, other, load), ...]``."""
+    out = []
+    for r in range(runs):
+        pl.seed_everything(0, verbose=False)
+        probe = EveryOtherStep(NormMonitor(every_n_steps=1))
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_steps=warmup + steps + 1, max_epochs=-1, callbacks=[probe],
+            logger=logger(os.path.join(root, str(r))), enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=root,
+        )
+        gc.collect()
+        with ForeignLoad() as load:
+            trainer.fit(BenchCNN(), DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0))
+        times = [b - a for a, b in zip(probe.starts, probe.starts[1:])][warmup : warmup + steps]
+        logging = [t for i, t in enumerate(times, start=warmup) if i % 2 == 0]
+        other = [t for i, t in enumerate(times, start=warmup) if i % 2 == 1]
+        out.append((statistics.median(logging), statistics.median(other), load.value))
+        print(
+            f"run {r + 1}/{runs}: logging steps {out[-1][0] * 1e3:.3f}, other steps {out[-1][1] * 1e3:.3f} ms",
+            file=sys.stderr, flush=True,
+        )
+    return out
+
+
+def print_alternating(results, logger_name: str) -> None:
+    print(f"## NormMonitor on every other step, logger {logger_name}: logging steps against the steps between them\n")
+    print("| run | logging step, ms (median) | other step, ms (median) | difference, us | % of the other step |")
+    print("|---|---:|---:|---:|---:|")
+    for r, (log_t, other_t, _) in enumerate(results, start=1):
+        print(f"| {r} | {log_t * 1e3:.3f} | {other_t * 1e3:.3f} | {(log_t - other_t) * 1e6:.0f} | {100 * (log_t / other_t - 1):.1f}% |")
+    diffs = sorted(log_t / other_t - 1 for log_t, other_t, _ in results)
+    print(f"\nMedian over runs: {100 * statistics.median(diffs):.1f}% (runs: {100 * diffs[0]:.1f}% to {100 * diffs[-1]:.1f}%).")
+    print_load([load for _, _, load in results if load is not None])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -274,19 +352,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--logger", choices=sorted(LOGGERS), default="memory", help="the NormMonitor runs' logger (default memory)"
     )
-    parser.add_argument("--only", choices=("clipping", "monitor"), default=None, help="run one comparison only")
+    parser.add_argument(
+        "--only", choices=("clipping", "monitor", "alternating"), default=None, help="run one comparison only"
+    )
+    parser.add_argument("--runs", type=int, default=10, help="fits of the alternating comparison (default 10)")
+    parser.add_argument(
+        "--alternating-steps", type=int, default=400, help="measured steps per alternating fit (default 400)"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.rounds, args.warmup, args.batch_size, args.repeats = 2, 2, 8, 20
+        args.rounds, args.warmup, args.batch_size, args.repeats, args.runs, args.alternating_steps = 2, 2, 8, 20, 1, 20
         args.clip_steps, args.monitor_steps = 5, 50  # steps 2-51: every_n_steps=50 logs once
     if min(args.rounds, args.clip_steps, args.monitor_steps, args.batch_size) < 1 or args.warmup < 0:
         parser.error("--rounds, --clip-steps, --monitor-steps, --batch-size must be >= 1 and --warmup >= 0")
     logging_steps = [s for s in range(args.warmup, args.warmup + args.monitor_steps) if s % 50 == 0]
 
     quiet_lightning()
-    data = make_data((args.warmup + max(args.clip_steps, args.monitor_steps)) * args.batch_size)
+    data = make_data((args.warmup + max(args.clip_steps, args.monitor_steps, args.alternating_steps) + 2) * args.batch_size)
     print_environment(args.threads is not None)
     print(
         f"\nSettings: {args.rounds} rounds; {args.warmup} warm-up steps per run; batch {args.batch_size} of 1x28x28; "
@@ -324,6 +408,14 @@ def main(argv: list[str] | None = None) -> None:
             iso = monitor_in_isolation(st, args.repeats, root)
         print("\n## NormMonitor's work in isolation (best of 5 loops, same model, real gradients)\n")
         print_isolation(iso, plain_step)
+    if args.only in (None, "alternating"):
+        with tempfile.TemporaryDirectory() as root:
+            alt = alternating(
+                logger=LOGGERS[args.logger], runs=args.runs, warmup=args.warmup, steps=args.alternating_steps,
+                batch_size=args.batch_size, data=data, root=root,
+            )
+        print()
+        print_alternating(alt, args.logger)
     print(f"\n(total wall time {time.perf_counter() - started:.0f} s)")
 
 

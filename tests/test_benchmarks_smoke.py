@@ -32,3 +32,22 @@ def test_bisection_benchmark_quick(capsys):
             assert bis.samples >= case.n  # the first pass re-evaluates the whole batch
     out = capsys.readouterr().out
     assert "| dirty_data.Net (1x8x8) | 4 | bisection |" in out
+
+
+def test_alternating_monitor_benchmark_logs_on_even_steps_only(tmp_path):
+    """The paired NormMonitor measurement: the monitor runs (and logs) on even steps, the odd ones are bare."""
+    import clipping_overhead
+    from guard_overhead import make_data
+
+    loggers = []
+
+    def memory(root):
+        loggers.append(clipping_overhead.MemoryLogger())
+        return loggers[-1]
+
+    out = clipping_overhead.alternating(
+        logger=memory, runs=1, warmup=2, steps=8, batch_size=4, data=make_data(60), root=str(tmp_path)
+    )
+    assert len(out) == 1 and out[0][0] > 0 and out[0][1] > 0
+    steps = [step for step, metrics in loggers[0].records if any(k.startswith("norms/") for k in metrics)]
+    assert steps == list(range(0, 11, 2))  # steps 0..10 ran (warm-up 2 + 8 + 1): the even ones logged

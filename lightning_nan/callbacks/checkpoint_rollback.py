@@ -354,7 +354,8 @@ class CheckpointRollbackBase:
         if incident.blames_data:  # rolling back does not help against dirty samples
             return
         skips = guard.consecutive_skips
-        self._skip_steps.append(incident.step)
+        if not self._skip_steps or self._skip_steps[-1] != incident.step:  # several optimizers: one step
+            self._skip_steps.append(incident.step)
         horizon = incident.step - (self.skip_rate[1] if self.skip_rate else 1)
         while self._skip_steps and self._skip_steps[0] <= horizon:
             self._skip_steps.popleft()
