@@ -35,11 +35,13 @@ class NormMonitorBase:
     The gradient norms are those the guard (or the clipper) computed for the step, when one is
     present. On logging steps only, and on rank zero only: one fused copy of the weights before the
     step and one fused norm pass over it, the updates formed in place in the copy, one fused norm pass
-    over the weights after the step and the updates, and one transfer of all values to the host. The
-    gradients are not read again. With ``every_n_steps=1`` the copy lives in buffers kept between
-    steps (one extra copy of the monitored weights); otherwise it is freed after each logging step. Nothing runs on other steps. A Lightning ``TensorBoardLogger`` gets the
-    step's scalars as one event (the tags, step and values its ``log_metrics`` would write, one event
-    per key); any other logger, a subclass overriding ``log_metrics`` included, one ``log_metrics`` call.
+    over the weights after the step and the updates, and one transfer of all values to the host; the
+    ratios and module sums are then computed on the host. The gradients are not read again. With
+    ``every_n_steps=1`` the copy lives in buffers kept between steps (one extra copy of the monitored
+    weights); otherwise it is freed after each logging step. Nothing runs on other steps. A Lightning
+    ``TensorBoardLogger`` gets the step's scalars as one event (the tags, step and values its
+    ``log_metrics`` would write, one event per key); any other logger, a subclass overriding
+    ``log_metrics`` included, one ``log_metrics`` call.
 
     Args:
         every_n_steps: log at optimizer steps that are multiples of this.
@@ -232,7 +234,7 @@ class _Plan:
         self.select = select  # positions in the step's gradient norms; None: all of them, in order
         self.single_device = len({p.device for p in params}) <= 1
         self.before: list[Tensor] | None = None  # the weights before the step, then minus the update
-        self.before_norms: Tensor | None = None  # ||w_before|| per parameter
+        self.before_norms: list[Tensor] | None = None  # ||w_before|| per parameter (0-d tensors)
         self.keep = False
         self.keys: _Keys
 
