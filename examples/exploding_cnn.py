@@ -134,12 +134,12 @@ def main() -> None:
         print(f"guarded: stopped with NonFiniteError: {err}")
         raise SystemExit(1) from None
     assert guard is not None
-    finite = [v for v in model.losses if math.isfinite(v)]
+    last_finite = [v for v in model.losses[-steps_per_epoch:] if math.isfinite(v)]
     print(
         f"guarded: finished {args.epochs} epochs; {guard.skipped_steps} of {len(model.losses)} steps skipped "
         f"({len(guard.incidents)} incidents, first at step {guard.incidents[0].step if guard.incidents else '-'}); "
-        f"weights finite: {weights_finite(model)}; mean finite loss of the last epoch "
-        f"{sum(finite[-steps_per_epoch:]) / max(1, len(finite[-steps_per_epoch:])):.3f}"
+        f"weights finite: {weights_finite(model)}; last epoch: {steps_per_epoch - len(last_finite)} of "
+        f"{steps_per_epoch} losses non-finite, the others average {sum(last_finite) / max(1, len(last_finite)):.3f}"
     )
     model, guard = run(guarded=True, epochs=args.epochs, callbacks=recommended())
     assert guard is not None

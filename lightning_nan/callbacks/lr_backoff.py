@@ -41,6 +41,10 @@ class LRBackoffBase:
     BatchBisection of an incident before LRBackoff, whatever their order in ``callbacks``, so its
     findings are known here.
 
+    The factor, the ceiling and the history belong to the run: they carry over to a later ``fit``
+    with the same callback object, as they do when a run resumes from a checkpoint. Use a new
+    ``LRBackoff`` for an independent run.
+
     Args:
         factor: multiplier at each back-off, in (0, 1).
         min_factor: floor of the factor.
