@@ -353,13 +353,13 @@ class CheckpointRollbackBase:
             return
         if incident.blames_data:  # rolling back does not help against dirty samples
             return
-        skips = guard.consecutive_skips
-        if not self._skip_steps or self._skip_steps[-1] != incident.step:  # several optimizers: one step
-            self._skip_steps.append(incident.step)
-        horizon = incident.step - (self.skip_rate[1] if self.skip_rate else 1)
-        while self._skip_steps and self._skip_steps[0] <= horizon:
-            self._skip_steps.popleft()
-        recent = len(self._skip_steps)
+        skips, recent = guard.consecutive_skips, 0
+        if self.skip_rate is not None:
+            if not self._skip_steps or self._skip_steps[-1] != incident.step:  # several optimizers: one step
+                self._skip_steps.append(incident.step)
+            while self._skip_steps[0] <= incident.step - self.skip_rate[1]:
+                self._skip_steps.popleft()
+            recent = len(self._skip_steps)
         if skips >= guard.max_consecutive:
             return  # NaNGuard escalates next
         if skips >= self.max_consecutive_skips:
@@ -578,7 +578,6 @@ class CheckpointRollbackBase:
                 )
                 self._load_callbacks(trainer, extra.get("callbacks", {}))
                 if self.detector is not None:  # the loss statistics of the good state, not of the blow-up
-                    self.detector = LossSpikeDetector(self.detector.window, self.detector.threshold)
                     self.detector.load_state_dict(extra.get("detector", {}))
 
         if in_step:

@@ -189,7 +189,7 @@ class LRBackoffBase:
         self._observed_step = trainer.global_step
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        if self.controller.spike_zscore is not None or self.controller.growth_trial is not None:
+        if self.controller.wants_losses:
             loss = loss.detach()
             self._loss = loss if self._loss is None else self._loss + loss
 

@@ -216,17 +216,14 @@ class LRBackoffController:
         #: The last changes, oldest first: ``{"step", "reason", "factor", "ceiling"}``.
         self.history: list[dict[str, Any]] = []
 
-        self._buf: Tensor | None = None  # the spike window, a ring of `window` losses (NaN: empty)
+        self._window = _LossRing(window)  # the spike window
         self._seen = 0  # losses tested or put into the ring so far (a counter, for the record)
-        self._filled = 0  # slots of the ring written (non-finite losses are kept as NaN)
-        self._next = 0  # the slot the next loss goes to
         self._last_spike = False
         # (step, clean, deferred spike flag, superseded by a back-off) of the step still to settle
         self._pending: tuple[int, bool, Any, bool] | None = None
         # growth trials: the last `growth_trial` clean losses (NaN: empty), and while a trial runs the
         # losses before it and the factor it grew from; then the verdict, read at the next observe
-        self._ring: Tensor | None = None
-        self._ring_n = 0
+        self._ring = _LossRing(growth_trial or TRIAL_MIN_LOSSES)
         self._trial: tuple[Tensor, float, int] | None = None  # (losses before, factor before, step)
         self._verdict: tuple[Any, float, int] | None = None  # (deferred flag, factor before, step)
 
@@ -320,7 +317,7 @@ class LRBackoffController:
         """
         if self._verdict is not None:
             self._judge(step)
-        if clean and loss is not None and self.growth_trial is not None:
+        if clean and loss is not None and self._trial_collects():
             self._collect(loss)
         if self.spike_zscore is None:
             self._settle(step, clean, False)
@@ -353,39 +350,33 @@ class LRBackoffController:
         del self.history[:-MAX_HISTORY]
 
     # ------------------------------------------------------------------ growth trials (on the device)
+    @property
+    def wants_losses(self) -> bool:
+        """Whether :meth:`observe` would use a loss now: spike detection is on, or a growth (or its trial) may come.
+
+        At the full factor with nothing to grow back to, losses are not needed and need not be kept.
+        """
+        return self.spike_zscore is not None or self._trial_collects()
+
+    def _trial_collects(self) -> bool:
+        return self.growth_trial is not None and (self._factor < self.ceiling or self._trial is not None)
+
     @torch.no_grad()
     def _collect(self, loss: float | Tensor) -> None:
         """Put a clean step's loss in the ring; at the end of a trial, compare the two sides."""
-        x = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
-        x = x.float().sum()
-        n = self.growth_trial
-        assert n is not None
-        if self._ring is None:
-            self._ring = torch.full((n,), math.nan, device=x.device)
-        elif self._ring.device != x.device:
-            self._ring = self._ring.to(x.device)
-        self._ring[self._ring_n % n] = torch.where(torch.isfinite(x), x, math.nan)
-        self._ring_n += 1
-        if self._trial is not None and self._ring_n >= n:
+        ring = self._ring
+        ring.push(_scalar(loss))
+        if self._trial is not None and ring.count >= ring.size:
             before, f, step = self._trial
             self._trial = None
-            worse = (_zscore(before.to(self._ring.device), self._ring) > TRIAL_Z).float().reshape(1)
+            worse = (_zscore(before.to(ring.values.device), ring.values) > TRIAL_Z).float().reshape(1)
             self._verdict = (_Deferred(self.reduce(worse)), f, step)
 
-    def _trial_losses(self) -> list[float]:
-        """The finite losses of the trial ring, oldest first (reads them to the host)."""
-        if self._ring is None or self._ring_n == 0:
-            return []
-        n = len(self._ring)
-        start = self._ring_n % n if self._ring_n >= n else 0
-        return _finite(torch.roll(self._ring, -start)[: min(self._ring_n, n)])
-
     def _start_trial(self, before: float, step: int) -> None:
-        if self._ring is None or self._ring_n < TRIAL_MIN_LOSSES:
+        if self._ring.count < TRIAL_MIN_LOSSES:
             return
-        self._trial = (self._ring.clone(), before, step)
-        self._ring.fill_(math.nan)
-        self._ring_n = 0
+        self._trial = (self._ring.values.clone(), before, step)
+        self._ring.clear()
 
     def _judge(self, step: int) -> None:
         """Undo the growth the verdict is about if the loss got worse after it (the level is then the ceiling)."""
@@ -403,32 +394,22 @@ class LRBackoffController:
     @torch.no_grad()
     def _test(self, loss: float | Tensor) -> Tensor | None:
         """Test ``loss`` against the window, then add it; returns the agreed 0/1 flag (on the device)."""
-        x = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
-        x = x.float().sum()
-        if self._buf is None:
-            self._buf = torch.full((self.window,), math.nan, device=x.device)
-        elif self._buf.device != x.device:
-            self._buf = self._buf.to(x.device)
+        x = _scalar(loss)
+        window = self._window
         flag = None
-        if self._filled >= self.min_history:
-            median = self._buf.nanmedian()
-            mad = (self._buf - median).abs().nanmedian()
+        if window.filled >= self.min_history:
+            median = window.values.nanmedian()
+            mad = (window.values - median).abs().nanmedian()
             scale = torch.maximum(MAD_TO_STD * mad, REL_SCALE_FLOOR * median.abs())
             spike = torch.isfinite(x) & ((x - median) / scale > self.spike_zscore)
             flag = self.reduce(spike.float().reshape(1))
-        self._buf[self._next] = torch.where(torch.isfinite(x), x, math.nan)
-        self._next = (self._next + 1) % self.window
-        self._filled = min(self._filled + 1, self.window)
+        window.push(x)
         self._seen += 1
         return flag if flag is None else _Deferred(flag)
 
     def spike_window(self) -> list[float]:
         """The finite losses of the spike window, oldest first (reads them back to the host)."""
-        if self._buf is None:
-            return []
-        start = self._next if self._filled == self.window else 0
-        values = torch.roll(self._buf, -start)[: self._filled].tolist() if self._filled else []
-        return [v for v in values if math.isfinite(v)]
+        return self._window.tolist()
 
     # ------------------------------------------------------------------ hooks
     def attach(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer]) -> None:
@@ -535,7 +516,7 @@ class LRBackoffController:
             "last_spike": self._last_spike,
             "pending": pending,
             "tested": self.tested,
-            "trial_losses": self._trial_losses(),
+            "trial_losses": self._ring.tolist(),
             "trial": None if self._trial is None else {
                 "before": _finite(self._trial[0]), "factor": self._trial[1], "step": self._trial[2]
             },
@@ -556,19 +537,10 @@ class LRBackoffController:
         self._last_spike = bool(state.get("last_spike", self._last_spike))
         self._seen = int(state.get("spike_seen", self._seen))
         if "spike_window" in state:
-            values = [float(v) for v in state["spike_window"]][-self.window :]
-            device = self._buf.device if self._buf is not None else torch.device("cpu")
-            self._buf = torch.full((self.window,), math.nan, device=device)
-            if values:  # the ring restarts with the oldest value in slot 0
-                self._buf[: len(values)] = torch.tensor(values, device=device)
-            self._filled, self._next = len(values), len(values) % self.window
+            self._window.load(state["spike_window"])
         self.tested = bool(state.get("tested", self.tested))
-        if "trial_losses" in state and self.growth_trial is not None:
-            values = [float(v) for v in state["trial_losses"]][-self.growth_trial :]
-            self._ring = torch.full((self.growth_trial,), math.nan)
-            if values:
-                self._ring[: len(values)] = torch.tensor(values)
-            self._ring_n = len(values)
+        if "trial_losses" in state:
+            self._ring.load(state["trial_losses"])
         trial = state.get("trial")
         if trial:
             self._trial = (torch.tensor([float(v) for v in trial["before"]]), float(trial["factor"]), int(trial["step"]))
@@ -596,6 +568,50 @@ class LRBackoffController:
 
 def _finite(x: Tensor) -> list[float]:
     return [v for v in x.tolist() if math.isfinite(v)]
+
+
+def _scalar(loss: float | Tensor) -> Tensor:
+    """A loss (a tensor, summed, or a number) as a float32 scalar tensor."""
+    x = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
+    return x.float().sum()
+
+
+class _LossRing:
+    """The last ``size`` losses in a device tensor (NaN: empty or non-finite); writing one needs no host sync."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: Tensor = torch.full((size,), math.nan)
+        self.count = 0  # losses written since the last clear
+
+    @property
+    def filled(self) -> int:
+        return min(self.count, self.size)
+
+    def push(self, x: Tensor) -> None:
+        if self.values.device != x.device:
+            self.values = self.values.to(x.device)
+        self.values[self.count % self.size] = torch.where(torch.isfinite(x), x, math.nan)
+        self.count += 1
+
+    def clear(self) -> None:
+        self.values.fill_(math.nan)
+        self.count = 0
+
+    def tolist(self) -> list[float]:
+        """The finite losses, oldest first (reads them to the host)."""
+        if not self.count:
+            return []
+        start = self.count % self.size if self.count >= self.size else 0
+        return _finite(torch.roll(self.values, -start)[: self.filled])
+
+    def load(self, values: list[float]) -> None:
+        """Start again from ``values`` (oldest first; only the last ``size`` are kept)."""
+        kept = [float(v) for v in values][-self.size :]
+        self.values = torch.full((self.size,), math.nan, device=self.values.device)
+        if kept:
+            self.values[: len(kept)] = torch.tensor(kept, device=self.values.device)
+        self.count = len(kept)
 
 
 def _zscore(before: Tensor, after: Tensor) -> Tensor:

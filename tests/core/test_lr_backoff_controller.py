@@ -365,6 +365,22 @@ def test_without_a_trial_a_growth_is_kept():
         LRBackoffController(growth_trial=5)
 
 
+def test_losses_are_kept_only_while_a_growth_can_come():
+    """At the full factor there is nothing to grow back to: no loss is written anywhere (no per-step work)."""
+    ctl = LRBackoffController(0.5, patience=20, growth_trial=10)
+    assert not ctl.wants_losses
+    for step in range(30):
+        ctl.observe(step, 1.0, clean=True)
+    assert ctl.state_dict()["trial_losses"] == []
+    ctl.back_off(30)
+    ctl.observe(30, None, clean=False)
+    assert ctl.wants_losses
+    ctl.observe(31, 2.0, clean=True)
+    assert ctl.state_dict()["trial_losses"] == [2.0]
+    assert LRBackoffController(spike_zscore=6.0).wants_losses  # spike detection needs every loss
+    assert not LRBackoffController(growth_trial=None).wants_losses
+
+
 def test_state_dict_mid_trial_resumes_the_trial():
     rng = random.Random(1)
     worse = [2.0 + 0.1 * rng.random() for _ in range(11)]
