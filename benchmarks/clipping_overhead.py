@@ -83,6 +83,7 @@ from pytorch_lightning.loggers.logger import Logger  # noqa: E402
 from lightning_nan import GradientClipping, NaNGuard, NormMonitor  # noqa: E402
 from lightning_nan.callbacks import _shared_grads  # noqa: E402
 from lightning_nan.callbacks._tensorboard import ScalarBatch  # noqa: E402
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c  # noqa: E402
 
 MONITOR_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
 
@@ -262,6 +263,15 @@ def monitor_in_isolation(st: StepState, repeats: int, root: str) -> list[tuple[s
                 f"part: the same {n} scalars as one event (ScalarBatch.write, what NormMonitor writes)",
                 timed(lambda i: one_event.write(tensorboard.experiment, list(metrics.values()), i)),
             ),
+        ]
+        data = one_event.serialize(list(metrics.values()), step=1234, wall_time=time.time())
+        at = len(data) - one_event._summary.size
+        rows += [
+            (
+                f"part: the event's checksum, tensorboard's masked_crc32c ({len(data)} bytes, byte by byte)",
+                timed(lambda i: masked_crc32c(data)),
+            ),
+            ("part: the same checksum from ScalarBatch's template (only the value bytes)", timed(lambda i: one_event.record(data, at))),
         ]
         tensorboard.experiment.flush()
     finally:
