@@ -36,17 +36,18 @@ class StepGrads:
 _STEPS: weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], StepGrads]] = weakref.WeakKeyDictionary()
 
 
-def step_key(trainer: Any, optimizer: Any) -> tuple[int, int]:
-    return (id(optimizer), trainer.global_step)
+def step_key(trainer: Any, optimizer: Any, step: int | None = None) -> tuple[int, int]:
+    return (id(optimizer), trainer.global_step if step is None else step)
 
 
 def publish(trainer: Any, optimizer: Any, grads: StepGrads) -> None:
     _STEPS[trainer] = (step_key(trainer, optimizer), grads)
 
 
-def step_grads(trainer: Any, pl_module: Any, optimizer: Any) -> StepGrads:
-    """The current step's :class:`StepGrads`, computed at most once per step."""
-    key = step_key(trainer, optimizer)
+def step_grads(trainer: Any, pl_module: Any, optimizer: Any, step: int | None = None) -> StepGrads:
+    """The current step's :class:`StepGrads`, computed at most once per step (``step``: the trainer's
+    ``global_step``, when the caller has read it)."""
+    key = step_key(trainer, optimizer, step)
     cached = _STEPS.get(trainer)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -56,5 +57,5 @@ def step_grads(trainer: Any, pl_module: Any, optimizer: Any) -> StepGrads:
         return _STEPS[trainer][1]
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grads = StepGrads(params, tensor_norms([p.grad for p in params]) if params else None)
-    publish(trainer, optimizer, grads)
+    _STEPS[trainer] = (key, grads)
     return grads

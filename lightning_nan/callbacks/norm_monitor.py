@@ -30,18 +30,21 @@ _MAX_CACHED = 8  # plans / key layouts kept; more means the parameters with grad
 
 class NormMonitorBase:
     """Log, every ``every_n_steps`` optimizer steps, for each parameter or module: the weight norm,
-    the gradient norm (before clipping) and the update-to-weight ratio ``||w_after - w_before|| / ||w_before||``.
+    the gradient norm (before clipping) and the update-to-weight ratio ``||w_after - w_before|| / ||w_after||``.
 
     The gradient norms are those the guard (or the clipper) computed for the step, when one is
     present. On logging steps only, and on rank zero only: one fused copy of the weights before the
-    step and one fused norm pass over it, the updates formed in place in the copy, one fused norm pass
-    over the weights after the step and the updates, and one transfer of all values to the host; the
-    ratios and module sums are then computed on the host. The gradients are not read again. With
+    step, the updates formed in place in the copy after it, one fused norm pass over the weights and
+    the updates, and one transfer of all values to the host; the ratios and module sums are then
+    computed on the host. The gradients are not read again. With
     ``every_n_steps=1`` the copy lives in buffers kept between steps (one extra copy of the monitored
     weights); otherwise it is freed after each logging step. Nothing runs on other steps. A Lightning
     ``TensorBoardLogger`` gets the step's scalars as one event (the tags, step and values its
     ``log_metrics`` would write, one event per key); any other logger, a subclass overriding
-    ``log_metrics`` included, one ``log_metrics`` call.
+    ``log_metrics`` included, one ``log_metrics`` call. Events of logging steps less than a second
+    apart are handed to TensorBoard's writer thread up to 16 at a time (one wake-up of that thread
+    per batch), and at the latest a second after the first of them, at the end of each training
+    epoch, before validation, when the fit fails and at teardown.
 
     Args:
         every_n_steps: log at optimizer steps that are multiples of this.
@@ -108,6 +111,7 @@ class NormMonitorBase:
         self._keys: dict[tuple[str, ...], _Keys] = {}  # by the names of the parameters logged together
         self._pending: dict[_Plan, Tensor] = {}  # plan -> its gradient norms, for the current batch
         self._step = 0  # the optimizer step the pending values belong to
+        self._writers: dict[int, tuple[Any, Any]] = {}  # id(logger) -> (logger, its SummaryWriter or None)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -134,7 +138,7 @@ class NormMonitorBase:
         step = trainer.global_step
         if step % self.every_n_steps != 0:
             return
-        grads = step_grads(trainer, pl_module, optimizer)  # on every rank: it may run the guard's check
+        grads = step_grads(trainer, pl_module, optimizer, step)  # on every rank: it may run the guard's check
         if grads.norms is None or not trainer.is_global_zero:
             return
         plan = self._plan(grads)
@@ -142,28 +146,29 @@ class NormMonitorBase:
             return
         if not self._pending:
             self._step = step
-        plan.snapshot(keep=self.every_n_steps == 1)
+        with torch.no_grad():
+            plan.snapshot(keep=self.every_n_steps == 1)
         self._pending[plan] = grads.norms if plan.select is None else grads.norms.index_select(0, plan.select)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
-        columns = [plan.norms(grad_norms) for plan, grad_norms in pending.items()]
-        flat = columns[0] if len(columns) == 1 else torch.cat([c.to(columns[0].device) for c in columns])
-        values = flat.tolist()  # the one transfer
+        with torch.no_grad():
+            columns = [plan.norms(grad_norms) for plan, grad_norms in pending.items()]
+            flat = columns[0] if len(columns) == 1 else torch.cat([c.to(columns[0].device) for c in columns])
+            values = flat.tolist()  # the one transfer
         weights: list[float] = []
         updates: list[float] = []
-        before: list[float] = []
         grads: list[float] = []
         at = 0
-        for plan in pending:  # each plan's block: after, update, before, grad (n values each)
+        for plan in pending:  # each plan's block: weight, update, grad (n values each)
             n = len(plan.params)
-            for out in (weights, updates, before, grads):
+            for out in (weights, updates, grads):
                 out += values[at : at + n]
                 at += n
         keys = next(iter(pending)).keys if len(pending) == 1 else self._cached_keys([n for p in pending for n in p.names])
-        self._log(trainer, keys, keys.rows(weights, grads, updates, before, self.eps))
+        self._log(trainer, keys, keys.rows(weights, grads, updates, self.eps))
         if self.histograms:
             named = dict(zip((name for plan in pending for name in plan.names), (p for plan in pending for p in plan.params)))
             self._histograms(trainer, list(named.items()))
@@ -188,6 +193,7 @@ class NormMonitorBase:
         keys = self._keys.get(key)
         if keys is None:
             if len(self._keys) >= _MAX_CACHED:
+                self._release_events()
                 self._keys.clear()
             keys = self._keys[key] = _Keys(names, self.group_by == "module")
         return keys
@@ -195,7 +201,10 @@ class NormMonitorBase:
     def _log(self, trainer: Any, keys: _Keys, values: list[float]) -> None:
         metrics = None
         for logger in trainer.loggers:
-            writer = tensorboard_writer(logger)
+            known = self._writers.get(id(logger))
+            if known is None or known[0] is not logger:
+                known = self._writers[id(logger)] = (logger, tensorboard_writer(logger))
+            writer = known[1]
             if writer is not None:  # one event instead of one per key
                 keys.batch(logger).write(writer, values, self._step)
                 continue
@@ -213,15 +222,31 @@ class NormMonitorBase:
                 if p.grad is not None:
                     writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), self._step)
 
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._release_events()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._release_events()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._release_events()  # before Lightning finalizes the loggers
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._plans, self._keys, self._pending = {}, {}, {}  # let go of the parameters and buffers
+        self._release_events()
+        self._plans, self._keys, self._pending, self._writers = {}, {}, {}, {}  # let go of parameters, buffers, loggers
+
+    def _release_events(self) -> None:
+        """Hand the TensorBoard events held back (:meth:`ScalarBatch.write`) to their writers."""
+        for keys in self._keys.values():
+            for batch in keys._batches.values():
+                batch.flush()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
-        state.update(_names={}, _plans={}, _keys={}, _pending={})
+        state.update(_names={}, _plans={}, _keys={}, _pending={}, _writers={})
         return state
 
 
@@ -234,38 +259,34 @@ class _Plan:
         self.select = select  # positions in the step's gradient norms; None: all of them, in order
         self.single_device = len({p.device for p in params}) <= 1
         self.before: list[Tensor] | None = None  # the weights before the step, then minus the update
-        self.before_norms: list[Tensor] | None = None  # ||w_before|| per parameter (0-d tensors)
         self.keep = False
         self.keys: _Keys
 
-    @torch.no_grad()
     def snapshot(self, keep: bool) -> None:
-        """Copy the weights before the step (into the buffers of the last step when ``keep``) and take their norms."""
+        """Copy the weights before the step (into the buffers of the last step when ``keep``); under ``no_grad``."""
         self.keep = keep
         if keep and self.before is not None:
             torch._foreach_copy_(self.before, self.params)
         else:
             self.before = [p.detach().clone() for p in self.params]
-        self.before_norms = self._norms(self.before)
 
-    @torch.no_grad()
     def norms(self, grad_norms: Tensor) -> Tensor:
-        """``[||w_after||..., ||w_after - w_before||..., ||w_before||..., ||g||...]``: one vector on the device.
+        """``[||w_after||..., ||w_after - w_before||..., ||g||...]``: one vector on the device; under ``no_grad``.
 
         The update is formed in place in the copies (``w_before - w_after``: the same norm), then one
         fused norm pass over the weights and the updates; the copies are dropped unless kept for the
         next step.
         """
         before = self.before
-        assert before is not None and self.before_norms is not None
+        assert before is not None
         torch._foreach_sub_(before, self.params)
         after = self._norms(self.params + before)
         if not self.keep:
             self.before = None
         if self.single_device:
-            return torch.cat([torch.stack(after + self.before_norms), grad_norms.float()])
+            return torch.cat([torch.stack(after), grad_norms.float()])
         device = after[0].device
-        return torch.cat([torch.stack([t.to(device) for t in after + self.before_norms]), grad_norms.float().to(device)])
+        return torch.cat([torch.stack([t.to(device) for t in after]), grad_norms.float().to(device)])
 
     def _norms(self, tensors: list[Tensor]) -> list[Tensor]:
         if self.single_device:
@@ -301,10 +322,10 @@ class _Keys:
         self._batches: dict[tuple[str, str], ScalarBatch] = {}
 
     def rows(
-        self, weights: list[float], grads: list[float], updates: list[float], before: list[float], eps: float
+        self, weights: list[float], grads: list[float], updates: list[float], eps: float
     ) -> list[float]:
         """The logged values in key order, from the per-parameter norms (on the host)."""
-        columns = [weights, grads, updates, before]
+        columns = [weights, grads, updates]
         if self.last is not None:  # a parameter stepped twice: its last values, at its first place
             columns = [[c[i] for i in self.last] for c in columns]
         if self.group is not None:  # per module: sqrt of the sum of squares
@@ -313,10 +334,10 @@ class _Keys:
                 for value, g in zip(c, self.group):
                     s[g] += value * value
             columns = [[math.sqrt(v) for v in s] for s in sums]
-        weights, grads, updates, before = columns
+        weights, grads, updates = columns
         out: list[float] = []
-        for w, g, u, b in zip(weights, grads, updates, before):
-            out += (w, g, _ratio(u, b + eps))
+        for w, g, u in zip(weights, grads, updates):
+            out += (w, g, _ratio(u, w + eps))
         return out
 
     def batch(self, logger: Any) -> ScalarBatch:

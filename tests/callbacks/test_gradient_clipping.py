@@ -134,9 +134,9 @@ def test_one_pass_over_the_gradients_per_step(ns, tmp_path, monkeypatch, callbac
     monitor_steps = {0, 4} if "monitor" in callbacks else set()
     # one fused pass over the gradients per step (the guard's, the clipper's or the monitor's), shared
     assert grad_passes[:8] == [1] * 8
-    # when the monitor logs: one over the weights before the step, one over the weights and updates after
-    # it; the guard's weight check at the end of the run is not a gradient pass either
-    assert other_passes[:8] == [2 * (i in monitor_steps) for i in range(8)]
+    # when the monitor logs: one over the weights and updates after the step; the guard's weight check at
+    # the end of the run is not a gradient pass either
+    assert other_passes[:8] == [int(i in monitor_steps) for i in range(8)]
     assert grad_passes[8:] == [0] and other_passes[8:] == [int("guard" in callbacks)]
 
 

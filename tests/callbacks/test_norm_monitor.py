@@ -69,7 +69,7 @@ def test_per_parameter_values_match_independent_norms(ns, tmp_path, every):
             after, before = probe.after[step][name], probe.before[step][name]
             assert weight[step] == pytest.approx(after.norm().item(), rel=1e-5)
             assert grad[step] == pytest.approx(probe.grad[step][name], rel=1e-5)
-            assert ratio[step] == pytest.approx(((after - before).norm() / before.norm()).item(), rel=1e-4)
+            assert ratio[step] == pytest.approx(((after - before).norm() / after.norm()).item(), rel=1e-4)
 
 
 def test_grouped_per_module_with_include_and_exclude(ns, tmp_path):
@@ -261,7 +261,7 @@ def test_two_optimizers_in_one_batch(ns, tmp_path):
         for step in (0, 2, 4):
             before, after = probe.before[(step, name)], probe.after[(step, name)]
             assert weight[step] == pytest.approx(after.norm().item(), rel=1e-5)
-            assert ratio[step] == pytest.approx(((after - before).norm() / before.norm()).item(), rel=1e-4)
+            assert ratio[step] == pytest.approx(((after - before).norm() / after.norm()).item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("step", [0, 1, 300, 2**40])
@@ -289,7 +289,7 @@ def test_scalar_batch_frames_the_record_tensorboards_writer_would(step):
         data = batch.serialize(values, step, wall_time=rng.uniform(0, 2e9))
         out = io.BytesIO()
         RecordWriter(out).write(data)
-        assert batch.record(data, len(data) - batch._summary.size) == out.getvalue()
+        assert batch.record(data, len(data) - batch.summary_size) == out.getvalue()
 
 
 def test_framed_records_are_read_back_with_their_checksums_checked(tmp_path):
@@ -302,6 +302,7 @@ def test_framed_records_are_read_back_with_their_checksums_checked(tmp_path):
     for step in range(0, 3000, 7):
         batch.write(writer, [step + i / 64 for i in range(48)], step)
     writer.add_scalar("other", 2.0, 5)  # the writer's own path still works beside it
+    batch.flush()  # the records still held back
     writer.close()
     (path,) = list(tmp_path.glob("events.out.tfevents.*"))
     reader = PyRecordReader_New(str(path))
@@ -317,6 +318,50 @@ def test_framed_records_are_read_back_with_their_checksums_checked(tmp_path):
     assert steps == list(range(0, 3000, 7))
     assert [(e.step, e.summary.value[0].simple_value) for e in records if e.summary.value and e.summary.value[0].tag == "other"] == [(5, 2.0)]
     assert all(e.summary.value[1].simple_value == e.step + 1 / 64 for e in records if len(e.summary.value) == 48)
+
+
+def written_steps(root, tag):
+    return [e.step for _, e in norm_events(root, "", raw=True) if e.summary.value and e.summary.value[0].tag == tag]
+
+
+def test_frequent_events_are_held_back_until_a_batch_is_full_or_flushed(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    batch = ScalarBatch(["a", "b"])
+    batch.HOLD_SECONDS = 60.0  # no hand-over by age in this test
+    for step in range(40):
+        batch.write(writer, [float(step), -1.0], step)
+    writer.flush()  # what the writer's thread has, on disk
+    # the first write goes at once (no write before it), then the records go 16 at a time; 7 are held
+    assert written_steps(tmp_path, "a") == list(range(33))
+    batch.flush()
+    writer.flush()
+    assert written_steps(tmp_path, "a") == list(range(40))
+    batch.write(writer, [float("inf"), 1e39], 40)  # beyond float32: written at once, through protobuf
+    batch.HOLD_SECONDS = 0.0  # every write counts as infrequent: none is held
+    batch.write(writer, [0.5, 0.25], 41)
+    writer.close()
+    assert written_steps(tmp_path, "a") == list(range(42))
+
+
+def test_monitor_hands_held_events_over_when_the_fit_fails(ns, tmp_path):
+    class Failing(model_class(ns.pl)):
+        def training_step(self, batch, batch_idx):
+            if self.trainer.global_step == 5:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    logger = ns.pl.loggers.TensorBoardLogger(str(tmp_path), name="norms")
+    monitor = ns.lib.NormMonitor(every_n_steps=1)
+    trainer = ns.pl.Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, logger=logger))
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="boom"):
+        warnings.simplefilter("ignore")
+        trainer.fit(Failing(), loader())
+    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    name = next(n for n, _ in Failing().named_parameters())
+    assert sorted(scalars(acc, f"norms/weight/{name}")) == [0, 1, 2, 3, 4]
 
 
 def test_scalar_batch_beyond_float32_is_written_as_add_scalar_writes_it(tmp_path):
@@ -397,15 +442,15 @@ def test_rows_group_and_divide_on_the_host_like_torch_would():
     from lightning_nan.callbacks.norm_monitor import _Keys
 
     names = ["a.weight", "a.bias", "b.weight", "a.weight"]  # a.weight stepped twice: its last values count
-    weights, grads, updates, before = [1.0, 2.0, 3.0, 4.0], [0.5, 0.0, 1.0, 2.0], [0.1, 0.0, 0.3, 0.2], [1.0, 0.0, 3.0, 4.0]
+    weights, grads, updates = [1.0, 2.0, 3.0, 4.0], [0.5, 0.0, 1.0, 2.0], [0.1, 0.0, 0.3, 0.2]
     keys = _Keys(names, by_module=True)
     assert keys.keys == [f"norms/{q}/{m}" for m in ("a", "b") for q in ("weight", "grad", "update_ratio")]
     t = torch.tensor
-    a_w, a_g, a_u, a_b = (math.hypot(c[3], c[1]) for c in (weights, grads, updates, before))
-    expected = [a_w, a_g, a_u / (a_b + 1e-12), 3.0, 1.0, 0.3 / (3.0 + 1e-12)]
-    assert keys.rows(weights, grads, updates, before, 1e-12) == pytest.approx(expected, rel=1e-12)
+    a_w, a_g, a_u = (math.hypot(c[3], c[1]) for c in (weights, grads, updates))
+    expected = [a_w, a_g, a_u / (a_w + 1e-12), 3.0, 1.0, 0.3 / (3.0 + 1e-12)]
+    assert keys.rows(weights, grads, updates, 1e-12) == pytest.approx(expected, rel=1e-12)
     # a zero weight with eps=0 gives what torch gives (inf, or nan for 0/0), not ZeroDivisionError
     per_param = _Keys(["w", "z"], by_module=False)
-    ratios = per_param.rows([1.0, 0.0], [1.0, 0.0], [0.5, 0.0], [0.0, 0.0], 0.0)[2::3]
+    ratios = per_param.rows([0.0, 0.0], [1.0, 0.0], [0.5, 0.0], 0.0)[2::3]
     torch_ratios = (t([0.5, 0.0]) / t([0.0, 0.0])).tolist()
     assert math.isinf(ratios[0]) and ratios[0] == torch_ratios[0] and math.isnan(ratios[1]) and math.isnan(torch_ratios[1])
