@@ -82,8 +82,9 @@ class ScalarBatch:
     bytes to the writer's queue (where ``EventFileWriter.add_event`` puts ``event.SerializeToString()``),
     instead of building and copying a 48-entry protobuf message on every step. The record's checksums
     come with them (:class:`~lightning_nan.callbacks._crc32c.TemplateCRC`: only the value bytes are
-    hashed), so the writer's thread does not run its pure-Python CRC over the whole event. Records of
-    frequent writes are held back and handed over several at a time (:meth:`write`, :meth:`flush`).
+    hashed), so the writer's thread does not run its pure-Python CRC over the whole event. Events of
+    frequent writes are held back, then encoded and handed over several at a time (:meth:`write`,
+    :meth:`flush`).
 
     >>> from tensorboard.compat.proto.event_pb2 import Event
     >>> event = Event.FromString(ScalarBatch(["loss", "lr"]).serialize([0.5, 0.25], step=7, wall_time=1.0))
@@ -104,9 +105,9 @@ class ScalarBatch:
         self._summary_key = b"\x2a" + _varint(self.summary_size)  # Event field 5 (summary), its length
         self._crc: TemplateCRC | None = None  # prepared at the first write (a few ms)
         self._headers: dict[int, bytes] = {}  # a record's length and its checksum, by length
-        self._held: list[bytes] = []  # framed records not yet handed to the writer's thread
-        self._held_event = b""  # the last of them, unframed
+        self._held: list[tuple[list[float], int, float]] = []  # events not yet written: values, step, wall time
         self._held_queue: Any = None  # the writer's queue they go to
+        self._held_writer: Any = None  # and its SummaryWriter
         self._held_since = 0.0  # time.time() of the first of them
         self._last_write = -math.inf
 
@@ -149,51 +150,75 @@ class ScalarBatch:
     HOLD_SECONDS = 1.0
 
     def flush(self) -> None:
-        """Hand the held records to the writer's thread, as one item of its queue (nothing if none is held).
+        """Encode the held events and hand them to the writer's thread as one item of its queue.
 
         >>> ScalarBatch(["a"]).flush()  # nothing held: nothing to do
         """
         if not self._held:
             return
-        framed = _Framed(self._held_event)  # never empty: the writer's thread marks an item done only if truthy
-        framed.record = b"".join(self._held)
-        queue, self._held, self._held_queue = self._held_queue, [], None
-        queue.write(framed)
+        held, queue, writer = self._held, self._held_queue, self._held_writer
+        self._held, self._held_queue, self._held_writer = [], None, None
+        records: list[bytes] = []
+        last = b""
+        for values, step, wall_time in held:  # in one go: the code and tables stay in cache from one to the next
+            try:
+                last = self.serialize(values, step, wall_time)
+            except OverflowError:  # a finite value beyond float32: protobuf turns it into inf, as in add_scalar
+                _hand_over(queue, records, last)
+                records = []
+                self._add_summary(writer, values, step, wall_time)
+                continue
+            records.append(self.record(last, len(last) - self.summary_size))
+        _hand_over(queue, records, last)
 
     def write(self, writer: Any, values: Sequence[float], step: int) -> None:
         """Add one event at ``step`` holding ``values`` to the event file of ``writer`` (a ``SummaryWriter``).
 
-        When writes come less than :attr:`HOLD_SECONDS` apart, the framed records are held back and
-        handed to the writer's thread together, :attr:`HOLD_RECORDS` at a time or once the first of them
-        is :attr:`HOLD_SECONDS` old: one wake-up of that thread per batch instead of one per step (each
-        costs the training thread some hundreds of microseconds on a 2-core CPU). Call :meth:`flush`
-        before the writer is flushed or closed.
+        When writes come less than :attr:`HOLD_SECONDS` apart, the events are held back, then encoded
+        and handed to the writer's thread together, :attr:`HOLD_RECORDS` at a time or once the first of
+        them is :attr:`HOLD_SECONDS` old: one wake-up of that thread per batch instead of one per step
+        (each costs the training thread some hundreds of microseconds on a 2-core CPU), and the
+        encoding runs warm. Each event keeps the wall time of its ``write``. Call :meth:`flush` before
+        the writer is flushed or closed.
         """
+        if len(values) != len(self.tags):
+            raise ValueError(f"Expected {len(self.tags)} values (one per tag), got {len(values)}")
         now = time.time()
-        try:
-            data = self.serialize(values, step, now)
-        except OverflowError:  # a finite value beyond float32: let protobuf turn it into inf, as add_scalar does
-            data = None
         events = writer._get_file_writer().event_writer  # tensorboard's EventFileWriter
         queue = getattr(events, "_async_writer", None)
         frequent, self._last_write = now - self._last_write < self.HOLD_SECONDS, now
-        if data is not None and queue is not None and _frames_records(queue):
+        if queue is not None and _frames_records(queue):
             if self._held_queue is not queue:
                 self.flush()
-                self._held_queue, self._held_since = queue, now
-            self._held.append(self.record(data, len(data) - self.summary_size))
-            self._held_event = data
+                self._held_queue, self._held_writer, self._held_since = queue, writer, now
+            self._held.append((list(values), step, now))
             if not frequent or len(self._held) >= self.HOLD_RECORDS or now - self._held_since >= self.HOLD_SECONDS:
                 self.flush()
             return
         self.flush()  # the events of these tags stay in step order in the file
-        if data is not None and queue is not None:
+        data = None
+        if queue is not None:
+            try:
+                data = self.serialize(values, step, now)
+            except OverflowError:
+                pass
+        if data is None:
+            self._add_summary(writer, values, step, now)
+        else:
             queue.write(data)  # what EventFileWriter.add_event does with the serialized event
-            return
+
+    def _add_summary(self, writer: Any, values: Sequence[float], step: int, wall_time: float) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary  # what torch's add_scalar builds
 
         summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in zip(self.tags, values)])
-        writer._get_file_writer().add_summary(summary, step)
+        writer._get_file_writer().add_summary(summary, step, wall_time)
+
+
+def _hand_over(queue: Any, records: list[bytes], last: bytes) -> None:
+    if records:
+        framed = _Framed(last)  # never empty: the writer's thread marks an item done only if it is truthy
+        framed.record = b"".join(records)
+        queue.write(framed)
 
 
 _DOUBLE = struct.Struct("<d")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -335,14 +336,21 @@ def test_frequent_events_are_held_back_until_a_batch_is_full_or_flushed(tmp_path
     writer.flush()  # what the writer's thread has, on disk
     # the first write goes at once (no write before it), then the records go 16 at a time; 7 are held
     assert written_steps(tmp_path, "a") == list(range(33))
+    written_by = time.time()
+    time.sleep(0.01)
     batch.flush()
     writer.flush()
     assert written_steps(tmp_path, "a") == list(range(40))
-    batch.write(writer, [float("inf"), 1e39], 40)  # beyond float32: written at once, through protobuf
+    # a held event keeps the time of its write, not of the hand-over
+    assert all(e.wall_time < written_by for _, e in norm_events(tmp_path, "", raw=True))
+    batch.write(writer, [float("inf"), 1e39], 40)  # beyond float32: held, then written through protobuf
+    batch.write(writer, [2.0, 3.0], 41)
     batch.HOLD_SECONDS = 0.0  # every write counts as infrequent: none is held
-    batch.write(writer, [0.5, 0.25], 41)
+    batch.write(writer, [0.5, 0.25], 42)  # hands over 40 and 41 first
     writer.close()
-    assert written_steps(tmp_path, "a") == list(range(42))
+    assert written_steps(tmp_path, "a") == list(range(43))
+    last = [(e.step, [v.simple_value for v in e.summary.value]) for _, e in norm_events(tmp_path, "", raw=True)][-3:]
+    assert last == [(40, [math.inf, math.inf]), (41, [2.0, 3.0]), (42, [0.5, 0.25])]
 
 
 def test_monitor_hands_held_events_over_when_the_fit_fails(ns, tmp_path):
