@@ -25,6 +25,7 @@ import math
 import struct
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -152,6 +153,9 @@ class ScalarBatch:
     def flush(self) -> None:
         """Encode the held events and hand them to the writer's thread as one item of its queue.
 
+        If that writer was closed meanwhile (a ``SummaryWriter`` opens a new file at its next write),
+        the held events are dropped with a warning: they cannot go to the old file any more.
+
         >>> ScalarBatch(["a"]).flush()  # nothing held: nothing to do
         """
         if not self._held:
@@ -218,7 +222,10 @@ def _hand_over(queue: Any, records: list[bytes], last: bytes) -> None:
     if records:
         framed = _Framed(last)  # never empty: the writer's thread marks an item done only if it is truthy
         framed.record = b"".join(records)
-        queue.write(framed)
+        try:
+            queue.write(framed)
+        except OSError as err:  # tensorboard's "Writer is closed"
+            warnings.warn(f"{len(records)} TensorBoard event(s) held back could not be written: {err}", stacklevel=3)
 
 
 _DOUBLE = struct.Struct("<d")

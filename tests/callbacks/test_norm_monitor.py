@@ -372,6 +372,24 @@ def test_monitor_hands_held_events_over_when_the_fit_fails(ns, tmp_path):
     assert sorted(scalars(acc, f"norms/weight/{name}")) == [0, 1, 2, 3, 4]
 
 
+def test_events_held_for_a_writer_closed_meanwhile_are_dropped_with_a_warning(ns, tmp_path):
+    class CloseWriter(ns.pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 4:  # step 3 was just logged: steps 1-3 are held (step 0 went at once)
+                trainer.logger.experiment.close()  # its next write opens a new event file
+
+    logger = ns.pl.loggers.TensorBoardLogger(str(tmp_path), name="norms")
+    callbacks = [ns.lib.NormMonitor(every_n_steps=1), CloseWriter()]
+    trainer = ns.pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, logger=logger))
+    with pytest.warns(UserWarning, match=r"^3 TensorBoard event\(s\) held back could not be written: Writer is closed"):
+        trainer.fit(model_class(ns.pl)(), loader())
+    assert trainer.state.finished  # the fit goes on
+    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})  # both event files
+    acc.Reload()
+    name = next(n for n, _ in model_class(ns.pl)().named_parameters())
+    assert sorted(scalars(acc, f"norms/weight/{name}")) == [0, 4, 5, 6, 7]
+
+
 def test_scalar_batch_beyond_float32_is_written_as_add_scalar_writes_it(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
