@@ -315,15 +315,19 @@ class EveryOtherStep(pl.Callback):
         self.monitor.teardown(trainer, pl_module, stage)
 
 
-def alternating(*, logger: Callable[[str], Logger], runs: int, warmup: int, steps: int, batch_size: int, data, root: str):
+def alternating(
+    *, logger: Callable[[str], Logger], runs: int, warmup: int, steps: int, batch_size: int, data, root: str,
+    control: bool = False,
+):
     """Per run: the median time of the steps the monitor logs and of the steps between them, in the same
     fit (neighbouring steps, so the machine's drift cancels). Returns ``[(logging, other, load, mean
     difference), ...]``: the mean difference counts the rare steps on which held TensorBoard records are
-    handed to the writer's thread, which the medians leave out."""
+    handed to the writer's thread, which the medians leave out. ``control``: a callback that does nothing
+    stands in for the monitor, so the result shows what the method reads when there is nothing to find."""
     out = []
     for r in range(runs):
         pl.seed_everything(0, verbose=False)
-        probe = EveryOtherStep(NormMonitor(every_n_steps=1))
+        probe = EveryOtherStep(pl.Callback() if control else NormMonitor(every_n_steps=1))
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, max_steps=warmup + steps + 1, max_epochs=-1, callbacks=[probe],
             logger=logger(os.path.join(root, str(r))), enable_checkpointing=False, enable_progress_bar=False,
@@ -381,6 +385,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=10, help="fits of the alternating comparison (default 10)")
     parser.add_argument(
         "--alternating-steps", type=int, default=400, help="measured steps per alternating fit (default 400)"
+    )
+    parser.add_argument(
+        "--control", action="store_true",
+        help="alternating comparison with a do-nothing callback in the monitor's place (what the method reads for 0)",
     )
     parser.add_argument(
         "--hold", type=int, default=None,
@@ -444,10 +452,10 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as root:
             alt = alternating(
                 logger=LOGGERS[args.logger], runs=args.runs, warmup=args.warmup, steps=args.alternating_steps,
-                batch_size=args.batch_size, data=data, root=root,
+                batch_size=args.batch_size, data=data, root=root, control=args.control,
             )
         print()
-        print_alternating(alt, args.logger)
+        print_alternating(alt, args.logger + (" (control: a do-nothing callback in the monitor's place)" if args.control else ""))
     print(f"\n(total wall time {time.perf_counter() - started:.0f} s)")
 
 

@@ -51,3 +51,8 @@ def test_alternating_monitor_benchmark_logs_on_even_steps_only(tmp_path):
     assert len(out) == 1 and out[0][0] > 0 and out[0][1] > 0
     steps = [step for step, metrics in loggers[0].records if any(k.startswith("norms/") for k in metrics)]
     assert steps == list(range(0, 11, 2))  # steps 0..10 ran (warm-up 2 + 8 + 1): the even ones logged
+    control = clipping_overhead.alternating(
+        logger=memory, runs=1, warmup=2, steps=8, batch_size=4, data=make_data(60), root=str(tmp_path), control=True
+    )
+    assert len(control) == 1 and control[0][0] > 0  # timed, with nothing logged in the monitor's place
+    assert not any(k.startswith("norms/") for _, metrics in loggers[1].records for k in metrics)
