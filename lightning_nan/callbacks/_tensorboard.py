@@ -146,7 +146,7 @@ class ScalarBatch:
         return head + self._summary_key + self._summary.pack(*args)
 
     #: At most this many records are held back before they go to the writer's thread together.
-    HOLD_RECORDS = 16
+    HOLD_RECORDS = 256
     #: ... and none longer than this (seconds); a write this long after the last one is not held at all.
     HOLD_SECONDS = 1.0
 

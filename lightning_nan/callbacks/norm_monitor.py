@@ -42,8 +42,8 @@ class NormMonitorBase:
     ``TensorBoardLogger`` gets the step's scalars as one event (the tags, step and values its
     ``log_metrics`` would write, one event per key); any other logger, a subclass overriding
     ``log_metrics`` included, one ``log_metrics`` call. Events of logging steps less than a second
-    apart are handed to TensorBoard's writer thread up to 16 at a time (one wake-up of that thread
-    per batch), and at the latest a second after the first of them, at the end of each training
+    apart are handed to TensorBoard's writer thread together (one wake-up of that thread per batch):
+    at the latest a second after the first of them (or after 256), at the end of each training
     epoch, before validation, when the fit fails and at teardown.
 
     Args:

@@ -331,6 +331,7 @@ def test_frequent_events_are_held_back_until_a_batch_is_full_or_flushed(tmp_path
     writer = SummaryWriter(str(tmp_path))
     batch = ScalarBatch(["a", "b"])
     batch.HOLD_SECONDS = 60.0  # no hand-over by age in this test
+    batch.HOLD_RECORDS = 16
     for step in range(40):
         batch.write(writer, [float(step), -1.0], step)
     writer.flush()  # what the writer's thread has, on disk
