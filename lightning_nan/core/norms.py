@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 
+@torch.no_grad()
 def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """Per-tensor ``norm_type``-norms as one float32 tensor (one fused kernel per device).
 
@@ -35,15 +36,6 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """
     if len(tensors) == 0:
         return torch.zeros(0)
-    with torch.no_grad():
-        first = tensors[0]
-        device, dtype = first.device, first.dtype
-        if dtype == torch.float32 and all(t.dtype == dtype and t.device == device for t in tensors):
-            return torch.stack(torch._foreach_norm(list(tensors), norm_type))  # the common case: the least work
-        return _grouped_norms(tensors, norm_type)
-
-
-def _grouped_norms(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
     groups: dict[tuple[torch.device, bool], list[int]] = {}
     for i, t in enumerate(tensors):  # float64 cannot be narrowed inside the kernel: its norm is taken in float64
         groups.setdefault((t.device, t.dtype in _WIDE), []).append(i)
