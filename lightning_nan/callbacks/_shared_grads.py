@@ -40,8 +40,8 @@ def step_key(trainer: Any, optimizer: Any, step: int | None = None) -> tuple[int
     return (id(optimizer), trainer.global_step if step is None else step)
 
 
-def publish(trainer: Any, optimizer: Any, grads: StepGrads) -> None:
-    _STEPS[trainer] = (step_key(trainer, optimizer), grads)
+def publish(trainer: Any, optimizer: Any, grads: StepGrads, step: int | None = None) -> None:
+    _STEPS[trainer] = (step_key(trainer, optimizer, step), grads)
 
 
 def step_grads(trainer: Any, pl_module: Any, optimizer: Any, step: int | None = None) -> StepGrads:
@@ -57,5 +57,5 @@ def step_grads(trainer: Any, pl_module: Any, optimizer: Any, step: int | None = 
         return _STEPS[trainer][1]
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grads = StepGrads(params, tensor_norms([p.grad for p in params]) if params else None)
-    _STEPS[trainer] = (key, grads)
+    publish(trainer, optimizer, grads, step)
     return grads

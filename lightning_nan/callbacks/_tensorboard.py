@@ -102,8 +102,7 @@ class ScalarBatch:
             heads.append(b"\x0a" + _varint(len(value) + 4) + value)
         self._summary = struct.Struct("<" + "".join(f"{len(h)}sf" for h in heads))
         self._args: list[Any] = [x for h in heads for x in (h, 0.0)]
-        self.summary_size = self._summary.size
-        self._summary_key = b"\x2a" + _varint(self.summary_size)  # Event field 5 (summary), its length
+        self._summary_key = b"\x2a" + _varint(self._summary.size)  # Event field 5 (summary), its length
         self._crc: TemplateCRC | None = None  # prepared at the first write (a few ms)
         self._headers: dict[int, bytes] = {}  # a record's length and its checksum, by length
         self._held: list[tuple[list[float], int, float]] = []  # events not yet written: values, step, wall time
@@ -122,16 +121,17 @@ class ScalarBatch:
             self._crc = TemplateCRC(self._summary.pack(*_zeros(self._args)), positions)
         return self._crc
 
-    def record(self, data: bytes, summary_at: int) -> bytes:
-        """``data`` framed as a TFRecord: length, its masked CRC, ``data``, its masked CRC.
+    def record(self, data: bytes) -> bytes:
+        """``data`` (from :meth:`serialize`) framed as a TFRecord: length, its masked CRC, ``data``, its masked CRC.
 
-        ``data[summary_at:]`` is the packed summary (the part whose CRC comes from the template).
+        The packed summary ends ``data``; its part of the CRC comes from the template.
         """
         header = self._headers.get(len(data))
         if header is None:
             length = struct.pack("<Q", len(data))
             header = self._headers[len(data)] = length + struct.pack("<I", masked(crc32c(length)))
-        crc = self._template_crc().crc(data[:summary_at], data[summary_at:])
+        at = len(data) - self._summary.size
+        crc = self._template_crc().crc(data[:at], data[at:])
         return header + data + struct.pack("<I", masked(crc))
 
     def serialize(self, values: Sequence[float], step: int, wall_time: float) -> bytes:
@@ -172,7 +172,7 @@ class ScalarBatch:
                 records = []
                 self._add_summary(writer, values, step, wall_time)
                 continue
-            records.append(self.record(last, len(last) - self.summary_size))
+            records.append(self.record(last))
         _hand_over(queue, records, last)
 
     def write(self, writer: Any, values: Sequence[float], step: int) -> None:
@@ -236,9 +236,8 @@ def _zeros(args: list[Any]) -> list[Any]:
 
 
 class _Framed(bytes):
-    """The bytes of one event, carrying the framed records to write in their place: the event's own record,
-    or several held back (the event is the last of them). Only a record writer whose class
-    :func:`_frames_records` swapped is given them."""
+    """The bytes of one event, carrying the framed records of the events held back, this one last, to write
+    in their place. Only a record writer whose class :func:`_frames_records` swapped is given them."""
 
     record: bytes
 

@@ -238,8 +238,7 @@ class NormMonitorBase:
     def _release_events(self) -> None:
         """Hand the TensorBoard events held back (:meth:`ScalarBatch.write`) to their writers."""
         for keys in self._keys.values():
-            for batch in keys._batches.values():
-                batch.flush()
+            keys.flush()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -339,6 +338,11 @@ class _Keys:
         for w, g, u in zip(weights, grads, updates):
             out += (w, g, _ratio(u, w + eps))
         return out
+
+    def flush(self) -> None:
+        """Hand over the TensorBoard events each of :meth:`batch`'s writers holds back."""
+        for batch in self._batches.values():
+            batch.flush()
 
     def batch(self, logger: Any) -> ScalarBatch:
         """The keys as one TensorBoard event, named as ``logger.log_metrics`` would (its prefix)."""
