@@ -373,6 +373,43 @@ def test_monitor_hands_held_events_over_when_the_fit_fails(ns, tmp_path):
     assert sorted(scalars(acc, f"norms/weight/{name}")) == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("at", ["validation", "epoch"])
+def test_monitor_hands_held_events_over_before_validation_and_at_each_epoch_end(ns, tmp_path, at):
+    """What was logged so far is in the event file when validation starts and when the next epoch starts."""
+
+    class WithValidation(model_class(ns.pl)):
+        def validation_step(self, batch, batch_idx):
+            return self._loss(batch, batch_idx)
+
+    name = next(n for n, _ in model_class(ns.pl)().named_parameters())
+    seen = []
+
+    class Look(ns.pl.Callback):  # after the monitor in the list: its hooks have run
+        def look(self, trainer):
+            trainer.logger.experiment.flush()  # what the writer's thread has, on disk
+            seen.append((trainer.global_step, written_steps(trainer.logger.log_dir, f"norms/weight/{name}")))
+
+        def on_validation_start(self, trainer, pl_module):
+            if at == "validation" and not trainer.sanity_checking:
+                self.look(trainer)
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if at == "epoch" and trainer.current_epoch > 0:
+                self.look(trainer)
+
+    logger = ns.pl.loggers.TensorBoardLogger(str(tmp_path), name="norms")
+    kwargs = trainer_kwargs(tmp_path, logger=logger, max_epochs=2, num_sanity_val_steps=0)
+    trainer = ns.pl.Trainer(callbacks=[ns.lib.NormMonitor(every_n_steps=1), Look()], val_check_interval=4, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if at == "validation":
+            trainer.fit(WithValidation(), loader(), loader(8))
+        else:
+            trainer.fit(model_class(ns.pl)(), loader())
+    assert seen and all(steps == list(range(step)) for step, steps in seen), seen
+    assert [step for step, _ in seen] == ([4, 8, 12, 16] if at == "validation" else [8])
+
+
 def test_events_held_for_a_writer_closed_meanwhile_are_dropped_with_a_warning(ns, tmp_path):
     class CloseWriter(ns.pl.Callback):
         def on_train_batch_end(self, trainer, *args):
