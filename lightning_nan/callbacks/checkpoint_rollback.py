@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import os
 import warnings
@@ -57,9 +56,9 @@ class CheckpointRollbackBase:
     failed again before a newer one was confirmed is dropped for the one before it, if any; when
     triggered inside an optimizer step, the weights at once and the rest at the end of the batch,
     after that step's hooks and scheduler step, so every state ends exactly as in the snapshot), reset
-    NaNGuard's consecutive-skip count, call ``back_off(step, reason)`` on the first callback that has
-    it (``LRBackoff``, which is also given ``since=`` the restored step and goes one level below the
-    factor the run left that state with; without one the LR stays as it was, with a warning), restore
+    NaNGuard's consecutive-skip count, call ``back_off(step, reason, since=restored_step)`` on the
+    first callback that has it (``LRBackoff``, which goes one level below the factor the run left that
+    state with; without one the LR stays as it was, with a warning), restore
     the loss-spike statistics of the snapshot (not those of the blow-up), drop the updates of the
     next ``skip_batches`` batches, and carry on with the next batches: the data is not rewound and
     ``trainer.global_step`` keeps counting steps attempted. NaNGuard's incidents and LRBackoff's
@@ -597,10 +596,7 @@ class CheckpointRollbackBase:
         log_metrics(trainer, metrics)
         backoff = next((cb for cb in trainer.callbacks if cb is not self and callable(getattr(cb, "back_off", None))), None)
         if backoff is not None:
-            if "since" in inspect.signature(backoff.back_off).parameters:
-                backoff.back_off(step, reason, since=restored)
-            else:
-                backoff.back_off(step, reason)
+            backoff.back_off(step, reason, since=restored)
         else:
             self._warn(
                 "backoff",

@@ -90,13 +90,15 @@ def helpers(pl):
                             p.mul_(self.scale)
 
     class Backoff(pl.Callback):
-        """What CheckpointRollback needs of LRBackoff: a ``back_off(step, reason)`` method."""
+        """What CheckpointRollback needs of LRBackoff: a ``back_off(step, reason, since)`` method."""
 
         def __init__(self):
             self.calls: list[tuple[int, str]] = []
+            self.since: list[int] = []  # the restored step of each call
 
-        def back_off(self, step: int, reason: str) -> None:
+        def back_off(self, step: int, reason: str, since: int | None = None) -> None:
             self.calls.append((step, reason))
+            self.since.append(since)
 
     class Counter(pl.Callback):
         """A callback whose state rolls back with the model."""
@@ -177,7 +179,7 @@ def test_adam_step_counters_and_the_scheduler_roll_back_too(ns, tmp_path):
     assert counter.seen == 10
     # NaNGuard's history is not rolled back; the LRBackoff stand-in was asked once, so no warning
     assert [(i.step, i.action) for i in guard.incidents] == [(15, "recovered by CheckpointRollback")]
-    assert backoff.calls == [(15, "non-finite weights")]
+    assert backoff.calls == [(15, "non-finite weights")] and backoff.since == [10]  # since: the restored step
     assert not any("learning rate is unchanged" in m for m in messages)
 
 
@@ -308,6 +310,7 @@ def test_a_snapshot_that_fails_again_gives_way_to_the_one_before(ns, tmp_path):
     assert [(h["step"], h["restored_step"]) for h in rollback.history] == [(25, 20), (27, 10)]
     assert same_state(rec.states[26], rec.states[20]) and same_state(rec.states[28], rec.states[10])
     assert backoff.calls == [(25, "non-finite weights"), (27, "non-finite weights")]  # once per rollback
+    assert backoff.since == [20, 10]
     assert [s.step for s in rollback.store.good][0] == 10
 
 
