@@ -9,6 +9,7 @@ import torch
 from lightning_nan.callbacks._shared_grads import step_grads
 from lightning_nan.callbacks._trainer import log_metrics
 from lightning_nan.core.clipping import GradientClipper, final_layer_parameters
+from lightning_nan.core.sharding import is_sharded
 
 
 class GradientClippingBase:
@@ -24,8 +25,10 @@ class GradientClippingBase:
     skipped step is not clipped and never enters AutoClip's or ZClip's statistics), in automatic and
     manual optimization alike (in manual optimization ``opt.step()`` triggers it: call nothing else,
     in particular not ``self.clip_gradients``), for every optimizer. Under DDP the gradients are
-    already all-reduced, so every rank clips by the same global norm. Refuses a Trainer that also sets
-    ``gradient_clip_val``. A non-finite total norm never scales finite gradients into NaN.
+    already all-reduced, so every rank clips by the same global norm; with sharded parameters (FSDP,
+    ``fully_shard`` under ``ModelParallelStrategy``) each rank clips its shards by the norm over all
+    ranks (one ``all_reduce`` per step; ``"agc"`` is refused there, its units are split). Refuses a
+    Trainer that also sets ``gradient_clip_val``. A non-finite total norm never scales finite gradients into NaN.
 
     Logged through the trainer's loggers every ``log_every_n_steps`` (default: the Trainer's):
 
@@ -115,7 +118,20 @@ class GradientClippingBase:
             )
         excluded = final_layer_parameters(pl_module) if self.method == "agc" and self.exclude_final_layer else []
         self.clipper.exclude = {id(p) for p in excluded}
-        self.clipper.sharded = "fsdp" in type(trainer.strategy).__name__.lower()
+        self.clipper.sharded = "fsdp" in type(trainer.strategy).__name__.lower()  # FSDP1: flat shards
+        if self.method == "agc" and self.clipper.sharded:
+            self._refuse_agc(trainer)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.method == "agc" and is_sharded(list(pl_module.parameters())):  # sharded in configure_model (FSDP2)
+            self._refuse_agc(trainer)
+
+    def _refuse_agc(self, trainer: Any) -> None:
+        raise ValueError(
+            f"GradientClipping('agc') needs each output unit's whole gradient and weight, which "
+            f"{type(trainer.strategy).__name__} splits across ranks: use method='zclip', 'autoclip' or 'norm' "
+            "(their norm is taken over all ranks), or a strategy that does not shard parameters ('ddp')."
+        )
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         grads = step_grads(trainer, pl_module, optimizer)

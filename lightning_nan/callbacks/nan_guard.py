@@ -181,6 +181,7 @@ class NaNGuardBase:
         self._incidents_at_start = len(self.guard.incidents)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.guard.set_parameter_names(pl_module)  # again: a strategy may have replaced them (FSDP2's ``fully_shard``)
         # Here, not in setup: the strategy has moved the module to its device (new buffer tensors) by now.
         self._norm_stats = norm_running_stats(pl_module) if self.restore_norm_stats else []
         self._norm_stats_before = [t.clone() for t in self._norm_stats]

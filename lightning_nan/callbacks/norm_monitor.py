@@ -12,6 +12,7 @@ from torch import Tensor
 from lightning_nan.callbacks._shared_grads import StepGrads, step_grads
 from lightning_nan.callbacks._tensorboard import ScalarBatch, prefixed, tensorboard_writer
 from lightning_nan.core.norms import tensor_norms
+from lightning_nan.core.sharding import copies_per_tensor, local_parts, norms_over_ranks
 
 #: The TensorBoard custom-scalars page: one multi-line chart per quantity, one line per layer.
 LAYOUT = {
@@ -33,12 +34,15 @@ class NormMonitorBase:
     the gradient norm (before clipping) and the update-to-weight ratio ``||w_after - w_before|| / ||w_after||``.
 
     The gradient norms are those the guard (or the clipper) computed for the step, when one is
-    present. On logging steps only, and on rank zero only: one fused copy of the weights before the
+    present. On logging steps only, and on rank zero only (see below for sharded parameters): one fused copy of the weights before the
     step, the updates formed in place in the copy after it, one fused norm pass over the weights and
     the updates, and one transfer of all values to the host; the ratios and module sums are then
     computed on the host. The gradients are not read again. With
     ``every_n_steps=1`` the copy lives in buffers kept between steps (one extra copy of the monitored
-    weights); otherwise it is freed after each logging step. Nothing runs on other steps. A Lightning
+    weights); otherwise it is freed after each logging step. Nothing runs on other steps. With sharded
+    parameters (FSDP2's ``fully_shard``, ``DTensor``) every rank does this for the parts it holds and
+    one ``all_reduce`` per logging step adds the norms up, so the values are those of the whole
+    tensors (``histograms=True`` gathers each tensor whole). A Lightning
     ``TensorBoardLogger`` gets the step's scalars as one event (the tags, step and values its
     ``log_metrics`` would write, one event per key); any other logger, a subclass overriding
     ``log_metrics`` included, one ``log_metrics`` call. Events of logging steps less than a second
@@ -117,6 +121,10 @@ class NormMonitorBase:
         if stage != "fit":
             return
         self._reset()
+        self._name_parameters(pl_module)
+
+    def _name_parameters(self, pl_module: Any) -> None:
+        self._names = {}
         for name, p in pl_module.named_parameters():
             if self.include is not None and not re.search(self.include, name):
                 continue
@@ -125,6 +133,7 @@ class NormMonitorBase:
             self._names[id(p)] = name
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._name_parameters(pl_module)  # again: a strategy may have replaced them (FSDP2's ``fully_shard``)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 writer = getattr(logger, "experiment", None)
@@ -139,10 +148,10 @@ class NormMonitorBase:
         if step % self.every_n_steps != 0:
             return
         grads = step_grads(trainer, pl_module, optimizer, step)  # on every rank: it may run the guard's check
-        if grads.norms is None or not trainer.is_global_zero:
+        if grads.norms is None:
             return
         plan = self._plan(grads)
-        if not plan.params:
+        if not plan.params or (plan.copies is None and not trainer.is_global_zero):  # sharded: every rank's part
             return
         if not self._pending:
             self._step = step
@@ -157,6 +166,10 @@ class NormMonitorBase:
         with torch.no_grad():
             columns = [plan.norms(grad_norms) for plan, grad_norms in pending.items()]
             flat = columns[0] if len(columns) == 1 else torch.cat([c.to(columns[0].device) for c in columns])
+            if not trainer.is_global_zero:  # sharded parameters: this rank's parts are in the sums, rank zero logs
+                if self.histograms:
+                    self._histograms(trainer, pending)
+                return
             values = flat.tolist()  # the one transfer
         weights: list[float] = []
         updates: list[float] = []
@@ -170,8 +183,7 @@ class NormMonitorBase:
         keys = next(iter(pending)).keys if len(pending) == 1 else self._cached_keys([n for p in pending for n in p.names])
         self._log(trainer, keys, keys.rows(weights, grads, updates, self.eps))
         if self.histograms:
-            named = dict(zip((name for plan in pending for name in plan.names), (p for plan in pending for p in plan.params)))
-            self._histograms(trainer, list(named.items()))
+            self._histograms(trainer, pending)
 
     def _plan(self, grads: StepGrads) -> _Plan:
         key = tuple(map(id, grads.params))
@@ -212,15 +224,21 @@ class NormMonitorBase:
                 metrics = dict(zip(keys.keys, values))
             logger.log_metrics(metrics, step=self._step)
 
-    def _histograms(self, trainer: Any, named: list[tuple[str, Tensor]]) -> None:
+    def _histograms(self, trainer: Any, pending: dict[_Plan, Tensor]) -> None:
+        """Weight and gradient histograms; sharded tensors are gathered whole on every rank, rank zero writes."""
+        named = dict(zip((name for plan in pending for name in plan.names), (p for plan in pending for p in plan.params)))
+        tensors = []
+        for name, p in named.items():
+            tensors.append((f"weights/{name}", _whole(p)))
+            if p.grad is not None:
+                tensors.append((f"grads/{name}", _whole(p.grad)))
+        if not trainer.is_global_zero:
+            return
         for logger in trainer.loggers:
             writer = getattr(logger, "experiment", None)
-            if not hasattr(writer, "add_histogram"):
-                continue
-            for name, p in named:
-                writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), self._step)
-                if p.grad is not None:
-                    writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), self._step)
+            if hasattr(writer, "add_histogram"):
+                for tag, t in tensors:
+                    writer.add_histogram(tag, t, self._step)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._release_events()
@@ -257,6 +275,8 @@ class _Plan:
         self.names = names
         self.select = select  # positions in the step's gradient norms; None: all of them, in order
         self.single_device = len({p.device for p in params}) <= 1
+        #: sharded parameters (DTensor): how many ranks hold each one's local part; None: plain tensors
+        self.copies = copies_per_tensor(params)
         self.before: list[Tensor] | None = None  # the weights before the step, then minus the update
         self.keep = False
         self.keys: _Keys
@@ -264,33 +284,47 @@ class _Plan:
     def snapshot(self, keep: bool) -> None:
         """Copy the weights before the step (into the buffers of the last step when ``keep``); under ``no_grad``."""
         self.keep = keep
+        params = self._local()
         if keep and self.before is not None:
-            torch._foreach_copy_(self.before, self.params)
+            torch._foreach_copy_(self.before, params)
         else:
-            self.before = [p.detach().clone() for p in self.params]
+            self.before = [p.detach().clone() for p in params]
 
     def norms(self, grad_norms: Tensor) -> Tensor:
         """``[||w_after||..., ||w_after - w_before||..., ||g||...]``: one vector on the device; under ``no_grad``.
 
         The update is formed in place in the copies (``w_before - w_after``: the same norm), then one
         fused norm pass over the weights and the updates; the copies are dropped unless kept for the
-        next step.
+        next step. Sharded parameters: norms of this rank's parts, then one ``all_reduce`` adds them up
+        (a collective: every rank calls this).
         """
         before = self.before
         assert before is not None
-        torch._foreach_sub_(before, self.params)
-        after = self._norms(self.params + before)
+        params = self._local()
+        torch._foreach_sub_(before, params)
+        after = self._norms(params + before)
         if not self.keep:
             self.before = None
         if self.single_device:
-            return torch.cat([torch.stack(after), grad_norms.float()])
-        device = after[0].device
-        return torch.cat([torch.stack([t.to(device) for t in after]), grad_norms.float().to(device)])
+            out = torch.cat([torch.stack(after), grad_norms.float()])
+        else:
+            device = after[0].device
+            out = torch.cat([torch.stack([t.to(device) for t in after]), grad_norms.float().to(device)])
+        return out if self.copies is None else norms_over_ranks(out, self.copies * 3)
+
+    def _local(self) -> list[Tensor]:
+        return self.params if self.copies is None else list(local_parts(self.params))
 
     def _norms(self, tensors: list[Tensor]) -> list[Tensor]:
         if self.single_device:
             return list(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
         return list(tensor_norms(tensors).unbind())
+
+
+def _whole(t: Tensor) -> Tensor:
+    """``t`` on the host as float32; a sharded tensor gathered whole first (a collective)."""
+    full = getattr(t, "full_tensor", None)
+    return (t if full is None else full()).detach().float().cpu()
 
 
 def _ratio(num: float, den: float) -> float:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_nan.core.norms import tensor_norms, total_norm
+from lightning_nan.core.sharding import copies_per_tensor, local_parts, total_over_ranks
 
 METHODS = ("norm", "value", "autoclip", "agc", "zclip")
 
@@ -279,7 +280,8 @@ class GradientClipper:
         self.clip_factor, self.eps = clip_factor, eps
         #: ids of parameters AGC leaves alone (e.g. :func:`final_layer_parameters`).
         self.exclude: set[int] = set()
-        #: gradients are sharded across ranks (FSDP): the total norm is all-reduced to the global one.
+        #: gradients are FSDP1's flat shards: the total norm is all-reduced to the global one (sharded
+        #: ``DTensor`` parameters, FSDP2's, are recognised by themselves).
         self.sharded = False
         self.rule: AutoClip | ZClip | None = None
         if method == "autoclip":
@@ -295,18 +297,26 @@ class GradientClipper:
         guard), in the order of the parameters that have gradients; reused instead of a second pass.
         """
         params = [p for p in params if p.grad is not None]
-        grads = [p.grad for p in params]
-        if not grads:
+        if not params:
             return ClipStats()
+        copies = copies_per_tensor(params)  # sharded parameters (DTensor): clip this rank's parts
+        grads = list(local_parts([p.grad for p in params]))
         if norms is None or self.norm_type != 2.0 or len(norms) != len(grads):
             norms = tensor_norms(grads, self.norm_type)
-        total = total_norm(norms, self.norm_type)
-        if self.sharded:
-            total = _global_norm(total, self.norm_type)
+        if copies is not None or self.sharded:  # the norm over every rank's part (a collective)
+            total = total_over_ranks(norms, copies, self.norm_type)
+        else:
+            total = total_norm(norms, self.norm_type)
         if self.method == "value":
             clip_grads_value_(grads, float(self.clip_value))  # type: ignore[arg-type]
             return ClipStats(total_norm=total)
         if self.method == "agc":
+            if self.sharded or copies is not None:
+                raise ValueError(
+                    "GradientClipping('agc') needs each output unit's whole gradient and weight, which are split "
+                    "across ranks here (FSDP / sharded DTensor parameters): use method='zclip', 'autoclip' or "
+                    "'norm', whose norm is taken over all ranks."
+                )
             clipped = [p for p in params if id(p) not in self.exclude]
             fraction = _agc_with_fraction(clipped, self.clip_factor, self.eps) if clipped else torch.zeros_like(total)
             return ClipStats(total_norm=total, clipped_units=fraction)
@@ -350,19 +360,6 @@ def _agc_with_fraction(params: Sequence[Tensor], clip_factor: float, eps: float)
         clipped.append(clip.sum())
         units += clip.numel()
     return torch.stack(clipped).sum().float() / max(units, 1)
-
-
-def _global_norm(local: Tensor, norm_type: float) -> Tensor:
-    """Combine per-rank norms of sharded gradients into the norm of all of them."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return local
-    if math.isinf(norm_type):
-        out = local.clone()
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
-        return out
-    out = local.pow(norm_type)
-    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
-    return out.pow(1.0 / norm_type)
 
 
 def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[Tensor]]:

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_nan.core.sharding import local_parts
+
 
 @torch.no_grad()
 def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
@@ -32,10 +34,12 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     so ``isfinite`` of the result flags exactly the tensors that are not finite — except that a
     2-norm can also overflow float32 when the elements are finite but beyond ~1.8e19, which is
     reported as non-finite, as :func:`torch.nn.utils.clip_grad_norm_` does. Never records autograd
-    history, so it is safe on parameters.
+    history, so it is safe on parameters. A sharded tensor (``DTensor``) gets the norm of this rank's
+    part (:mod:`~lightning_nan.core.sharding` adds them up across ranks).
     """
     if len(tensors) == 0:
         return torch.zeros(0)
+    tensors = local_parts(tensors)
     groups: dict[tuple[torch.device, bool], list[int]] = {}
     for i, t in enumerate(tensors):  # float64 cannot be narrowed inside the kernel: its norm is taken in float64
         groups.setdefault((t.device, t.dtype in _WIDE), []).append(i)

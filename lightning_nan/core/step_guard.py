@@ -41,6 +41,7 @@ from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import IncidentEvent, escalate, notify
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.norms import iter_tensors, tensor_norms, total_norm
+from lightning_nan.core.sharding import local_part
 
 #: Default for ``max_consecutive``. While steps are skipped the weights do not change, so a run of
 #: skips is either a run of bad batches or a model that fails on every batch. If even half of all
@@ -481,8 +482,8 @@ def _merge_ranks(saw: bool, params: list[str], detail: dict[str, Any]) -> tuple[
 
 
 def _finite(t: Tensor) -> bool:
-    """Exact check, with a host sync: for the failure path only."""
-    return bool(torch.isfinite(t).all())
+    """Exact check, with a host sync: for the failure path only (of this rank's part of a sharded tensor)."""
+    return bool(torch.isfinite(local_part(t)).all())
 
 
 def _scalar(loss: Tensor) -> Tensor:

@@ -1,0 +1,194 @@
+"""Two-process FSDP2 run (gloo, CPU): parameters sharded with ``fully_shard`` under ``ModelParallelStrategy``.
+
+Run by ``test_fsdp.py``::
+
+    MASTER_PORT=<free port> python tests/ddp/fsdp_script.py NAMESPACE OUTDIR SCENARIO
+
+``SCENARIO``:
+
+- ``lightning``: ``Trainer(gradient_clip_val=MAX_NORM)``, Lightning's own clipping (the reference);
+- ``ours``: ``NaNGuard``, ``GradientClipping("norm", max_norm=MAX_NORM)`` and ``NormMonitor(every_n_steps=1)``
+  with a ``TensorBoardLogger`` in ``OUTDIR/tb``;
+- ``fault``: as ``ours``, and rank 1's loss is NaN at batch ``FAULT_BATCH``;
+- ``agc``: ``GradientClipping("agc")``, which must refuse sharded parameters.
+
+Each rank writes ``OUTDIR/rank{r}.pt`` with the whole (gathered) weights before and after every batch,
+the whole gradients' norms before clipping, the local shapes of its parts, the guard's incidents and
+any error. (FSDP1, ``FSDPStrategy``, needs a GPU; FSDP2 runs on the CPU with gloo. Lightning refuses
+``ModelParallelStrategy`` on the CPU by no check, so this is the same code path as on GPUs.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from ddp_common import finish, load_namespace, write_pid
+
+SCENARIOS = ("lightning", "ours", "fault", "agc")
+FAULT_BATCH = 2
+MAX_NORM = 0.05  # small enough that every step clips
+N_SAMPLES = 48  # 12 batches of 4: 6 steps per rank
+BATCH_SIZE = 4
+LR = 0.1
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N_SAMPLES, 5, generator=gen)
+    y = x[:, :1] * 2.0 - x[:, 1:2] + 0.1 * torch.randn(N_SAMPLES, 1, generator=gen)
+    return x, y
+
+
+def make_net() -> torch.nn.Module:
+    """Uneven shards on purpose: ``2.weight`` (1x6) and ``2.bias`` (1) leave rank 1 an empty part."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+
+
+def whole(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter gathered whole (a collective: every rank calls it)."""
+    return {name: p.full_tensor().detach().clone() for name, p in module.named_parameters()}
+
+
+def sharding_checks() -> dict:
+    """``lightning_nan.core.sharding`` on one tensor placed three ways (a collective: every rank calls it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from lightning_nan.core.norms import tensor_norms
+    from lightning_nan.core.sharding import copies_per_tensor, norms_over_ranks, total_over_ranks
+
+    mesh = init_device_mesh("cpu", (2,))
+    t = torch.arange(15.0).reshape(5, 3) - 7.0  # 5 rows over 2 ranks: parts of 3 and 2 rows
+    placed = [distribute_tensor(t, mesh, [Shard(0)]), distribute_tensor(t, mesh, [Replicate()]), t]
+    copies = copies_per_tensor(placed)
+    local = tensor_norms(placed)
+    try:
+        copies_per_tensor([DTensor.from_local(t, mesh, [Partial()])])
+        partial_error = None
+    except ValueError as exc:
+        partial_error = str(exc)
+    return {
+        "whole": float(torch.linalg.vector_norm(t)),
+        "copies": copies,
+        "local": local.tolist(),
+        "over_ranks": norms_over_ranks(local, copies).tolist(),
+        "total": float(total_over_ranks(local, copies)),
+        "partial_error": partial_error,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("namespace", choices=("pytorch_lightning", "lightning"))
+    parser.add_argument("outdir")
+    parser.add_argument("scenario", choices=SCENARIOS)
+    args = parser.parse_args(argv)
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.data import DataLoader, TensorDataset
+
+    pl, lib = load_namespace(args.namespace)
+    strategies = sys.modules[pl.__name__ + ".strategies"]
+    scenario = args.scenario
+
+    class Model(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_net()
+
+        def configure_model(self) -> None:
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.net:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            if scenario == "fault" and self.global_rank == 1 and batch_idx == FAULT_BATCH:
+                loss = loss * float("nan")
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+
+    class Recorder(pl.Callback):
+        """Whole weights before and after each step, and the whole gradients' norms before any clipping."""
+
+        def __init__(self) -> None:
+            self.before: dict[int, dict[str, torch.Tensor]] = {}
+            self.after: dict[int, dict[str, torch.Tensor]] = {}
+            self.grad_norms: dict[int, dict[str, float]] = {}
+            self.local_shapes: dict[str, tuple[int, ...]] = {}
+
+        def setup(self, trainer, pl_module, stage) -> None:
+            write_pid(args.outdir, trainer.global_rank)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.before[trainer.global_step] = whole(pl_module)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # first in the list
+            step = trainer.global_step
+            self.grad_norms[step] = {
+                name: float(torch.linalg.vector_norm(p.grad.full_tensor())) for name, p in pl_module.named_parameters()
+            }
+            self.local_shapes = {name: tuple(p.to_local().shape) for name, p in pl_module.named_parameters()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.after[trainer.global_step - 1] = whole(pl_module)
+
+    pl.seed_everything(1234, workers=True)
+    x, y = make_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH_SIZE, shuffle=False)
+    recorder = Recorder()
+    guard = lib.NaNGuard()
+    callbacks: list = [recorder]
+    kwargs: dict = {"logger": False}
+    if scenario == "lightning":
+        kwargs["gradient_clip_val"] = MAX_NORM
+    elif scenario == "agc":
+        callbacks.append(lib.GradientClipping("agc"))
+    else:
+        callbacks += [guard, lib.GradientClipping("norm", max_norm=MAX_NORM, log_every_n_steps=1), lib.NormMonitor(every_n_steps=1)]
+        kwargs["logger"] = pl.loggers.TensorBoardLogger(os.path.join(args.outdir, "tb"), name="", version="")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_epochs=1,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        default_root_dir=args.outdir,
+        **kwargs,
+    )
+    error: BaseException | None = None
+    try:
+        trainer.fit(Model(), loader)
+    except ValueError as exc:
+        error = exc
+    result = {
+        "sharding": sharding_checks() if scenario == "ours" else None,
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "global_step": trainer.global_step,
+        "before": recorder.before,
+        "after": recorder.after,
+        "grad_norms": recorder.grad_norms,
+        "local_shapes": recorder.local_shapes,
+        "incidents": [i.to_dict() for i in guard.incidents],
+        "skipped_steps": guard.skipped_steps,
+        "error": None if error is None else str(error),
+    }
+    return finish(args.outdir, result, trainer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

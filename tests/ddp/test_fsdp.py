@@ -1,0 +1,135 @@
+"""FSDP2 in two real processes (gloo, CPU): ``fully_shard`` parameters under ``ModelParallelStrategy``.
+
+Each rank holds a part of every parameter (rank 1's part of the last layer is empty). The clipper
+must clip by the norm of the whole gradients, as Lightning's own ``gradient_clip_val`` does; the
+monitor must log the norms of the whole tensors; the guard must skip a step on every rank; AGC,
+whose units are split, is refused. One run per (namespace, scenario), shared by the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import fsdp_script as script
+from test_ddp_guard import _ok, launch
+
+STEPS = script.N_SAMPLES // (2 * script.BATCH_SIZE)
+_RUNS: dict[tuple[str, str], SimpleNamespace] = {}
+
+
+def _run(tmp_path_factory, scenario: str, namespace: str = "pytorch_lightning") -> SimpleNamespace:
+    key = (namespace, scenario)
+    if key not in _RUNS:
+        _RUNS[key] = launch(tmp_path_factory, script.__file__, f"fsdp_{namespace}_{scenario}", [namespace, "{outdir}", scenario])
+    return _RUNS[key]
+
+
+def _scalars(run: SimpleNamespace) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(run.outdir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+
+
+def test_the_parameters_are_sharded(tmp_path_factory):
+    run = _run(tmp_path_factory, "ours")
+    _ok(run)
+    shapes = {rank: run.ranks[rank]["local_shapes"] for rank in (0, 1)}
+    assert shapes[0]["net.0.weight"] == (3, 5) and shapes[1]["net.0.weight"] == (3, 5)
+    assert shapes[0]["net.2.weight"] == (1, 6) and shapes[1]["net.2.weight"] == (0, 6)
+
+
+def test_norm_clipping_matches_lightnings_gradient_clip_val(tmp_path_factory):
+    ours, lightning = _run(tmp_path_factory, "ours"), _run(tmp_path_factory, "lightning")
+    _ok(ours)
+    _ok(lightning)
+    for rank in (0, 1):
+        a, b = ours.ranks[rank], lightning.ranks[rank]
+        assert a["global_step"] == b["global_step"] == STEPS
+        for step in range(STEPS):
+            # The whole gradients were above the cap: every step clipped.
+            total = math.sqrt(sum(v * v for v in a["grad_norms"][step].values()))
+            assert total > 2 * script.MAX_NORM
+            for name in a["after"][step]:
+                torch.testing.assert_close(a["after"][step][name], b["after"][step][name], rtol=1e-6, atol=1e-7)
+    # A clipper taking this rank's norm alone would have clipped less: the weights would differ.
+    assert ours.ranks[0]["incidents"] == []
+
+
+def test_clipper_logs_the_norm_of_the_whole_gradients(tmp_path_factory):
+    run = _run(tmp_path_factory, "ours")
+    _ok(run)
+    logged = _scalars(run)
+    grads = run.ranks[0]["grad_norms"]
+    for step in range(STEPS):
+        total = math.sqrt(sum(v * v for v in grads[step].values()))
+        assert _close(logged["grad_clip/total_norm"][step], total), step
+        assert _close(logged["grad_clip/coef"][step], script.MAX_NORM / (total + 1e-6)), step
+
+
+@pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning"])
+def test_monitor_logs_the_norms_of_the_whole_tensors(tmp_path_factory, namespace):
+    run = _run(tmp_path_factory, "ours", namespace)
+    _ok(run)
+    logged = _scalars(run)
+    res = run.ranks[0]
+    names = list(res["after"][0])
+    assert {f"norms/{q}/{n}" for q in ("weight", "grad", "update_ratio") for n in names} <= set(logged)
+    for step in range(STEPS):
+        for name in names:
+            after, before = res["after"][step][name], res["before"][step][name]
+            weight = float(torch.linalg.vector_norm(after))
+            assert _close(logged[f"norms/weight/{name}"][step], weight), (step, name)
+            assert _close(logged[f"norms/grad/{name}"][step], res["grad_norms"][step][name]), (step, name)
+            ratio = float(torch.linalg.vector_norm(after - before)) / (weight + 1e-12)
+            assert _close(logged[f"norms/update_ratio/{name}"][step], ratio), (step, name)
+
+
+def test_guard_skips_the_step_on_every_rank(tmp_path_factory):
+    run = _run(tmp_path_factory, "fault")
+    _ok(run)
+    for rank in (0, 1):
+        res = run.ranks[rank]
+        assert [(i["step"], i["kind"], i["action"], i["ranks"]) for i in res["incidents"]] == [(script.FAULT_BATCH, "loss", "skipped", [1])]
+        assert res["skipped_steps"] == 1
+        for step in range(STEPS):
+            before, after = res["before"][step], res["after"][step]
+            unchanged = all(torch.equal(before[k], after[k]) for k in before)
+            assert unchanged == (step == script.FAULT_BATCH), step
+            assert all(bool(torch.isfinite(t).all()) for t in after.values())
+    # The monitor logged the skipped step's gradients as they were (non-finite), and finite norms after it.
+    logged = _scalars(run)
+    assert not math.isfinite(logged["norms/grad/net.0.weight"][script.FAULT_BATCH])
+    assert math.isfinite(logged["norms/grad/net.0.weight"][script.FAULT_BATCH + 1])
+
+
+def test_agc_is_refused_with_sharded_parameters(tmp_path_factory):
+    run = _run(tmp_path_factory, "agc")
+    _ok(run)
+    for rank in (0, 1):
+        error = run.ranks[rank]["error"]
+        assert error is not None and "GradientClipping('agc')" in error and "ModelParallelStrategy" in error
+        assert run.ranks[rank]["global_step"] == 0
+
+
+def test_norms_over_ranks_count_each_part_once(tmp_path_factory):
+    """A sharded, a replicated and a plain tensor (the same values): each norm over ranks is the whole one."""
+    run = _run(tmp_path_factory, "ours")
+    _ok(run)
+    for rank in (0, 1):
+        checks = run.ranks[rank]["sharding"]
+        whole = checks["whole"]
+        assert checks["copies"] == [1, 2, 2]
+        assert not _close(checks["local"][0], whole)  # this rank's rows only
+        assert [_close(v, whole) for v in checks["local"][1:]] == [True, True]
+        assert all(_close(v, whole) for v in checks["over_ranks"]), checks
+        assert _close(checks["total"], math.sqrt(3) * whole)
+        assert "Partial" in checks["partial_error"]
