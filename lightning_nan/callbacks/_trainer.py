@@ -17,6 +17,12 @@ def run_dir(trainer: Any) -> str:
     return trainer.log_dir or trainer.default_root_dir or os.getcwd()
 
 
+def shards_parameters(trainer: Any) -> bool:
+    """Whether the trainer's strategy splits parameters across ranks: FSDP, DeepSpeed, ``ModelParallelStrategy``."""
+    name = type(trainer.strategy).__name__.lower()
+    return any(kind in name for kind in ("fsdp", "deepspeed", "modelparallel"))
+
+
 def grad_scaler(trainer: Any) -> Any:
     """The fp16 GradScaler of the trainer's precision plugin, or ``None``."""
     return getattr(trainer.precision_plugin, "scaler", None)

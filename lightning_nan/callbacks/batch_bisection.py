@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lightning_nan.callbacks._trainer import log_metrics, run_dir
+from lightning_nan.callbacks._trainer import log_metrics, run_dir, shards_parameters
 from lightning_nan.core.batches import BatchSplitError, batch_size, select
 from lightning_nan.core.culprits import CulpritReport, find_culprits
 from lightning_nan.core.distributed import gather_objects, world
@@ -18,6 +18,7 @@ from lightning_nan.core.errors import NonFiniteWarning
 from lightning_nan.core.events import IncidentEvent
 from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record
 from lightning_nan.core.sampling import TrackingBatchSampler, track, untrack
+from lightning_nan.core.sharding import is_sharded
 
 #: Incident kinds a re-evaluation of the batch can explain (weights and loss scale are not the data).
 BISECTED_KINDS = ("loss", "input", "grad")
@@ -273,6 +274,11 @@ class BatchBisectionBase:
             raise RuntimeError(
                 "SyncBatchNorm communicates in its forward pass, so sub-batches cannot be re-evaluated on one rank "
                 "alone; BatchBisection is off for models with SyncBatchNorm under DDP."
+            )
+        if world()[1] > 1 and (shards_parameters(trainer) or is_sharded(list(pl_module.parameters()))):
+            raise RuntimeError(
+                f"{type(trainer.strategy).__name__} shards the parameters, so every forward pass gathers them from "
+                "every rank and sub-batches cannot be re-evaluated on one rank alone; BatchBisection is off there."
             )
         backward = incident.kind == "grad"
         manual = not pl_module.automatic_optimization

@@ -10,7 +10,9 @@ Run by ``test_fsdp.py``::
 - ``ours``: ``NaNGuard``, ``GradientClipping("norm", max_norm=MAX_NORM)`` and ``NormMonitor(every_n_steps=1)``
   with a ``TensorBoardLogger`` in ``OUTDIR/tb``;
 - ``fault``: as ``ours``, and rank 1's loss is NaN at batch ``FAULT_BATCH``;
-- ``agc``: ``GradientClipping("agc")``, which must refuse sharded parameters.
+- ``agc``: ``GradientClipping("agc")``, which must refuse sharded parameters;
+- ``bisection``: ``NaNGuard`` and ``BatchBisection`` with rank 1's fault: bisection must stand down, not hang;
+- ``rollback``: ``CheckpointRollback()`` (snapshots in memory), which must refuse the strategy.
 
 Each rank writes ``OUTDIR/rank{r}.pt`` with the whole (gathered) weights before and after every batch,
 the whole gradients' norms before clipping, the local shapes of its parts, the guard's incidents and
@@ -27,7 +29,7 @@ import sys
 import torch
 from ddp_common import finish, load_namespace, write_pid
 
-SCENARIOS = ("lightning", "ours", "fault", "agc")
+SCENARIOS = ("lightning", "ours", "fault", "agc", "bisection", "rollback")
 FAULT_BATCH = 2
 MAX_NORM = 0.05  # small enough that every step clips
 N_SAMPLES = 48  # 12 batches of 4: 6 steps per rank
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         def training_step(self, batch, batch_idx):
             x, y = batch
             loss = torch.nn.functional.mse_loss(self.net(x), y)
-            if scenario == "fault" and self.global_rank == 1 and batch_idx == FAULT_BATCH:
+            if scenario in ("fault", "bisection") and self.global_rank == 1 and batch_idx == FAULT_BATCH:
                 loss = loss * float("nan")
             return loss
 
@@ -153,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["gradient_clip_val"] = MAX_NORM
     elif scenario == "agc":
         callbacks.append(lib.GradientClipping("agc"))
+    elif scenario == "bisection":
+        callbacks += [guard, lib.BatchBisection()]
+    elif scenario == "rollback":
+        callbacks += [guard, lib.CheckpointRollback()]
     else:
         callbacks += [guard, lib.GradientClipping("norm", max_norm=MAX_NORM, log_every_n_steps=1), lib.NormMonitor(every_n_steps=1)]
         kwargs["logger"] = pl.loggers.TensorBoardLogger(os.path.join(args.outdir, "tb"), name="", version="")

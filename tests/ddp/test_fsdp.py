@@ -3,7 +3,7 @@
 Each rank holds a part of every parameter (rank 1's part of the last layer is empty). The clipper
 must clip by the norm of the whole gradients, as Lightning's own ``gradient_clip_val`` does; the
 monitor must log the norms of the whole tensors; the guard must skip a step on every rank; AGC,
-whose units are split, is refused. One run per (namespace, scenario), shared by the tests.
+whose units are split, and in-memory rollback snapshots are refused; batch bisection stands down. One run per (namespace, scenario), shared by the tests.
 """
 
 from __future__ import annotations
@@ -133,3 +133,24 @@ def test_norms_over_ranks_count_each_part_once(tmp_path_factory):
         assert all(_close(v, whole) for v in checks["over_ranks"]), checks
         assert _close(checks["total"], math.sqrt(3) * whole)
         assert "Partial" in checks["partial_error"]
+
+
+def test_bisection_stands_down_on_every_rank_without_a_hang(tmp_path_factory):
+    """Re-running sub-batches on one rank would wait forever for the others' parameter shards."""
+    run = _run(tmp_path_factory, "bisection")
+    _ok(run)
+    for rank in (0, 1):
+        (incident,) = run.ranks[rank]["incidents"]
+        assert (incident["step"], incident["kind"], incident["action"]) == (script.FAULT_BATCH, "loss", "skipped")
+        errors = incident["detail"]["bisection"]["errors"]
+        assert [e.split(":")[0] for e in errors] == ["rank 0", "rank 1"]
+        assert all("ModelParallelStrategy shards the parameters" in e for e in errors)
+        assert run.ranks[rank]["global_step"] == STEPS
+
+
+def test_in_memory_rollback_is_refused(tmp_path_factory):
+    run = _run(tmp_path_factory, "rollback")
+    _ok(run)
+    for rank in (0, 1):
+        error = run.ranks[rank]["error"]
+        assert error is not None and "CheckpointRollback(source='memory')" in error and "ModelParallelStrategy" in error
