@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_nan.core.norms import tensor_norms, total_norm
-from lightning_nan.core.sharding import copies_per_tensor, local_parts, total_over_ranks
+from lightning_nan.core.sharding import copies_per_tensor, local_parts, norms_over_ranks, total_over_ranks
 
 METHODS = ("norm", "value", "autoclip", "agc", "zclip")
 
@@ -303,8 +303,10 @@ class GradientClipper:
         grads = list(local_parts([p.grad for p in params]))
         if norms is None or self.norm_type != 2.0 or len(norms) != len(grads):
             norms = tensor_norms(grads, self.norm_type)
-        if copies is not None or self.sharded:  # the norm over every rank's part (a collective)
-            total = total_over_ranks(norms, copies, self.norm_type)
+        if copies is not None:  # the whole tensors' norms (a collective), then as clip_grad_norm_ with DTensors
+            total = total_norm(norms_over_ranks(norms, copies, self.norm_type), self.norm_type)
+        elif self.sharded:  # FSDP1's flat shards, as FullyShardedDataParallel.clip_grad_norm_ (a collective)
+            total = total_over_ranks(norms, self.norm_type)
         else:
             total = total_norm(norms, self.norm_type)
         if self.method == "value":

@@ -1,7 +1,8 @@
 """Sharded tensors (``DTensor``: FSDP2's ``fully_shard``, tensor parallelism): local parts and norms over all ranks.
 
-Each rank takes norms of the parts it holds: no gather, no collective. :func:`norms_over_ranks` and
-:func:`total_over_ranks` then add those up across ranks in one ``all_reduce``. A part held by several
+Each rank takes norms of the parts it holds: no gather, no collective. :func:`norms_over_ranks`
+(``DTensor``) and :func:`total_over_ranks` (FSDP1's flat shards) then add those up across ranks in
+one ``all_reduce``. A part held by several
 ranks (a ``Replicate`` placement, or a plain tensor beside sharded ones) counts once: its share is
 divided by the number of ranks holding it. Without ``DTensor``s everything here is a no-op.
 
@@ -104,26 +105,22 @@ def norms_over_ranks(local_norms: Tensor, copies: Sequence[int] | None, norm_typ
     return _sum_over_ranks(_shares(local_norms, copies, norm_type)).pow(1.0 / norm_type)
 
 
-def total_over_ranks(local_norms: Tensor, copies: Sequence[int] | None, norm_type: float = 2.0) -> Tensor:
-    """The ``norm_type``-norm of all tensors together over all ranks (a 0-dim tensor; a collective, as above).
+def total_over_ranks(local_norms: Tensor, norm_type: float = 2.0) -> Tensor:
+    """The ``norm_type``-norm of disjoint shards (FSDP1's flat parameters) over all ranks: a 0-dim tensor.
 
-    With ``copies=None`` the local parts are taken as disjoint shards (FSDP1's flat parameters).
+    The order of ``FullyShardedDataParallel.clip_grad_norm_``: this rank's total, to the power
+    ``norm_type``, summed over ranks. A collective, as above. (For ``DTensor``\ s take
+    ``total_norm(norms_over_ranks(...))``, the order of ``clip_grad_norm_``.)
     """
     if math.isinf(norm_type):
         out = local_norms.max().clone() if local_norms.numel() else torch.zeros((), device=local_norms.device)
         if world()[1] > 1:
             torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
         return out
-    if copies is None or all(c == 1 for c in copies):  # disjoint shards: torch's order for FSDP2 (``_NormPartial``)
-        local = torch.linalg.vector_norm(local_norms, norm_type)
-        if world()[1] == 1:
-            return local
-        share = local.pow(norm_type)
-    else:
-        share = _shares(local_norms, copies, norm_type).sum()
-        if world()[1] == 1:
-            return share.pow(1.0 / norm_type)
-    return _sum_over_ranks(share).pow(1.0 / norm_type)
+    local = torch.linalg.vector_norm(local_norms, norm_type)
+    if world()[1] == 1:
+        return local
+    return _sum_over_ranks(local.pow(norm_type)).pow(1.0 / norm_type)
 
 
 def _shares(local_norms: Tensor, copies: Sequence[int] | None, norm_type: float) -> Tensor:

@@ -78,7 +78,7 @@ def sharding_checks() -> dict:
         "copies": copies,
         "local": local.tolist(),
         "over_ranks": norms_over_ranks(local, copies).tolist(),
-        "total": float(total_over_ranks(local, copies)),
+        "total_of_shards": float(total_over_ranks(local[:1])),
         "partial_error": partial_error,
     }
 

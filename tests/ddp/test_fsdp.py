@@ -59,9 +59,8 @@ def test_norm_clipping_matches_lightnings_gradient_clip_val(tmp_path_factory):
             total = math.sqrt(sum(v * v for v in a["grad_norms"][step].values()))
             assert total > 2 * script.MAX_NORM
             for name in a["after"][step]:
-                torch.testing.assert_close(a["after"][step][name], b["after"][step][name], rtol=1e-6, atol=1e-7)
-    # A clipper taking this rank's norm alone would have clipped less: the weights would differ.
-    assert ours.ranks[0]["incidents"] == []
+                assert torch.equal(a["after"][step][name], b["after"][step][name]), (rank, step, name)
+    assert ours.ranks[0]["incidents"] == []  # no step was skipped: all six were clipped and taken
 
 
 def test_clipper_logs_the_norm_of_the_whole_gradients(tmp_path_factory):
@@ -131,7 +130,7 @@ def test_norms_over_ranks_count_each_part_once(tmp_path_factory):
         assert not _close(checks["local"][0], whole)  # this rank's rows only
         assert [_close(v, whole) for v in checks["local"][1:]] == [True, True]
         assert all(_close(v, whole) for v in checks["over_ranks"]), checks
-        assert _close(checks["total"], math.sqrt(3) * whole)
+        assert _close(checks["total_of_shards"], whole)
         assert "Partial" in checks["partial_error"]
 
 
