@@ -28,7 +28,8 @@ class GradientClippingBase:
     already all-reduced, so every rank clips by the same global norm; with sharded parameters (FSDP,
     ``fully_shard`` under ``ModelParallelStrategy``) each rank clips its shards by the norm over all
     ranks (one ``all_reduce`` per step; ``"agc"`` is refused there, its units are split). Refuses a
-    Trainer that also sets ``gradient_clip_val``. A non-finite total norm never scales finite gradients into NaN.
+    Trainer that also sets ``gradient_clip_val``. A non-finite total norm never scales finite
+    gradients into NaN.
 
     Logged through the trainer's loggers every ``log_every_n_steps`` (default: the Trainer's):
 

@@ -34,16 +34,15 @@ class NormMonitorBase:
     the gradient norm (before clipping) and the update-to-weight ratio ``||w_after - w_before|| / ||w_after||``.
 
     The gradient norms are those the guard (or the clipper) computed for the step, when one is
-    present. On logging steps only, and on rank zero only (see below for sharded parameters): one fused copy of the weights before the
+    present. On logging steps only, and on rank zero only: one fused copy of the weights before the
     step, the updates formed in place in the copy after it, one fused norm pass over the weights and
     the updates, and one transfer of all values to the host; the ratios and module sums are then
-    computed on the host. The gradients are not read again. With
-    ``every_n_steps=1`` the copy lives in buffers kept between steps (one extra copy of the monitored
-    weights); otherwise it is freed after each logging step. Nothing runs on other steps. With sharded
-    parameters (FSDP2's ``fully_shard``, ``DTensor``) every rank does this for the parts it holds and
-    one ``all_reduce`` per logging step adds the norms up, so the values are those of the whole
-    tensors (``histograms=True`` gathers each tensor whole). A Lightning
-    ``TensorBoardLogger`` gets the step's scalars as one event (the tags, step and values its
+    computed on the host. The gradients are not read again. With ``every_n_steps=1`` the copy lives
+    in buffers kept between steps (one extra copy of the monitored weights); otherwise it is freed
+    after each logging step. Nothing runs on other steps. With sharded parameters (FSDP2's
+    ``fully_shard``: ``DTensor``) every rank does this for the parts it holds and one ``all_reduce``
+    per logging step adds the norms up, so the values are those of the whole tensors
+    (``histograms=True`` gathers each tensor whole). A Lightning ``TensorBoardLogger`` gets the step's scalars as one event (the tags, step and values its
     ``log_metrics`` would write, one event per key); any other logger, a subclass overriding
     ``log_metrics`` included, one ``log_metrics`` call. Events of logging steps less than a second
     apart are handed to TensorBoard's writer thread together (one wake-up of that thread per batch):
