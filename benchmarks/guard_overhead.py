@@ -106,6 +106,7 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
+            _synchronize(pl_module)
             self.t0 = time.perf_counter()
 
     def per_step(self) -> float:
@@ -120,7 +121,14 @@ class _StopTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx == self.timer.last:
+            _synchronize(pl_module)
             self.timer.t1 = time.perf_counter()
+
+
+def _synchronize(pl_module: pl.LightningModule) -> None:
+    """On a GPU, wait for the queued work, so that the clock sees the steps' whole time."""
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
 
 
 VARIANTS: dict[str, Callable[[], dict]] = {
@@ -207,11 +215,13 @@ def run_once(
     root: str,
     logger: Callable[[str], object] | None = None,
     timed: TimedHooks = guard_hooks,
+    accelerator: str = "cpu",
 ) -> RunResult:
     """One short fit of ``variant`` (a name in :data:`VARIANTS`, or a factory of extra Trainer kwargs).
 
     ``logger``: called with ``root`` to make the Trainer's logger (default: ``logger=False``).
     ``timed``: the hooks whose wall time is recorded in place (each must run once per step).
+    ``accelerator``: the Trainer's (``"gpu"``: the clock waits for the device at both ends).
     """
     pl.seed_everything(0, verbose=False)
     model = BenchCNN()
@@ -220,7 +230,7 @@ def run_once(
     records = [time_hooks(obj, names) for obj, names in timed(callbacks, model, extra)]
     timer = StepTimer(warmup, warmup + steps - 1)
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         max_steps=warmup + steps,
         max_epochs=-1,

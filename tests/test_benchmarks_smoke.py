@@ -56,3 +56,16 @@ def test_alternating_monitor_benchmark_logs_on_even_steps_only(tmp_path):
     )
     assert len(control) == 1 and control[0][0] > 0  # timed, with nothing logged in the monitor's place
     assert not any(k.startswith("norms/") for _, metrics in loggers[1].records for k in metrics)
+
+
+def test_gpu_checks_script_runs_on_the_cpu(capsys):
+    """The prepared GPU script, CPU smoke run: its fault checks hold (16-mixed with a CPU GradScaler, bf16)."""
+    import gpu_checks
+
+    assert gpu_checks.main(["--device", "cpu", "--quick", "--skip-ratios"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 16-mixed:") or line.startswith("| bf16-mixed:")]
+    assert len(rows) == 5 and all("| yes |" in row for row in rows), rows
+    assert "scale 65536.0 -> 32768.0" in out  # GradScaler halved its scale on its own overflow
+    # No sync count on the CPU, one row per (precision, variant) all the same.
+    assert out.count("| 16-mixed | ") == len(gpu_checks.SYNC_VARIANTS)
