@@ -83,7 +83,8 @@ class FaultyCNN(BenchCNN):
 
 
 class SyncCounter(pl.Callback):
-    """Counts the device->host syncs from the start of step ``first`` to the end of step ``last``."""
+    """Counts the device->host syncs from the start of step ``first`` to the start of step ``last + 1``
+    (every callback's hooks of the steps in between included: the fit needs one step more)."""
 
     def __init__(self, first: int, last: int) -> None:
         self.first, self.last = first, last
@@ -99,9 +100,14 @@ class SyncCounter(pl.Callback):
             self._records = self._caught.__enter__()
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
+        elif trainer.global_step == self.last + 1:
+            self._close()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step - 1 == self.last and self._caught is not None:
+    def on_train_end(self, trainer, pl_module):
+        self._close()
+
+    def _close(self) -> None:
+        if self._caught is not None:
             torch.cuda.set_sync_debug_mode("default")
             self._caught.__exit__(None, None, None)
             self._caught = None
@@ -134,7 +140,7 @@ def count_syncs(*, device: str, warmup: int, steps: int, batch_size: int, data) 
             counter = SyncCounter(warmup, warmup + steps - 1)
             with tempfile.TemporaryDirectory() as root:
                 trainer = _trainer(
-                    device=device, precision=precision, steps=warmup + steps, root=root,
+                    device=device, precision=precision, steps=warmup + steps + 1, root=root,
                     callbacks=[counter, *extra.pop("callbacks", [])], **extra,
                 )
                 trainer.fit(BenchCNN(), DataLoader(data, batch_size=batch_size))
@@ -156,12 +162,17 @@ def check_faults(*, device: str, batch_size: int, data) -> list[tuple[str, bool,
         class Recorder(pl.Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 if trainer.global_step in faults:
-                    seen[trainer.global_step] = {"before": _weights(pl_module), "scale": _scale(trainer)}
+                    seen[trainer.global_step] = {
+                        "before": _weights(pl_module), "scale": _scale(trainer), "overflows": guard.guard.scaler_overflows,
+                    }
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 step = trainer.global_step - 1
                 if step in seen:
-                    seen[step].update(after=_weights(pl_module), scale_after=_scale(trainer))
+                    seen[step].update(
+                        after=_weights(pl_module), scale_after=_scale(trainer),
+                        overflows=guard.guard.scaler_overflows - seen[step]["overflows"],
+                    )
 
         model = FaultyCNN(faults)
         with tempfile.TemporaryDirectory() as root:
@@ -175,9 +186,9 @@ def check_faults(*, device: str, batch_size: int, data) -> list[tuple[str, bool,
             unchanged = all(torch.equal(s["before"][k], s["after"][k]) for k in s["before"])
             if fault == "inf_grad":
                 halved = s["scale"] is not None and s["scale_after"] == s["scale"] / 2
-                ok = unchanged and step not in incidents and guard.guard.scaler_overflows == 1 and halved
-                what = (f"weights unchanged: {unchanged}; incident: {step in incidents}; scaler_overflows: "
-                        f"{guard.guard.scaler_overflows}; scale {s['scale']} -> {s['scale_after']}")
+                ok = unchanged and step not in incidents and s["overflows"] == 1 and halved
+                what = (f"weights unchanged: {unchanged}; incident: {step in incidents}; scaler overflows in the step: "
+                        f"{s['overflows']}; scale {s['scale']} -> {s['scale_after']}")
                 rows.append((f"{precision}: an inf gradient at step {step} is GradScaler's own skip", ok, what))
             else:
                 incident = incidents.get(step)

@@ -18,9 +18,10 @@ def run_dir(trainer: Any) -> str:
 
 
 def shards_parameters(trainer: Any) -> bool:
-    """Whether the trainer's strategy splits parameters across ranks: FSDP, DeepSpeed, ``ModelParallelStrategy``."""
+    """Whether the trainer's strategy may split parameters across ranks: FSDP or ``ModelParallelStrategy``
+    (DeepSpeed only at ZeRO stage 3: callers that care about its sharded optimizer state check it themselves)."""
     name = type(trainer.strategy).__name__.lower()
-    return any(kind in name for kind in ("fsdp", "deepspeed", "modelparallel"))
+    return "fsdp" in name or "modelparallel" in name
 
 
 def grad_scaler(trainer: Any) -> Any:

@@ -241,7 +241,7 @@ class CheckpointRollbackBase:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        if self.source == "memory" and shards_parameters(trainer):
+        if self.source == "memory" and (shards_parameters(trainer) or "deepspeed" in type(trainer.strategy).__name__.lower()):
             raise ValueError(
                 f"CheckpointRollback(source='memory') copies the full state on every rank, which "
                 f"{type(trainer.strategy).__name__} shards: use strategy='ddp', or source='checkpoint'."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -41,8 +42,10 @@ class NormMonitorBase:
     in buffers kept between steps (one extra copy of the monitored weights); otherwise it is freed
     after each logging step. Nothing runs on other steps. With sharded parameters (FSDP2's
     ``fully_shard``: ``DTensor``) every rank does this for the parts it holds and one ``all_reduce``
-    per logging step adds the norms up, so the values are those of the whole tensors
-    (``histograms=True`` gathers each tensor whole). A Lightning ``TensorBoardLogger`` gets the step's scalars as one event (the tags, step and values its
+    per optimizer and logging step adds the norms up, so the values are those of the whole tensors
+    (``histograms=True`` gathers each tensor whole, one at a time). Under FSDP1 (``FSDPStrategy``)
+    the parameters are plain tensors holding each rank's flat shard: the norms are rank zero's parts
+    (a warning says so). A Lightning ``TensorBoardLogger`` gets the step's scalars as one event (the tags, step and values its
     ``log_metrics`` would write, one event per key); any other logger, a subclass overriding
     ``log_metrics`` included, one ``log_metrics`` call. Events of logging steps less than a second
     apart are handed to TensorBoard's writer thread together (one wake-up of that thread per batch):
@@ -121,6 +124,13 @@ class NormMonitorBase:
             return
         self._reset()
         self._name_parameters(pl_module)
+        if "fsdp" in type(trainer.strategy).__name__.lower() and trainer.is_global_zero:
+            warnings.warn(
+                f"NormMonitor under {type(trainer.strategy).__name__} (FSDP1) sees each rank's flat shards as plain "
+                "tensors: it logs the norms of rank zero's parts, not of the whole parameters. Shard with FSDP2 "
+                "(`fully_shard` under ModelParallelStrategy) for whole-tensor norms.",
+                stacklevel=2,
+            )
 
     def _name_parameters(self, pl_module: Any) -> None:
         self._names = {}
@@ -224,20 +234,24 @@ class NormMonitorBase:
             logger.log_metrics(metrics, step=self._step)
 
     def _histograms(self, trainer: Any, pending: dict[_Plan, Tensor]) -> None:
-        """Weight and gradient histograms; sharded tensors are gathered whole on every rank, rank zero writes."""
-        named = dict(zip((name for plan in pending for name in plan.names), (p for plan in pending for p in plan.params)))
-        tensors = []
-        for name, p in named.items():
-            tensors.append((f"weights/{name}", _whole(p)))
-            if p.grad is not None:
-                tensors.append((f"grads/{name}", _whole(p.grad)))
-        if not trainer.is_global_zero:
+        """Weight and gradient histograms, one tensor at a time; a sharded one is gathered whole on every
+        rank (a collective), rank zero writes."""
+        writers = []
+        if trainer.is_global_zero:
+            writers = [w for w in (getattr(lg, "experiment", None) for lg in trainer.loggers) if hasattr(w, "add_histogram")]
+        if not writers and all(plan.copies is None for plan in pending):
             return
-        for logger in trainer.loggers:
-            writer = getattr(logger, "experiment", None)
-            if hasattr(writer, "add_histogram"):
-                for tag, t in tensors:
-                    writer.add_histogram(tag, t, self._step)
+        named = dict(zip((name for plan in pending for name in plan.names), (p for plan in pending for p in plan.params)))
+        for name, p in named.items():
+            for tag, t in ((f"weights/{name}", p), (f"grads/{name}", p.grad)):
+                if t is None:
+                    continue
+                full = getattr(t, "full_tensor", None)
+                whole = (t if full is None else full()).detach()
+                if writers:
+                    whole = whole.float().cpu()
+                    for writer in writers:
+                        writer.add_histogram(tag, whole, self._step)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._release_events()
@@ -318,12 +332,6 @@ class _Plan:
         if self.single_device:
             return list(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
         return list(tensor_norms(tensors).unbind())
-
-
-def _whole(t: Tensor) -> Tensor:
-    """``t`` on the host as float32; a sharded tensor gathered whole first (a collective)."""
-    full = getattr(t, "full_tensor", None)
-    return (t if full is None else full()).detach().float().cpu()
 
 
 def _ratio(num: float, den: float) -> float:

@@ -300,7 +300,9 @@ class GradientClipper:
         if not params:
             return ClipStats()
         copies = copies_per_tensor(params)  # sharded parameters (DTensor): clip this rank's parts
-        grads = list(local_parts([p.grad for p in params]))
+        grads = [p.grad for p in params]
+        if copies is not None:
+            grads = list(local_parts(grads))
         if norms is None or self.norm_type != 2.0 or len(norms) != len(grads):
             norms = tensor_norms(grads, self.norm_type)
         if copies is not None:  # the whole tensors' norms (a collective), then as clip_grad_norm_ with DTensors

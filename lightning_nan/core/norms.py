@@ -33,13 +33,20 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     A tensor holding NaN gets a NaN norm, one holding ±Inf an Inf norm (for ``norm_type=inf`` too),
     so ``isfinite`` of the result flags exactly the tensors that are not finite — except that a
     2-norm can also overflow float32 when the elements are finite but beyond ~1.8e19, which is
-    reported as non-finite, as :func:`torch.nn.utils.clip_grad_norm_` does. Never records autograd
+    reported as non-finite, as :func:`torch.nn.utils.clip_grad_norm_` does. An empty tensor's norm is 0
+    (its inf-norm too, which torch refuses). Never records autograd
     history, so it is safe on parameters. A sharded tensor (``DTensor``) gets the norm of this rank's
     part (:mod:`~lightning_nan.core.sharding` adds them up across ranks).
     """
     if len(tensors) == 0:
         return torch.zeros(0)
     tensors = local_parts(tensors)
+    if math.isinf(norm_type) and any(t.numel() == 0 for t in tensors):  # torch refuses the max of nothing: 0
+        out = torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device)
+        full = [i for i, t in enumerate(tensors) if t.numel()]
+        if full:
+            out[torch.tensor(full, device=out.device)] = tensor_norms([tensors[i] for i in full], norm_type).to(out.device)
+        return out
     groups: dict[tuple[torch.device, bool], list[int]] = {}
     for i, t in enumerate(tensors):  # float64 cannot be narrowed inside the kernel: its norm is taken in float64
         groups.setdefault((t.device, t.dtype in _WIDE), []).append(i)

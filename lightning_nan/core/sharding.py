@@ -32,10 +32,15 @@ def _dtensor_class() -> Any:
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
+def _any_of(cls: type, tensors: Sequence[Tensor]) -> bool:
+    """``any(isinstance(t, cls) ...)``, by the distinct types (a quarter of the time for a long plain list)."""
+    return any(issubclass(kind, cls) for kind in set(map(type, tensors)))
+
+
 def is_sharded(tensors: Sequence[Tensor]) -> bool:
     """Whether any of ``tensors`` is a ``DTensor``."""
     cls = _dtensor_class()
-    return cls is not None and any(isinstance(t, cls) for t in tensors)
+    return cls is not None and _any_of(cls, tensors)
 
 
 def local_parts(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
@@ -44,7 +49,7 @@ def local_parts(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
     Returns ``tensors`` itself when none is a ``DTensor``.
     """
     cls = _dtensor_class()
-    if cls is None or not any(isinstance(t, cls) for t in tensors):
+    if cls is None or not _any_of(cls, tensors):
         return tensors
     with torch.no_grad():
         return [t.to_local() if isinstance(t, cls) else t for t in tensors]
@@ -58,12 +63,16 @@ def local_part(t: Tensor) -> Tensor:
 def copies_per_tensor(tensors: Sequence[Tensor]) -> list[int] | None:
     """For each tensor, how many ranks hold its local part; ``None`` when none is a ``DTensor``.
 
-    A ``DTensor`` is held by the product of its mesh's sizes over the ``Replicate`` dimensions; a plain
-    tensor beside ``DTensor``s by every rank. Raises ``ValueError`` for what norms of local parts cannot
-    add up: a ``Partial`` placement (a sum still pending) or a mesh that does not span every rank.
+    A ``DTensor`` is held by the product of its mesh's sizes over the ``Replicate`` dimensions, times
+    the number of copies of its mesh in the world: a mesh smaller than the world is taken as one slice
+    of a larger one whose other ranks hold the same tensor (FSDP2 beside tensor parallelism shards a
+    parameter over the data-parallel sub-mesh; each tensor-parallel rank holds a copy). A plain tensor
+    beside ``DTensor``s is held by every rank. Raises ``ValueError`` for what norms of local parts
+    cannot add up: a ``Partial`` placement (a sum still pending), or a mesh whose size does not divide
+    the world's.
     """
     cls = _dtensor_class()
-    if cls is None or not any(isinstance(t, cls) for t in tensors):
+    if cls is None or not _any_of(cls, tensors):
         return None
     size = world()[1]
     out = []
@@ -72,12 +81,12 @@ def copies_per_tensor(tensors: Sequence[Tensor]) -> list[int] | None:
             out.append(size)
             continue
         mesh, placements = t.device_mesh, t.placements
-        if mesh.size() != size:
+        if size % mesh.size():
             raise ValueError(
                 f"A DTensor on a device mesh of {mesh.size()} ranks, in a world of {size}: norms over ranks need "
-                "a mesh that spans every rank (one mesh for the whole model)."
+                "a mesh that spans the world, or a slice of a mesh that does."
             )
-        copies = 1
+        copies = size // mesh.size()
         for dim, placement in enumerate(placements):
             if placement.is_partial():
                 raise ValueError(
@@ -109,7 +118,7 @@ def total_over_ranks(local_norms: Tensor, norm_type: float = 2.0) -> Tensor:
     """The ``norm_type``-norm of disjoint shards (FSDP1's flat parameters) over all ranks: a 0-dim tensor.
 
     The order of ``FullyShardedDataParallel.clip_grad_norm_``: this rank's total, to the power
-    ``norm_type``, summed over ranks. A collective, as above. (For ``DTensor``\ s take
+    ``norm_type``, summed over ranks. A collective, as above. (For a ``DTensor`` take
     ``total_norm(norms_over_ranks(...))``, the order of ``clip_grad_norm_``.)
     """
     if math.isinf(norm_type):

@@ -82,3 +82,11 @@ def test_float64_and_mixed_dtypes():
     want = torch.tensor([float(t.double().norm()) for t in tensors], dtype=torch.float32)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
     assert tensor_norms([torch.tensor([1.0, float("nan")], dtype=torch.float64)]).isnan().all()
+
+
+@pytest.mark.parametrize("ord_", [2.0, math.inf])
+def test_an_empty_tensor_has_norm_zero(ord_):
+    """FSDP2 leaves some ranks an empty part of a parameter; torch refuses the inf-norm of an empty tensor."""
+    norms = tensor_norms([torch.zeros(0, 3), torch.tensor([3.0, -4.0]), torch.zeros(0)], ord_)
+    assert norms.tolist() == [0.0, 5.0 if ord_ == 2.0 else 4.0, 0.0]
+    assert tensor_norms([torch.zeros(0)], ord_).tolist() == [0.0]

@@ -7,7 +7,7 @@ Run by ``test_fsdp.py``::
 ``SCENARIO``:
 
 - ``lightning``: ``Trainer(gradient_clip_val=MAX_NORM)``, Lightning's own clipping (the reference);
-- ``ours``: ``NaNGuard``, ``GradientClipping("norm", max_norm=MAX_NORM)`` and ``NormMonitor(every_n_steps=1)``
+- ``ours``: ``NaNGuard``, ``GradientClipping("norm", max_norm=MAX_NORM)`` and ``NormMonitor(every_n_steps=1, histograms=True)``
   with a ``TensorBoardLogger`` in ``OUTDIR/tb``;
 - ``fault``: as ``ours``, and rank 1's loss is NaN at batch ``FAULT_BATCH``;
 - ``agc``: ``GradientClipping("agc")``, which must refuse sharded parameters;
@@ -23,6 +23,7 @@ any error. (FSDP1, ``FSDPStrategy``, needs a GPU; FSDP2 runs on the CPU with glo
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -68,6 +69,12 @@ def sharding_checks() -> dict:
     placed = [distribute_tensor(t, mesh, [Shard(0)]), distribute_tensor(t, mesh, [Replicate()]), t]
     copies = copies_per_tensor(placed)
     local = tensor_norms(placed)
+    row = distribute_tensor(torch.tensor([[1.0, -2.0, 0.5]]), mesh, [Shard(0)])  # rank 1's part is empty
+    row_inf = norms_over_ranks(tensor_norms([row], math.inf), copies_per_tensor([row]), math.inf)
+    # A slice of a 1x2 mesh (as FSDP2's data-parallel sub-mesh beside tensor parallelism): the other rank holds a copy.
+    grid = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "tp"))
+    sliced = distribute_tensor(t, grid["dp"], [Shard(0)])
+    sliced_copies = copies_per_tensor([sliced])
     try:
         copies_per_tensor([DTensor.from_local(t, mesh, [Partial()])])
         partial_error = None
@@ -80,6 +87,10 @@ def sharding_checks() -> dict:
         "over_ranks": norms_over_ranks(local, copies).tolist(),
         "total_of_shards": float(total_over_ranks(local[:1])),
         "partial_error": partial_error,
+        "row_local_shape": tuple(row.to_local().shape),
+        "row_inf": row_inf.tolist(),
+        "sliced_copies": sliced_copies,
+        "sliced": norms_over_ranks(tensor_norms([sliced]), sliced_copies).tolist(),
     }
 
 
@@ -160,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     elif scenario == "rollback":
         callbacks += [guard, lib.CheckpointRollback()]
     else:
-        callbacks += [guard, lib.GradientClipping("norm", max_norm=MAX_NORM, log_every_n_steps=1), lib.NormMonitor(every_n_steps=1)]
+        callbacks += [guard, lib.GradientClipping("norm", max_norm=MAX_NORM, log_every_n_steps=1), lib.NormMonitor(every_n_steps=1, histograms=True)]
         kwargs["logger"] = pl.loggers.TensorBoardLogger(os.path.join(args.outdir, "tb"), name="", version="")
     trainer = pl.Trainer(
         accelerator="cpu",

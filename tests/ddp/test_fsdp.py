@@ -92,6 +92,22 @@ def test_monitor_logs_the_norms_of_the_whole_tensors(tmp_path_factory, namespace
             assert _close(logged[f"norms/update_ratio/{name}"][step], ratio), (step, name)
 
 
+def test_monitor_histograms_are_of_the_whole_tensors(tmp_path_factory):
+    run = _run(tmp_path_factory, "ours")
+    _ok(run)
+    acc = EventAccumulator(str(run.outdir / "tb"), size_guidance={"histograms": 0})
+    acc.Reload()
+    res = run.ranks[0]
+    for name in ("net.0.weight", "net.2.weight", "net.2.bias"):  # net.2's part on rank 1 is empty
+        logged = {e.step: e.histogram_value for e in acc.Histograms(f"weights/{name}")}
+        assert sorted(logged) == list(range(STEPS))
+        for step, hist in logged.items():
+            whole = res["after"][step][name]
+            assert hist.num == whole.numel()
+            assert _close(hist.sum, float(whole.sum())) and _close(hist.max, float(whole.max()))
+        assert len(acc.Histograms(f"grads/{name}")) == STEPS
+
+
 def test_guard_skips_the_step_on_every_rank(tmp_path_factory):
     run = _run(tmp_path_factory, "fault")
     _ok(run)
@@ -132,6 +148,11 @@ def test_norms_over_ranks_count_each_part_once(tmp_path_factory):
         assert all(_close(v, whole) for v in checks["over_ranks"]), checks
         assert _close(checks["total_of_shards"], whole)
         assert "Partial" in checks["partial_error"]
+        # The inf-norm of a tensor whose part on rank 1 is empty (torch refuses the max of nothing).
+        assert checks["row_local_shape"] == ((1, 3) if rank == 0 else (0, 3))
+        assert checks["row_inf"] == [2.0]
+        # A tensor on a one-rank slice of the world's mesh: the other rank holds a copy of it.
+        assert checks["sliced_copies"] == [2] and _close(checks["sliced"][0], whole)
 
 
 def test_bisection_stands_down_on_every_rank_without_a_hang(tmp_path_factory):

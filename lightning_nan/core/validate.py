@@ -1,0 +1,100 @@
+"""Argument checks for the constructors: one message format, and a ``ValueError`` for any wrong type.
+
+Each check returns the value (an ``int`` stays an ``int``; a number becomes a ``float``) or raises
+``ValueError("Expected `name` ..., got value")``. ``bool`` is never taken for a number.
+
+>>> integer("every_n_steps", 50, low=1)
+50
+>>> number("factor", 0.5, low=0, high=1, low_open=True, high_open=True)
+0.5
+>>> integer("patience", True, low=1)
+Traceback (most recent call last):
+...
+ValueError: Expected `patience` to be an int >= 1, got True
+>>> number("max_norm", "1.0", low=0, low_open=True, optional=True)
+Traceback (most recent call last):
+...
+ValueError: Expected `max_norm` to be None or a number > 0, got '1.0'
+>>> choice("group_by", "layer", ("parameter", "module"))
+Traceback (most recent call last):
+...
+ValueError: Expected `group_by` in ('parameter', 'module'), got 'layer'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _range(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f" {'<' if high_open else '<='} {high}"
+    return ""
+
+
+def _within(value: float, low: float | None, high: float | None, low_open: bool, high_open: bool) -> bool:
+    if math.isnan(value):
+        return False
+    if low is not None and (value <= low if low_open else value < low):
+        return False
+    return not (high is not None and (value >= high if high_open else value > high))
+
+
+def integer(name: str, value: Any, *, low: int | None = None, high: int | None = None, optional: bool = False) -> Any:
+    """``value`` if it is an ``int`` (not a ``bool``) in ``[low, high]`` (or ``None`` when ``optional``)."""
+    if optional and value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and _within(value, low, high, False, False):
+        return value
+    kind = "None or an int" if optional else "an int"
+    raise ValueError(f"Expected `{name}` to be {kind}{_range(low, high, False, False)}, got {value!r}")
+
+
+def number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+    infinite: bool = False,
+) -> Any:
+    """``float(value)`` if it is a real number (not a ``bool``, not NaN) in the range; ``None`` when ``optional``.
+
+    ``infinite``: ``inf`` is allowed too (e.g. a norm type); otherwise the range is checked as is.
+    """
+    if optional and value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (infinite and math.isinf(value)) or _within(float(value), low, high, low_open, high_open):
+            return float(value)
+    kind = "None or a number" if optional else "a number"
+    extra = " or inf" if infinite else ""
+    raise ValueError(f"Expected `{name}` to be {kind}{_range(low, high, low_open, high_open)}{extra}, got {value!r}")
+
+
+def boolean(name: str, value: Any) -> bool:
+    """``value`` if it is a ``bool``."""
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"Expected `{name}` to be a bool, got {value!r}")
+
+
+def choice(name: str, value: T, choices: Sequence[T]) -> T:
+    """``value`` if it is one of ``choices``."""
+    try:
+        if value in choices:
+            return value
+    except TypeError:  # an unhashable or incomparable value: not one of them
+        pass
+    raise ValueError(f"Expected `{name}` in {tuple(choices)}, got {value!r}")
