@@ -19,6 +19,7 @@ from lightning_nan.core.events import IncidentEvent
 from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record
 from lightning_nan.core.sampling import TrackingBatchSampler, track, untrack
 from lightning_nan.core.sharding import is_sharded
+from lightning_nan.core.validate import boolean, choice, integer
 
 #: Incident kinds a re-evaluation of the batch can explain (weights and loss scale are not the data).
 BISECTED_KINDS = ("loss", "input", "grad")
@@ -121,19 +122,16 @@ class BatchBisectionBase:
         dump_dir: str | os.PathLike[str] | None = None,
         ddp: bool = True,
     ) -> None:
-        if localize not in LOCALIZE_CHOICES:
-            raise ValueError(f"Expected `localize` in {LOCALIZE_CHOICES}, got {localize!r}")
-        if not isinstance(exclude_quarantined, bool):
-            raise ValueError(f"Expected `exclude_quarantined` to be a bool, got {exclude_quarantined!r}")
+        choice("localize", localize, LOCALIZE_CHOICES)
+        boolean("exclude_quarantined", exclude_quarantined)
         if not isinstance(ddp, bool):
             raise ValueError(f"Expected `ddp` to be a bool (False: no bisection under DDP), got {ddp!r}")
         if splitter is not None and not callable(splitter):
             raise ValueError(f"Expected `splitter` to be a function (batch, positions) -> sub_batch, got {splitter!r}")
         if sizer is not None and not callable(sizer):
             raise ValueError(f"Expected `sizer` to be a function batch -> int, got {sizer!r}")
-        for name, value in (("min_size", min_size), ("max_tests", max_tests)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"Expected `{name}` to be None or an int >= 1, got {value!r}")
+        integer("min_size", min_size, low=1, optional=True)
+        integer("max_tests", max_tests, low=1, optional=True)
         super().__init__()
         self.quarantine_path = None if quarantine_path is None else os.fspath(quarantine_path)
         self.exclude_quarantined = exclude_quarantined

@@ -13,6 +13,7 @@ import torch
 
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_grads
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, shards_parameters
+from lightning_nan.core.validate import choice, integer, number
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.incident import Incident
@@ -163,8 +164,7 @@ class CheckpointRollbackBase:
             ("skip_batches", skip_batches, 0),
             ("max_rollbacks", max_rollbacks, 0),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"Expected `{name}` to be an int >= {low}, got {value!r}")
+            integer(name, value, low=low)
         if skip_rate is not None and not (
             isinstance(skip_rate, (tuple, list))
             and len(skip_rate) == 2
@@ -180,10 +180,8 @@ class CheckpointRollbackBase:
                 f"Expected `confirm_steps` < `every_n_steps` ({every_n_steps}), got {confirm_steps!r}: "
                 "a snapshot must be confirmed before the next one is taken"
             )
-        if not isinstance(max_norm_growth, (int, float)) or isinstance(max_norm_growth, bool) or not max_norm_growth > 1:
-            raise ValueError(f"Expected `max_norm_growth` > 1, got {max_norm_growth!r}")
-        if source not in SOURCES:
-            raise ValueError(f"Expected `source` in {SOURCES}, got {source!r}")
+        number("max_norm_growth", max_norm_growth, low=1, low_open=True)
+        choice("source", source, SOURCES)
         if dirpath is not None and source != "memory":
             raise ValueError(f"`dirpath` stores snapshots, which source={source!r} does not take: remove `dirpath`")
         super().__init__()
@@ -197,8 +195,7 @@ class CheckpointRollbackBase:
         self.max_rollbacks = max_rollbacks
         self.source = source
         self.store = SnapshotStore(max_snapshots, dirpath)
-        if not isinstance(spike_window, int) or isinstance(spike_window, bool) or spike_window < 5:
-            raise ValueError(f"Expected `spike_window` to be an int >= 5, got {spike_window!r}")
+        integer("spike_window", spike_window, low=5)
         #: The loss-spike test (``None`` when ``spike_threshold`` is ``None``).
         self.detector = None if spike_threshold is None else LossSpikeDetector(spike_window, spike_threshold)
         #: One dict per rollback: ``step`` (when), ``restored_step``, ``reason``.

@@ -10,6 +10,7 @@ from lightning_nan.callbacks._shared_grads import step_grads
 from lightning_nan.callbacks._trainer import log_metrics
 from lightning_nan.core.clipping import GradientClipper, final_layer_parameters
 from lightning_nan.core.sharding import is_sharded
+from lightning_nan.core.validate import boolean, integer
 
 
 class GradientClippingBase:
@@ -84,8 +85,8 @@ class GradientClippingBase:
         warmup: int = 25,
         log_every_n_steps: int | None = None,
     ) -> None:
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"Expected `log_every_n_steps` to be None or an int >= 1, got {log_every_n_steps!r}")
+        integer("log_every_n_steps", log_every_n_steps, low=1, optional=True, hint="None: the Trainer's")
+        boolean("exclude_final_layer", exclude_final_layer)
         super().__init__()
         self.clipper = GradientClipper(
             method,

@@ -8,6 +8,7 @@ import torch
 
 from lightning_nan.callbacks._trainer import log_metrics, max_reducer
 from lightning_nan.core.lr_backoff import LRBackoffController
+from lightning_nan.core.validate import boolean, integer
 
 
 class LRBackoffBase:
@@ -111,12 +112,8 @@ class LRBackoffBase:
         ignore_data_incidents: bool = True,
         log_every_n_steps: int | None = None,
     ) -> None:
-        if not isinstance(ignore_data_incidents, bool):
-            raise ValueError(f"Expected `ignore_data_incidents` to be a bool, got {ignore_data_incidents!r}")
-        if log_every_n_steps is not None and (
-            not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
-        ):
-            raise ValueError(f"Expected `log_every_n_steps` to be None or an int >= 1, got {log_every_n_steps!r}")
+        boolean("ignore_data_incidents", ignore_data_incidents)
+        integer("log_every_n_steps", log_every_n_steps, low=1, optional=True, hint="None: the Trainer's")
         super().__init__()
         self.controller = LRBackoffController(
             factor,

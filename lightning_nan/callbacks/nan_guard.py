@@ -16,6 +16,7 @@ from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl
 from lightning_nan.core.quarantine import Quarantine
 from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, StepVerdict
+from lightning_nan.core.validate import boolean, integer
 
 INCIDENTS_FILE = "nan_incidents.jsonl"
 #: Listeners are called in increasing ``incident_order`` (a class attribute; this when absent), then
@@ -113,12 +114,9 @@ class NaNGuardBase:
         log_every_n_steps: int | None = None,
         restore_norm_stats: bool = True,
     ) -> None:
-        if not isinstance(check_inputs, bool):
-            raise ValueError(f"Expected `check_inputs` to be a bool, got {check_inputs!r}")
-        if not isinstance(restore_norm_stats, bool):
-            raise ValueError(f"Expected `restore_norm_stats` to be a bool, got {restore_norm_stats!r}")
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"Expected `log_every_n_steps` to be None or an int >= 1, got {log_every_n_steps!r}")
+        boolean("check_inputs", check_inputs)
+        boolean("restore_norm_stats", restore_norm_stats)
+        integer("log_every_n_steps", log_every_n_steps, low=1, optional=True, hint="None: the Trainer's")
         super().__init__()
         self.guard = StepGuard(
             max_consecutive=max_consecutive,

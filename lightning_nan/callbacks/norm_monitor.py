@@ -14,6 +14,7 @@ from lightning_nan.callbacks._shared_grads import StepGrads, step_grads
 from lightning_nan.callbacks._tensorboard import ScalarBatch, prefixed, tensorboard_writer
 from lightning_nan.core.norms import tensor_norms
 from lightning_nan.core.sharding import copies_per_tensor, local_parts, norms_over_ranks
+from lightning_nan.core.validate import boolean, choice, integer, number
 
 #: The TensorBoard custom-scalars page: one multi-line chart per quantity, one line per layer.
 LAYOUT = {
@@ -90,12 +91,10 @@ class NormMonitorBase:
         histograms: bool = False,
         eps: float = 1e-12,
     ) -> None:
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
-            raise ValueError(f"Expected `every_n_steps` to be an int >= 1, got {every_n_steps!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-            raise ValueError(f"Expected `eps` to be a number >= 0, got {eps!r}")
-        if group_by not in ("parameter", "module"):
-            raise ValueError(f"Expected `group_by` in ('parameter', 'module'), got {group_by!r}")
+        integer("every_n_steps", every_n_steps, low=1)
+        number("eps", eps, low=0)
+        choice("group_by", group_by, ("parameter", "module"))
+        boolean("histograms", histograms)
         for arg, pattern in (("include", include), ("exclude", exclude)):
             if pattern is not None:
                 try:

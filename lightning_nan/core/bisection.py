@@ -17,6 +17,8 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from lightning_nan.core.validate import integer
+
 __all__ = ["BisectionResult", "bisect"]
 
 
@@ -97,12 +99,9 @@ def bisect(
     >>> r.whole_batch, r.culprits, r.tests
     (True, [], 9)
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"Expected `n` (the batch size) to be an int >= 0, got {n!r}")
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-        raise ValueError(f"Expected `min_size` to be an int >= 0 (1 or less: no padding), got {min_size!r}")
-    if max_tests is not None and (isinstance(max_tests, bool) or not isinstance(max_tests, int) or max_tests < 1):
-        raise ValueError(f"Expected `max_tests` to be an int >= 1 or None, got {max_tests!r}")
+    integer("n", n, low=0, hint="the batch size")
+    integer("min_size", min_size, low=0, hint="1 or less: no padding")
+    integer("max_tests", max_tests, low=1, optional=True)
     return _Search(n, fails, min_size, max_tests).run()
 
 

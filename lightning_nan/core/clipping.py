@@ -30,6 +30,7 @@ from torch import Tensor
 
 from lightning_nan.core.norms import tensor_norms, total_norm
 from lightning_nan.core.sharding import copies_per_tensor, local_parts, norms_over_ranks, total_over_ranks
+from lightning_nan.core.validate import choice, integer, number
 
 METHODS = ("norm", "value", "autoclip", "agc", "zclip")
 
@@ -92,12 +93,8 @@ class AutoClip:
     """
 
     def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
-        if not 0 < percentile <= 100:
-            raise ValueError(f"Expected `percentile` in (0, 100], got {percentile!r}")
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"Expected `window` to be an int >= 1, got {window!r}")
-        self.percentile = float(percentile)
-        self.window = window
+        self.percentile = number("percentile", percentile, low=0, high=100, low_open=True)
+        self.window = integer("window", window, low=1)
         self.history: Tensor | None = None
 
     def threshold(self, total_norm: Tensor) -> Tensor:
@@ -136,15 +133,11 @@ class ZClip:
     def __init__(
         self, alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25, max_norm: float | None = None, eps: float = 1e-6
     ) -> None:
-        if not 0 < alpha < 1:
-            raise ValueError(f"Expected `alpha` in (0, 1), got {alpha!r}")
-        if not z_thresh > 0:
-            raise ValueError(f"Expected `z_thresh` > 0, got {z_thresh!r}")
-        if not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"Expected `warmup` to be an int >= 1, got {warmup!r}")
-        if max_norm is not None and not max_norm > 0:
-            raise ValueError(f"Expected `max_norm` > 0 or None, got {max_norm!r}")
-        self.alpha, self.z_thresh, self.warmup, self.max_norm, self.eps = alpha, z_thresh, warmup, max_norm, eps
+        self.alpha = number("alpha", alpha, low=0, high=1, low_open=True, high_open=True)
+        self.z_thresh = number("z_thresh", z_thresh, low=0, low_open=True)
+        self.warmup = integer("warmup", warmup, low=1)
+        self.max_norm = number("max_norm", max_norm, low=0, low_open=True, optional=True)
+        self.eps = number("eps", eps, low=0, low_open=True)
         self.buffer: Tensor | None = None  # warm-up norms, NaN where not yet seen
         self.mean: Tensor | None = None
         self.var: Tensor | None = None
@@ -261,23 +254,16 @@ class GradientClipper:
         z_thresh: float = 2.5,
         warmup: int = 25,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"Expected `method` in {METHODS}, got {method!r}")
-        if method == "norm" and (max_norm is None or not max_norm > 0):
-            raise ValueError(f"method='norm' needs `max_norm` > 0, got {max_norm!r}")
-        if method == "zclip" and max_norm is not None and not max_norm > 0:
-            raise ValueError(f"Expected `max_norm` > 0 or None, got {max_norm!r}")
-        if method == "value" and (clip_value is None or not clip_value > 0):
-            raise ValueError(f"method='value' needs `clip_value` > 0, got {clip_value!r}")
-        if method == "agc" and not (clip_factor > 0 and eps > 0):
-            raise ValueError(f"method='agc' needs `clip_factor` > 0 and `eps` > 0, got {clip_factor!r}, {eps!r}")
-        if not (norm_type > 0 or math.isinf(norm_type)):
-            raise ValueError(f"Expected `norm_type` > 0 or inf, got {norm_type!r}")
-        self.method = method
-        self.max_norm = None if max_norm is None else float(max_norm)
-        self.norm_type = float(norm_type)
-        self.clip_value = clip_value
-        self.clip_factor, self.eps = clip_factor, eps
+        self.method = choice("method", method, METHODS)
+        positive = {"low": 0, "low_open": True}
+        needed = {"norm": ("max_norm", max_norm), "value": ("clip_value", clip_value)}.get(method)
+        if needed is not None and needed[1] is None:
+            raise ValueError(f"method={method!r} needs `{needed[0]}` (a number > 0), got None")
+        self.max_norm = number("max_norm", max_norm, optional=True, **positive)
+        self.norm_type = number("norm_type", norm_type, infinite=True, **positive)
+        self.clip_value = number("clip_value", clip_value, optional=True, **positive)
+        self.clip_factor = number("clip_factor", clip_factor, **positive)
+        self.eps = number("eps", eps, **positive)
         #: ids of parameters AGC leaves alone (e.g. :func:`final_layer_parameters`).
         self.exclude: set[int] = set()
         #: gradients are FSDP1's flat shards: the total norm is all-reduced to the global one (sharded

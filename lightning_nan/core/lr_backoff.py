@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from lightning_nan.core.distributed import all_reduce_max
+from lightning_nan.core.validate import integer, number
 
 log = logging.getLogger(__name__)
 
@@ -167,32 +168,14 @@ class LRBackoffController:
         growth_trial: int | None = 50,
         reduce: Callable[[Tensor], Tensor] = all_reduce_max,
     ) -> None:
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
-            raise ValueError(f"Expected `factor` in (0, 1), got {factor!r}")
-        if isinstance(min_factor, bool) or not isinstance(min_factor, (int, float)) or not 0 < min_factor <= 1:
-            raise ValueError(f"Expected `min_factor` in (0, 1], got {min_factor!r}")
-        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
-            raise ValueError(f"Expected `patience` to be an int >= 1, got {patience!r}")
-        if growth is not None and (
-            isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 1 < growth < math.inf
-        ):
-            raise ValueError(f"Expected `growth` to be None (1 / factor) or a number > 1, got {growth!r}")
-        if spike_zscore is not None and (
-            isinstance(spike_zscore, bool) or not isinstance(spike_zscore, (int, float)) or not 0 < spike_zscore < math.inf
-        ):
-            raise ValueError(
-                f"Expected `spike_zscore` to be None (no spike detection) or a number > 0, got {spike_zscore!r}"
-            )
-        if not isinstance(window, int) or isinstance(window, bool) or window < 3:
-            raise ValueError(f"Expected `window` to be an int >= 3, got {window!r}")
-        if not isinstance(min_history, int) or isinstance(min_history, bool) or not 3 <= min_history <= window:
-            raise ValueError(f"Expected `min_history` to be an int in [3, window={window}], got {min_history!r}")
-        if growth_trial is not None and (
-            not isinstance(growth_trial, int) or isinstance(growth_trial, bool) or growth_trial < TRIAL_MIN_LOSSES
-        ):
-            raise ValueError(
-                f"Expected `growth_trial` to be None (no trial) or an int >= {TRIAL_MIN_LOSSES}, got {growth_trial!r}"
-            )
+        number("factor", factor, low=0, high=1, low_open=True, high_open=True)
+        number("min_factor", min_factor, low=0, high=1, low_open=True)
+        integer("patience", patience, low=1)
+        number("growth", growth, low=1, low_open=True, optional=True, hint="None: 1 / factor")
+        number("spike_zscore", spike_zscore, low=0, low_open=True, optional=True, hint="None: no spike detection")
+        integer("window", window, low=3)
+        integer("min_history", min_history, low=3, high=window, hint="at most `window`")
+        integer("growth_trial", growth_trial, low=TRIAL_MIN_LOSSES, optional=True, hint="None: no trial")
         self.factor = float(factor)
         self.min_factor = float(min_factor)
         self.patience = patience

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from lightning_nan.core.files import atomic_write
 from lightning_nan.core.norms import tensor_norms, total_norm
+from lightning_nan.core.validate import integer, number
 
 #: Default ``every_n_steps`` of :class:`~lightning_nan.CheckpointRollback`. A snapshot copies the
 #: whole training state once; at one copy per 100 steps that copy costs under 1% of the training
@@ -136,9 +137,7 @@ class SnapshotStore:
     """
 
     def __init__(self, max_snapshots: int = 2, dirpath: str | os.PathLike[str] | None = None) -> None:
-        if not isinstance(max_snapshots, int) or isinstance(max_snapshots, bool) or max_snapshots < 1:
-            raise ValueError(f"Expected `max_snapshots` to be an int >= 1, got {max_snapshots!r}")
-        self.max_snapshots = max_snapshots
+        self.max_snapshots = integer("max_snapshots", max_snapshots, low=1)
         self.dirpath = None if dirpath is None else os.fspath(dirpath)
         self.good: list[Snapshot] = []  # oldest first
         self.pending: Snapshot | None = None
@@ -438,14 +437,10 @@ class LossSpikeDetector:
     """
 
     def __init__(self, window: int = 100, threshold: float = 6.0, min_history: int | None = None) -> None:
-        if not isinstance(window, int) or isinstance(window, bool) or window < 5:
-            raise ValueError(f"Expected `window` to be an int >= 5, got {window!r}")
-        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold > 0:
-            raise ValueError(f"Expected `threshold` > 0, got {threshold!r}")
+        self.window = integer("window", window, low=5)
+        self.threshold = number("threshold", threshold, low=0, low_open=True)
         min_history = max(5, window // 5) if min_history is None else min_history
-        if not isinstance(min_history, int) or not 1 <= min_history <= window:
-            raise ValueError(f"Expected `min_history` in [1, window={window}], got {min_history!r}")
-        self.window, self.threshold, self.min_history = window, float(threshold), min_history
+        self.min_history = integer("min_history", min_history, low=1, high=window, hint="at most `window`")
         self.history: deque[float] = deque(maxlen=window)
 
     def zscore(self, value: float) -> float:

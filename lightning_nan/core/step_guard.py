@@ -42,6 +42,7 @@ from lightning_nan.core.events import IncidentEvent, escalate, notify
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.norms import iter_tensors, tensor_norms, total_norm
 from lightning_nan.core.sharding import local_part
+from lightning_nan.core.validate import integer, number
 
 #: Default for ``max_consecutive``. While steps are skipped the weights do not change, so a run of
 #: skips is either a run of bad batches or a model that fails on every batch. If even half of all
@@ -129,21 +130,11 @@ class StepGuard:
         reduce: Callable[[Tensor], Tensor] = all_reduce_max,
         on_record: Callable[[Incident], None] | None = None,
     ) -> None:
-        if not isinstance(max_consecutive, int) or isinstance(max_consecutive, bool) or max_consecutive < 1:
-            raise ValueError(f"Expected `max_consecutive` to be an int >= 1, got {max_consecutive!r}")
-        if (
-            not isinstance(check_params_every_n_steps, int)
-            or isinstance(check_params_every_n_steps, bool)
-            or check_params_every_n_steps < 0
-        ):
-            raise ValueError(
-                f"Expected `check_params_every_n_steps` to be an int >= 0 (0 disables it), got {check_params_every_n_steps!r}"
-            )
-        if not isinstance(min_loss_scale, (int, float)) or not min_loss_scale > 0:
-            raise ValueError(f"Expected `min_loss_scale` > 0, got {min_loss_scale!r}")
-        self.max_consecutive = max_consecutive
-        self.check_params_every_n_steps = check_params_every_n_steps
-        self.min_loss_scale = float(min_loss_scale)
+        self.max_consecutive = integer("max_consecutive", max_consecutive, low=1)
+        self.check_params_every_n_steps = integer(
+            "check_params_every_n_steps", check_params_every_n_steps, low=0, hint="0 disables it"
+        )
+        self.min_loss_scale = number("min_loss_scale", min_loss_scale, low=0, low_open=True)
         self.listeners: list[Any] = list(listeners)
         self.reduce = reduce
         self.on_record = on_record

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning_nan.core.incident import Incident
+from lightning_nan.core.validate import integer
 
 __all__ = ["COLUMNS", "summary_json", "summary_table"]
 
@@ -64,8 +65,7 @@ def summary_table(
     >>> rows[2].split()
     ['1', '-', 'loss', 'unknown', '<root>', '[2]', 'skipped']
     """
-    if not isinstance(width, int) or isinstance(width, bool) or width < 60:
-        raise ValueError(f"Expected `width` to be an int >= 60 (characters per line), got {width!r}")
+    integer("width", width, low=60, hint="characters per line")
     incidents = list(incidents)
     lines: list[str] = []
     if not incidents:

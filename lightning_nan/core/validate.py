@@ -1,7 +1,8 @@
 """Argument checks for the constructors: one message format, and a ``ValueError`` for any wrong type.
 
 Each check returns the value (an ``int`` stays an ``int``; a number becomes a ``float``) or raises
-``ValueError("Expected `name` ..., got value")``. ``bool`` is never taken for a number.
+``ValueError("Expected `name` ..., got value")``. ``bool`` is never taken for a number, nor NaN or
+±inf unless asked for; ``hint`` says what a special value means.
 
 >>> integer("every_n_steps", 50, low=1)
 50
@@ -48,14 +49,20 @@ def _within(value: float, low: float | None, high: float | None, low_open: bool,
     return not (high is not None and (value >= high if high_open else value > high))
 
 
-def integer(name: str, value: Any, *, low: int | None = None, high: int | None = None, optional: bool = False) -> Any:
+def integer(
+    name: str, value: Any, *, low: int | None = None, high: int | None = None, optional: bool = False, hint: str = ""
+) -> Any:
     """``value`` if it is an ``int`` (not a ``bool``) in ``[low, high]`` (or ``None`` when ``optional``)."""
     if optional and value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and _within(value, low, high, False, False):
         return value
     kind = "None or an int" if optional else "an int"
-    raise ValueError(f"Expected `{name}` to be {kind}{_range(low, high, False, False)}, got {value!r}")
+    raise ValueError(f"Expected `{name}` to be {kind}{_range(low, high, False, False)}{_hint(hint)}, got {value!r}")
+
+
+def _hint(hint: str) -> str:
+    return f" ({hint})" if hint else ""
 
 
 def number(
@@ -68,19 +75,24 @@ def number(
     high_open: bool = False,
     optional: bool = False,
     infinite: bool = False,
+    hint: str = "",
 ) -> Any:
-    """``float(value)`` if it is a real number (not a ``bool``, not NaN) in the range; ``None`` when ``optional``.
+    """``float(value)`` if it is a finite real number (not a ``bool``) in the range; ``None`` when ``optional``.
 
-    ``infinite``: ``inf`` is allowed too (e.g. a norm type); otherwise the range is checked as is.
+    ``infinite``: ``inf`` is allowed too (e.g. a norm type).
     """
     if optional and value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if (infinite and math.isinf(value)) or _within(float(value), low, high, low_open, high_open):
+        if infinite and value == math.inf:
+            return math.inf
+        if math.isfinite(value) and _within(float(value), low, high, low_open, high_open):
             return float(value)
     kind = "None or a number" if optional else "a number"
     extra = " or inf" if infinite else ""
-    raise ValueError(f"Expected `{name}` to be {kind}{_range(low, high, low_open, high_open)}{extra}, got {value!r}")
+    raise ValueError(
+        f"Expected `{name}` to be {kind}{_range(low, high, low_open, high_open)}{extra}{_hint(hint)}, got {value!r}"
+    )
 
 
 def boolean(name: str, value: Any) -> bool:

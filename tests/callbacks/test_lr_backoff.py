@@ -452,7 +452,7 @@ def test_nan_guard_incidents_back_off_a_float32_model(tmp_path):
 
 
 def test_arguments_are_validated():
-    with pytest.raises(ValueError, match="`factor` in \\(0, 1\\), got 2"):
+    with pytest.raises(ValueError, match="`factor` to be a number in \\(0, 1\\), got 2"):
         LRBackoff(factor=2)
     with pytest.raises(ValueError, match="`ignore_data_incidents`"):
         LRBackoff(ignore_data_incidents=1)

@@ -573,8 +573,12 @@ def test_a_planted_spike_in_a_random_walk_is_caught():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"factor": 1.0}, "`factor` in \\(0, 1\\), got 1.0"),
+        ({"factor": 1.0}, "`factor` to be a number in \\(0, 1\\), got 1.0"),
         ({"factor": 0}, "`factor`"),
+        ({"factor": "0.5"}, "`factor` to be a number in \\(0, 1\\), got '0.5'"),
+        ({"factor": True}, "`factor`"),
+        ({"patience": 2.0}, "`patience` to be an int >= 1, got 2.0"),
+        ({"growth": float("inf")}, "`growth` to be None or a number > 1 \\(None: 1 / factor\\), got inf"),
         ({"min_factor": 0.0}, "`min_factor`"),
         ({"patience": 0}, "`patience`"),
         ({"growth": 1.0}, "`growth`"),

@@ -1,0 +1,52 @@
+"""Every wrong constructor argument gets a ValueError naming it: wrong types too (strings, bools, NaN),
+which used to slip through or end in a TypeError from a comparison."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import lightning_nan as ln
+
+CASES = [
+    (lambda: ln.GradientClipping("norm"), "method='norm' needs `max_norm`"),
+    (lambda: ln.GradientClipping("norm", max_norm="1.0"), "Expected `max_norm` to be None or a number > 0, got '1.0'"),
+    (lambda: ln.GradientClipping("norm", max_norm=1.0, norm_type="2"), "Expected `norm_type` to be a number > 0 or inf"),
+    (lambda: ln.GradientClipping("value", clip_value=math.nan), "Expected `clip_value`"),
+    (lambda: ln.GradientClipping("autoclip", percentile="10"), "Expected `percentile` to be a number in \\(0, 100\\]"),
+    (lambda: ln.GradientClipping("autoclip", window=True), "Expected `window` to be an int >= 1, got True"),
+    (lambda: ln.GradientClipping("zclip", alpha=None), "Expected `alpha` to be a number in \\(0, 1\\)"),
+    (lambda: ln.GradientClipping("zclip", warmup=2.5), "Expected `warmup` to be an int >= 1"),
+    (lambda: ln.GradientClipping("agc", clip_factor=0), "Expected `clip_factor` to be a number > 0"),
+    (lambda: ln.GradientClipping("agc", exclude_final_layer=1), "Expected `exclude_final_layer` to be a bool"),
+    (lambda: ln.GradientClipping("clip"), "Expected `method` in \\('norm', 'value', 'autoclip', 'agc', 'zclip'\\)"),
+    (lambda: ln.NaNGuard(log_every_n_steps=True), "Expected `log_every_n_steps` to be None or an int >= 1"),
+    (lambda: ln.NaNGuard(min_loss_scale=True), "Expected `min_loss_scale` to be a number > 0"),
+    (lambda: ln.NaNGuard(check_params_every_n_steps=-1), "\\(0 disables it\\)"),
+    (lambda: ln.NormMonitor(histograms="yes"), "Expected `histograms` to be a bool"),
+    (lambda: ln.NormMonitor(eps=math.nan), "Expected `eps` to be a number >= 0"),
+    (lambda: ln.NormMonitor(group_by=["module"]), "Expected `group_by` in \\('parameter', 'module'\\)"),
+    (lambda: ln.CheckpointRollback(max_norm_growth="2"), "Expected `max_norm_growth` to be a number > 1"),
+    (lambda: ln.CheckpointRollback(spike_window=4), "Expected `spike_window` to be an int >= 5"),
+    (lambda: ln.CheckpointRollback(max_snapshots=0), "Expected `max_snapshots` to be an int >= 1"),
+    (lambda: ln.LRBackoff(factor="0.5"), "Expected `factor` to be a number in \\(0, 1\\), got '0.5'"),
+    (lambda: ln.LRBackoff(window=10, min_history=11), "Expected `min_history` to be an int in \\[3, 10\\]"),
+    (lambda: ln.BatchBisection(max_tests=0), "Expected `max_tests` to be None or an int >= 1"),
+    (lambda: ln.BatchBisection(localize="yes"), "Expected `localize` in"),
+]
+
+
+@pytest.mark.parametrize("make, message", CASES, ids=[m for _, m in CASES])
+def test_a_wrong_argument_is_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_the_defaults_are_valid():
+    for name in ("NaNGuard", "GradientClipping", "NormMonitor", "CheckpointRollback", "LRBackoff", "BatchBisection"):
+        getattr(ln, name)() if name != "GradientClipping" else ln.GradientClipping("norm", max_norm=1.0)
+    for method in ("autoclip", "agc", "zclip"):
+        ln.GradientClipping(method)
+    ln.GradientClipping("value", clip_value=0.5)
+    ln.GradientClipping("norm", max_norm=1.0, norm_type=math.inf)
