@@ -35,11 +35,15 @@ logging step and on another step, and their parts.
 Last, paired in one fit (``--only alternating``): a ``NormMonitor(every_n_steps=1)`` runs on even
 steps only, every step is timed from one ``on_train_batch_start`` to the next, and the median even
 (logging) step is compared with the median odd step of the same fit, ``--runs`` fits in all.
-Neighbouring steps share the machine's drift, which the interleaved rounds cannot cancel.
+Neighbouring steps share the machine's drift, which the interleaved rounds cannot cancel. The same
+pairing for clipping (``--only clipping-alternating``): NaNGuard + GradientClipping("norm", 1.0) on even
+steps, Lightning's own clipping (``configure_gradient_clipping`` -> ``clip_gradients(1.0, "norm")``, what
+``gradient_clip_val=1.0`` runs) on odd steps.
 
     python benchmarks/clipping_overhead.py                          # default: 20 rounds, ~3 min here
     python benchmarks/clipping_overhead.py --logger tensorboard --only monitor
     python benchmarks/clipping_overhead.py --only alternating     # ~1 min
+    python benchmarks/clipping_overhead.py --only clipping-alternating [--control]
     python benchmarks/clipping_overhead.py --quick                  # smoke run, a few seconds
 """
 
@@ -285,33 +289,90 @@ def monitor_in_isolation(st: StepState, repeats: int, root: str) -> list[tuple[s
 
 
 class EveryOtherStep(pl.Callback):
-    """Runs a ``NormMonitor(every_n_steps=1)`` on even steps only (its buffers are kept as at every step),
-    and records the wall time of every step, from one ``on_train_batch_start`` to the next."""
+    """Runs ``callbacks`` on even optimizer steps only (their buffers are kept as at every step) and
+    records the wall time of every step, from one ``on_train_batch_start`` to the next.
 
-    def __init__(self, monitor: NormMonitor) -> None:
-        self.monitor, self.starts = monitor, []
+    The fit-level hooks reach them always; the per-step ones on even steps. A guard among them is
+    found by the clipper as in a Trainer (``ensure_checked``), so the gradient norms are shared."""
 
-    def setup(self, trainer, pl_module, stage):
-        self.monitor.setup(trainer, pl_module, stage)
+    ALWAYS = ("setup", "on_fit_start", "on_train_start", "on_train_epoch_end", "on_validation_start", "on_train_end", "teardown")
 
-    def on_fit_start(self, trainer, pl_module):
-        self.monitor.on_fit_start(trainer, pl_module)
+    def __init__(self, *callbacks) -> None:
+        self.callbacks, self.starts = list(callbacks), []
+        for hook in self.ALWAYS:
+            setattr(self, hook, self._forward(hook))
+
+    def __getattr__(self, name):
+        if name == "ensure_checked":  # what GradientClipping looks for in trainer.callbacks
+            for cb in self.__dict__.get("callbacks", []):
+                if hasattr(cb, name):
+                    return getattr(cb, name)
+        raise AttributeError(name)
+
+    def _forward(self, hook):
+        def call(*args, **kwargs):
+            for cb in self.callbacks:
+                fn = getattr(cb, hook, None)
+                if fn is not None:
+                    fn(*args, **kwargs)
+
+        return call
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.starts.append(time.perf_counter())
         if trainer.global_step % 2 == 0:
-            self.monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            self._forward("on_train_batch_start")(trainer, pl_module, batch, batch_idx)
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.global_step % 2 == 0:
+            self._forward("on_before_backward")(trainer, pl_module, loss)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step % 2 == 0:
-            self.monitor.on_before_optimizer_step(trainer, pl_module, optimizer)
+            self._forward("on_before_optimizer_step")(trainer, pl_module, optimizer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (trainer.global_step - 1) % 2 == 0:  # the step just taken was even
-            self.monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self._forward("on_train_batch_end")(trainer, pl_module, outputs, batch, batch_idx)
 
-    def teardown(self, trainer, pl_module, stage):
-        self.monitor.teardown(trainer, pl_module, stage)
+
+class OddStepClipCNN(BenchCNN):
+    """Lightning's own clipping (what ``Trainer(gradient_clip_val=1.0)`` runs) on odd steps only; with
+    ``every_step``, on every step."""
+
+    def __init__(self, every_step: bool = False) -> None:
+        super().__init__()
+        self.every_step = every_step
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.every_step or self.trainer.global_step % 2 == 1:
+            self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+
+
+def _paired_fits(make, *, runs: int, warmup: int, steps: int, batch_size: int, data, root: str, logger=None):
+    """Fits of ``make() -> (module, probe)``: per fit the median time of the even and the odd steps, the
+    load, and the difference of the means. ``logger``: called with each fit's folder (default none)."""
+    out = []
+    for r in range(runs):
+        pl.seed_everything(0, verbose=False)
+        model, probe = make()
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_steps=warmup + steps + 1, max_epochs=-1, callbacks=[probe],
+            logger=False if logger is None else logger(os.path.join(root, str(r))), enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        )
+        gc.collect()
+        with ForeignLoad() as load:
+            trainer.fit(model, DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0))
+        times = [b - a for a, b in zip(probe.starts, probe.starts[1:])][warmup : warmup + steps]
+        even = [t for i, t in enumerate(times, start=warmup) if i % 2 == 0]
+        odd = [t for i, t in enumerate(times, start=warmup) if i % 2 == 1]
+        out.append((statistics.median(even), statistics.median(odd), load.value, statistics.mean(even) - statistics.mean(odd)))
+        print(
+            f"run {r + 1}/{runs}: even steps {out[-1][0] * 1e3:.3f}, odd steps {out[-1][1] * 1e3:.3f} ms",
+            file=sys.stderr, flush=True,
+        )
+    return out
 
 
 def alternating(
@@ -323,35 +384,30 @@ def alternating(
     difference), ...]``: the mean difference counts the rare steps on which held TensorBoard records are
     handed to the writer's thread, which the medians leave out. ``control``: a callback that does nothing
     stands in for the monitor, so the result shows what the method reads when there is nothing to find."""
-    out = []
-    for r in range(runs):
-        pl.seed_everything(0, verbose=False)
-        probe = EveryOtherStep(pl.Callback() if control else NormMonitor(every_n_steps=1))
-        trainer = pl.Trainer(
-            accelerator="cpu", devices=1, max_steps=warmup + steps + 1, max_epochs=-1, callbacks=[probe],
-            logger=logger(os.path.join(root, str(r))), enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=root,
-        )
-        gc.collect()
-        with ForeignLoad() as load:
-            trainer.fit(BenchCNN(), DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0))
-        times = [b - a for a, b in zip(probe.starts, probe.starts[1:])][warmup : warmup + steps]
-        logging = [t for i, t in enumerate(times, start=warmup) if i % 2 == 0]
-        other = [t for i, t in enumerate(times, start=warmup) if i % 2 == 1]
-        out.append(
-            (statistics.median(logging), statistics.median(other), load.value, statistics.mean(logging) - statistics.mean(other))
-        )
-        print(
-            f"run {r + 1}/{runs}: logging steps {out[-1][0] * 1e3:.3f}, other steps {out[-1][1] * 1e3:.3f} ms",
-            file=sys.stderr, flush=True,
-        )
-    return out
+
+    def make():
+        return BenchCNN(), EveryOtherStep(pl.Callback() if control else NormMonitor(every_n_steps=1))
+
+    return _paired_fits(make, runs=runs, warmup=warmup, steps=steps, batch_size=batch_size, data=data, root=root, logger=logger)
 
 
-def print_alternating(results, logger_name: str) -> None:
-    print(f"## NormMonitor on every other step, logger {logger_name}: logging steps against the steps between them\n")
+def alternating_clipping(*, runs: int, warmup: int, steps: int, batch_size: int, data, root: str, control: bool = False):
+    """Per run, in one fit: the median time of the steps NaNGuard + GradientClipping("norm", 1.0) take (even)
+    and of those Lightning's own clipping takes (odd; ``gradient_clip_val=1.0``'s hook), ``logger=False``.
+    ``control``: Lightning's clipping on every step and nothing else (what the method reads for 0)."""
+
+    def make():
+        if control:
+            return OddStepClipCNN(every_step=True), EveryOtherStep()
+        return OddStepClipCNN(), EveryOtherStep(NaNGuard(), GradientClipping("norm", max_norm=1.0))
+
+    return _paired_fits(make, runs=runs, warmup=warmup, steps=steps, batch_size=batch_size, data=data, root=root)
+
+
+def print_alternating(results, title: str, even: str = "logging step", odd: str = "other step") -> None:
+    print(f"## {title}\n")
     print(
-        "| run | logging step, ms (median) | other step, ms (median) | difference, us | % of the other step "
+        f"| run | {even}, ms (median) | {odd}, ms (median) | difference, us | % of the {odd} "
         "| difference of the means, us | % |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -379,7 +435,8 @@ def main(argv: list[str] | None = None) -> None:
         "--logger", choices=sorted(LOGGERS), default="memory", help="the NormMonitor runs' logger (default memory)"
     )
     parser.add_argument(
-        "--only", choices=("clipping", "monitor", "alternating"), default=None, help="run one comparison only"
+        "--only", choices=("clipping", "monitor", "alternating", "clipping-alternating"), default=None,
+        help="run one comparison only (clipping-alternating: the clipping pair in one fit, never run by default)"
     )
     parser.add_argument("--runs", type=int, default=10, help="fits of the alternating comparison (default 10)")
     parser.add_argument(
@@ -387,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--control", action="store_true",
-        help="alternating comparison with a do-nothing callback in the monitor's place (what the method reads for 0)",
+        help="alternating comparisons with nothing in the measured variant's place (what the method reads for 0)",
     )
     parser.add_argument(
         "--hold", type=int, default=None,
@@ -454,7 +511,22 @@ def main(argv: list[str] | None = None) -> None:
                 batch_size=args.batch_size, data=data, root=root, control=args.control,
             )
         print()
-        print_alternating(alt, args.logger + (" (control: a do-nothing callback in the monitor's place)" if args.control else ""))
+        name = args.logger + (" (control: a do-nothing callback in the monitor's place)" if args.control else "")
+        print_alternating(alt, f"NormMonitor on every other step, logger {name}: logging steps against the steps between them")
+    if args.only == "clipping-alternating":
+        with tempfile.TemporaryDirectory() as root:
+            alt = alternating_clipping(
+                runs=args.runs, warmup=args.warmup, steps=args.alternating_steps, batch_size=args.batch_size,
+                data=data, root=root, control=args.control,
+            )
+        print()
+        if args.control:
+            print_alternating(alt, "Control: Lightning's clipping on every step (even against odd)", "even step", "odd step")
+        else:
+            print_alternating(
+                alt, "NaNGuard + GradientClipping('norm', 1.0) on even steps, Lightning's gradient_clip_val=1.0 clipping "
+                "on odd steps, in the same fit", "guard + clipping step", "Lightning-clipped step",
+            )
     print(f"\n(total wall time {time.perf_counter() - started:.0f} s)")
 
 

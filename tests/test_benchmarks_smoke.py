@@ -69,3 +69,26 @@ def test_gpu_checks_script_runs_on_the_cpu(capsys):
     assert "scale 65536.0 -> 32768.0" in out  # GradScaler halved its scale on its own overflow
     # No sync count on the CPU, one row per (precision, variant) all the same.
     assert out.count("| 16-mixed | ") == len(gpu_checks.SYNC_VARIANTS)
+
+
+def test_alternating_clipping_pairs_the_guard_with_lightnings_clipping(tmp_path):
+    """Even steps: the guard checks and GradientClipping clips; odd steps: Lightning's own clipping only."""
+    import clipping_overhead as co
+    from guard_overhead import make_data
+
+    seen = {"lightning": [], "ours": []}
+    made = []
+
+    def make():
+        model = co.OddStepClipCNN()
+        guard, clip = co.NaNGuard(), co.GradientClipping("norm", max_norm=1.0)
+        lightning_clip, ours = model.clip_gradients, clip.on_before_optimizer_step
+        model.clip_gradients = lambda *a, **k: (seen["lightning"].append(model.trainer.global_step), lightning_clip(*a, **k))
+        clip.on_before_optimizer_step = lambda tr, *a: (seen["ours"].append(tr.global_step), ours(tr, *a))
+        made.append(guard)
+        return model, co.EveryOtherStep(guard, clip)
+
+    out = co._paired_fits(make, runs=1, warmup=2, steps=8, batch_size=4, data=make_data(60), root=str(tmp_path))
+    assert len(out) == 1 and out[0][0] > 0 and out[0][1] > 0
+    assert seen["ours"] == list(range(0, 11, 2)) and seen["lightning"] == list(range(1, 11, 2))
+    assert made[0].guard.checks == 6  # the guard checked the even steps (and the clipper reused its norms)
