@@ -41,7 +41,7 @@ def clip_coefficient(total_norm: Tensor, max_norm: float | Tensor, eps: float = 
     ok = torch.isfinite(total_norm)
     if isinstance(max_norm, Tensor):
         ok = ok & torch.isfinite(max_norm)
-    return torch.where(ok, coef, torch.ones_like(coef))
+    return torch.where(ok, coef, 1.0)
 
 
 @torch.no_grad()
@@ -317,7 +317,7 @@ class GradientClipper:
             assert self.rule is not None
             threshold = self.rule.threshold(total)
             clip = torch.isfinite(total) & torch.isfinite(threshold) & (total > threshold)
-            coef = torch.where(clip, threshold / (total + 1e-6), torch.ones_like(total))
+            coef = torch.where(clip, threshold / (total + 1e-6), 1.0)
         scale_grads_(grads, coef)
         return ClipStats(total_norm=total, threshold=threshold, coef=coef)
 
