@@ -180,7 +180,7 @@ class CheckpointRollbackBase:
                 f"Expected `confirm_steps` < `every_n_steps` ({every_n_steps}), got {confirm_steps!r}: "
                 "a snapshot must be confirmed before the next one is taken"
             )
-        number("max_norm_growth", max_norm_growth, low=1, low_open=True)
+        number("max_norm_growth", max_norm_growth, low=1, low_open=True, infinite=True, hint="inf: no growth test")
         choice("source", source, SOURCES)
         if dirpath is not None and source != "memory":
             raise ValueError(f"`dirpath` stores snapshots, which source={source!r} does not take: remove `dirpath`")

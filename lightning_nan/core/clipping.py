@@ -136,7 +136,7 @@ class ZClip:
         self.alpha = number("alpha", alpha, low=0, high=1, low_open=True, high_open=True)
         self.z_thresh = number("z_thresh", z_thresh, low=0, low_open=True)
         self.warmup = integer("warmup", warmup, low=1)
-        self.max_norm = number("max_norm", max_norm, low=0, low_open=True, optional=True)
+        self.max_norm = number("max_norm", max_norm, low=0, low_open=True, optional=True, infinite=True)
         self.eps = number("eps", eps, low=0, low_open=True)
         self.buffer: Tensor | None = None  # warm-up norms, NaN where not yet seen
         self.mean: Tensor | None = None
@@ -256,12 +256,15 @@ class GradientClipper:
     ) -> None:
         self.method = choice("method", method, METHODS)
         positive = {"low": 0, "low_open": True}
-        needed = {"norm": ("max_norm", max_norm), "value": ("clip_value", clip_value)}.get(method)
-        if needed is not None and needed[1] is None:
-            raise ValueError(f"method={method!r} needs `{needed[0]}` (a number > 0), got None")
-        self.max_norm = number("max_norm", max_norm, optional=True, **positive)
+        needs = {"norm": "max_norm", "value": "clip_value"}.get(method)
+        hint = f"method={method!r} needs it"
+        self.max_norm = number(
+            "max_norm", max_norm, optional=needs != "max_norm", infinite=True, hint=hint if needs == "max_norm" else "", **positive
+        )
         self.norm_type = number("norm_type", norm_type, infinite=True, **positive)
-        self.clip_value = number("clip_value", clip_value, optional=True, **positive)
+        self.clip_value = number(
+            "clip_value", clip_value, optional=needs != "clip_value", hint=hint if needs == "clip_value" else "", **positive
+        )
         self.clip_factor = number("clip_factor", clip_factor, **positive)
         self.eps = number("eps", eps, **positive)
         #: ids of parameters AGC leaves alone (e.g. :func:`final_layer_parameters`).

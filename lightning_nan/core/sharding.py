@@ -29,7 +29,11 @@ from lightning_nan.core.distributed import world
 
 def _dtensor_class() -> Any:
     """``DTensor``, if its module was imported (no DTensor can exist otherwise), else ``None``."""
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    for module in ("torch.distributed.tensor", "torch.distributed._tensor"):  # public from torch 2.5; private in 2.4
+        cls = getattr(sys.modules.get(module), "DTensor", None)
+        if cls is not None:
+            return cls
+    return None
 
 
 def _any_of(cls: type, tensors: Sequence[Tensor]) -> bool:

@@ -438,7 +438,7 @@ class LossSpikeDetector:
 
     def __init__(self, window: int = 100, threshold: float = 6.0, min_history: int | None = None) -> None:
         self.window = integer("window", window, low=5)
-        self.threshold = number("threshold", threshold, low=0, low_open=True)
+        self.threshold = number("threshold", threshold, low=0, low_open=True, infinite=True)
         min_history = max(5, window // 5) if min_history is None else min_history
         self.min_history = integer("min_history", min_history, low=1, high=window, hint="at most `window`")
         self.history: deque[float] = deque(maxlen=window)

@@ -1,13 +1,16 @@
 """Argument checks for the constructors: one message format, and a ``ValueError`` for any wrong type.
 
 Each check returns the value (an ``int`` stays an ``int``; a number becomes a ``float``) or raises
-``ValueError("Expected `name` ..., got value")``. ``bool`` is never taken for a number, nor NaN or
-±inf unless asked for; ``hint`` says what a special value means.
+``ValueError("Expected `name` ..., got value")``. Python, numpy and one-element torch numbers are
+taken; ``bool`` never is, nor NaN, nor ±inf unless asked for; ``hint`` says what a special value means.
 
 >>> integer("every_n_steps", 50, low=1)
 50
 >>> number("factor", 0.5, low=0, high=1, low_open=True, high_open=True)
 0.5
+>>> import numpy, torch
+>>> number("max_norm", numpy.float32(2.0)), number("max_norm", torch.tensor(2.0)), integer("window", numpy.int64(3))
+(2.0, 2.0, 3)
 >>> integer("patience", True, low=1)
 Traceback (most recent call last):
 ...
@@ -25,8 +28,11 @@ ValueError: Expected `group_by` in ('parameter', 'module'), got 'layer'
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -55,8 +61,8 @@ def integer(
     """``value`` if it is an ``int`` (not a ``bool``) in ``[low, high]`` (or ``None`` when ``optional``)."""
     if optional and value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and _within(value, low, high, False, False):
-        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and _within(value, low, high, False, False):
+        return int(value)
     kind = "None or an int" if optional else "an int"
     raise ValueError(f"Expected `{name}` to be {kind}{_range(low, high, False, False)}{_hint(hint)}, got {value!r}")
 
@@ -83,16 +89,31 @@ def number(
     """
     if optional and value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if infinite and value == math.inf:
+    real = _real(value)
+    if real is not None:
+        if infinite and real == math.inf:
             return math.inf
-        if math.isfinite(value) and _within(float(value), low, high, low_open, high_open):
-            return float(value)
+        if math.isfinite(real) and _within(real, low, high, low_open, high_open):
+            return real
     kind = "None or a number" if optional else "a number"
     extra = " or inf" if infinite else ""
     raise ValueError(
         f"Expected `{name}` to be {kind}{_range(low, high, low_open, high_open)}{extra}{_hint(hint)}, got {value!r}"
     )
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (a one-element real tensor too), else ``None``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float: out of any range here
+        return math.inf if value > 0 else -math.inf
 
 
 def boolean(name: str, value: Any) -> bool:

@@ -10,8 +10,10 @@ import pytest
 import lightning_nan as ln
 
 CASES = [
-    (lambda: ln.GradientClipping("norm"), "method='norm' needs `max_norm`"),
-    (lambda: ln.GradientClipping("norm", max_norm="1.0"), "Expected `max_norm` to be None or a number > 0, got '1.0'"),
+    (lambda: ln.GradientClipping("norm"), "Expected `max_norm` to be a number > 0 or inf \\(method='norm' needs it\\), got None"),
+    (lambda: ln.GradientClipping("norm", max_norm="1.0"), "Expected `max_norm` to be a number > 0 or inf .*, got '1.0'"),
+    (lambda: ln.GradientClipping("value", clip_value=None), "\\(method='value' needs it\\), got None"),
+    (lambda: ln.GradientClipping("zclip", max_norm=0), "Expected `max_norm` to be None or a number > 0 or inf, got 0"),
     (lambda: ln.GradientClipping("norm", max_norm=1.0, norm_type="2"), "Expected `norm_type` to be a number > 0 or inf"),
     (lambda: ln.GradientClipping("value", clip_value=math.nan), "Expected `clip_value`"),
     (lambda: ln.GradientClipping("autoclip", percentile="10"), "Expected `percentile` to be a number in \\(0, 100\\]"),
@@ -50,3 +52,12 @@ def test_the_defaults_are_valid():
         ln.GradientClipping(method)
     ln.GradientClipping("value", clip_value=0.5)
     ln.GradientClipping("norm", max_norm=1.0, norm_type=math.inf)
+    # numpy and torch numbers, and inf where it means "no limit", are taken as before
+    import numpy
+    import torch
+
+    ln.GradientClipping("norm", max_norm=numpy.float32(1.0))
+    ln.GradientClipping("norm", max_norm=torch.tensor(1.0))
+    ln.GradientClipping("norm", max_norm=math.inf)
+    ln.GradientClipping("autoclip", percentile=numpy.float32(10), window=numpy.int64(100))
+    ln.CheckpointRollback(max_norm_growth=math.inf)
