@@ -8,7 +8,7 @@ import torch
 
 from lightning_nan.callbacks._shared_grads import step_grads
 from lightning_nan.callbacks._trainer import log_metrics
-from lightning_nan.core.clipping import GradientClipper, final_layer_parameters
+from lightning_nan.core.clipping import GradientClipper, agc_refused, final_layer_parameters
 from lightning_nan.core.sharding import is_sharded
 from lightning_nan.core.validate import boolean, integer
 
@@ -122,18 +122,11 @@ class GradientClippingBase:
         self.clipper.exclude = {id(p) for p in excluded}
         self.clipper.sharded = "fsdp" in type(trainer.strategy).__name__.lower()  # FSDP1: flat shards
         if self.method == "agc" and self.clipper.sharded:
-            self._refuse_agc(trainer)
+            raise agc_refused(type(trainer.strategy).__name__)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.method == "agc" and is_sharded(list(pl_module.parameters())):  # sharded in configure_model (FSDP2)
-            self._refuse_agc(trainer)
-
-    def _refuse_agc(self, trainer: Any) -> None:
-        raise ValueError(
-            f"GradientClipping('agc') needs each output unit's whole gradient and weight, which "
-            f"{type(trainer.strategy).__name__} splits across ranks: use method='zclip', 'autoclip' or 'norm' "
-            "(their norm is taken over all ranks), or a strategy that does not shard parameters ('ddp')."
-        )
+            raise agc_refused(type(trainer.strategy).__name__)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         grads = step_grads(trainer, pl_module, optimizer)

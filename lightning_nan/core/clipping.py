@@ -305,11 +305,7 @@ class GradientClipper:
             return ClipStats(total_norm=total)
         if self.method == "agc":
             if self.sharded or copies is not None:
-                raise ValueError(
-                    "GradientClipping('agc') needs each output unit's whole gradient and weight, which are split "
-                    "across ranks here (FSDP / sharded DTensor parameters): use method='zclip', 'autoclip' or "
-                    "'norm', whose norm is taken over all ranks."
-                )
+                raise agc_refused("FSDP (sharded parameters)")
             clipped = [p for p in params if id(p) not in self.exclude]
             fraction = _agc_with_fraction(clipped, self.clip_factor, self.eps) if clipped else torch.zeros_like(total)
             return ClipStats(total_norm=total, clipped_units=fraction)
@@ -330,6 +326,15 @@ class GradientClipper:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.rule is not None:
             self.rule.load_state_dict(state)
+
+
+def agc_refused(splitter: str) -> ValueError:
+    """The error for AGC where ``splitter`` (a strategy) splits each output unit across ranks."""
+    return ValueError(
+        f"GradientClipping('agc') needs each output unit's whole gradient and weight, which {splitter} splits "
+        "across ranks: use method='zclip', 'autoclip' or 'norm' (their norm is taken over all ranks), or a "
+        "strategy that does not shard parameters ('ddp')."
+    )
 
 
 def final_layer_parameters(module: torch.nn.Module) -> list[Tensor]:

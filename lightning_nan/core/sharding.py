@@ -136,9 +136,9 @@ def total_over_ranks(local_norms: Tensor, norm_type: float = 2.0) -> Tensor:
     return _sum_over_ranks(local.pow(norm_type)).pow(1.0 / norm_type)
 
 
-def _shares(local_norms: Tensor, copies: Sequence[int] | None, norm_type: float) -> Tensor:
+def _shares(local_norms: Tensor, copies: Sequence[int], norm_type: float) -> Tensor:
     powers = local_norms.pow(norm_type)
-    if copies is None or all(c == 1 for c in copies):
+    if all(c == 1 for c in copies):
         return powers
     return powers / torch.tensor(copies, dtype=powers.dtype).to(powers.device, non_blocking=True)
 

@@ -196,3 +196,14 @@ def test_arguments_are_checked(args, match):
         return
     with pytest.raises(ValueError, match=match):
         GradientClipper(*args)
+
+
+def test_agc_refuses_flat_shards_before_touching_the_gradients():
+    """FSDP1's flat shards split output units across ranks: AGC would clip by part of a unit's norm."""
+    p = torch.nn.Parameter(torch.ones(2, 3))
+    p.grad = torch.full((2, 3), 5.0)
+    clipper = GradientClipper("agc")
+    clipper.sharded = True
+    with pytest.raises(ValueError, match=r"GradientClipping\('agc'\) needs each output unit's whole gradient"):
+        clipper.clip_([p])
+    assert torch.equal(p.grad, torch.full((2, 3), 5.0))
