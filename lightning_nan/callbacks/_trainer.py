@@ -17,11 +17,16 @@ def run_dir(trainer: Any) -> str:
     return trainer.log_dir or trainer.default_root_dir or os.getcwd()
 
 
+def strategy_is(trainer: Any, *kinds: str) -> bool:
+    """Whether the trainer's strategy class name holds one of ``kinds`` (lower case: ``"fsdp"``, ``"deepspeed"``)."""
+    name = type(trainer.strategy).__name__.lower()
+    return any(kind in name for kind in kinds)
+
+
 def shards_parameters(trainer: Any) -> bool:
     """Whether the trainer's strategy may split parameters across ranks: FSDP or ``ModelParallelStrategy``
     (DeepSpeed only at ZeRO stage 3: callers that care about its sharded optimizer state check it themselves)."""
-    name = type(trainer.strategy).__name__.lower()
-    return "fsdp" in name or "modelparallel" in name
+    return strategy_is(trainer, "fsdp", "modelparallel")
 
 
 def grad_scaler(trainer: Any) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_grads
-from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, shards_parameters
+from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, strategy_is
 from lightning_nan.core.validate import choice, integer, number
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
@@ -238,7 +238,7 @@ class CheckpointRollbackBase:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        if self.source == "memory" and (shards_parameters(trainer) or "deepspeed" in type(trainer.strategy).__name__.lower()):
+        if self.source == "memory" and strategy_is(trainer, "fsdp", "modelparallel", "deepspeed"):
             raise ValueError(
                 f"CheckpointRollback(source='memory') copies the full state on every rank, which "
                 f"{type(trainer.strategy).__name__} shards: use strategy='ddp', or source='checkpoint'."

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lightning_nan.callbacks._shared_grads import step_grads
-from lightning_nan.callbacks._trainer import log_metrics
+from lightning_nan.callbacks._trainer import log_metrics, strategy_is
 from lightning_nan.core.clipping import GradientClipper, agc_refused, final_layer_parameters
 from lightning_nan.core.sharding import is_sharded
 from lightning_nan.core.validate import boolean, integer
@@ -120,7 +120,7 @@ class GradientClippingBase:
             )
         excluded = final_layer_parameters(pl_module) if self.method == "agc" and self.exclude_final_layer else []
         self.clipper.exclude = {id(p) for p in excluded}
-        self.clipper.sharded = "fsdp" in type(trainer.strategy).__name__.lower()  # FSDP1: flat shards
+        self.clipper.sharded = strategy_is(trainer, "fsdp")  # FSDP1: flat shards
         if self.method == "agc" and self.clipper.sharded:
             raise agc_refused(type(trainer.strategy).__name__)
 

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_nan.callbacks._shared_grads import StepGrads, step_grads
 from lightning_nan.callbacks._tensorboard import ScalarBatch, prefixed, tensorboard_writer
+from lightning_nan.callbacks._trainer import strategy_is
 from lightning_nan.core.norms import tensor_norms
 from lightning_nan.core.sharding import copies_per_tensor, local_parts, norms_over_ranks
 from lightning_nan.core.validate import boolean, choice, integer, number
@@ -123,7 +124,7 @@ class NormMonitorBase:
             return
         self._reset()
         self._name_parameters(pl_module)
-        if "fsdp" in type(trainer.strategy).__name__.lower() and trainer.is_global_zero:
+        if strategy_is(trainer, "fsdp") and trainer.is_global_zero:
             warnings.warn(
                 f"NormMonitor under {type(trainer.strategy).__name__} (FSDP1) sees each rank's flat shards as plain "
                 "tensors: it logs the norms of rank zero's parts, not of the whole parameters. Shard with FSDP2 "

@@ -61,3 +61,23 @@ def test_the_defaults_are_valid():
     ln.GradientClipping("norm", max_norm=math.inf)
     ln.GradientClipping("autoclip", percentile=numpy.float32(10), window=numpy.int64(100))
     ln.CheckpointRollback(max_norm_growth=math.inf)
+
+
+def test_fsdp1_is_recognised_by_the_strategy_name():
+    """Lightning's FSDPStrategy needs a GPU: its setup checks run here with a stand-in of that name."""
+    from types import SimpleNamespace
+
+    import torch
+
+    FSDPStrategy = type("FSDPStrategy", (), {})
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), gradient_clip_val=None, is_global_zero=True)
+    module = torch.nn.Linear(2, 2)
+    clip = ln.GradientClipping("norm", max_norm=1.0)
+    clip.setup(trainer, module, "fit")
+    assert clip.clipper.sharded  # the total norm is all-reduced over the flat shards
+    with pytest.raises(ValueError, match="GradientClipping\\('agc'\\) needs .* which FSDPStrategy splits"):
+        ln.GradientClipping("agc").setup(trainer, module, "fit")
+    with pytest.raises(ValueError, match="CheckpointRollback\\(source='memory'\\) copies the full state"):
+        ln.CheckpointRollback().setup(trainer, module, "fit")
+    with pytest.warns(UserWarning, match="NormMonitor under FSDPStrategy \\(FSDP1\\)"):
+        ln.NormMonitor().setup(trainer, module, "fit")
