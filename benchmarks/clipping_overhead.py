@@ -68,6 +68,7 @@ from guard_overhead import (  # noqa: E402  (the shared timing machinery)
     ForeignLoad,
     StepState,
     add_common_args,
+    bench_trainer,
     guard_step,
     hot_loop,
     interleaved,
@@ -356,10 +357,9 @@ def _paired_fits(make, *, runs: int, warmup: int, steps: int, batch_size: int, d
     for r in range(runs):
         pl.seed_everything(0, verbose=False)
         model, probe = make()
-        trainer = pl.Trainer(
-            accelerator="cpu", devices=1, max_steps=warmup + steps + 1, max_epochs=-1, callbacks=[probe],
-            logger=False if logger is None else logger(os.path.join(root, str(r))), enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        trainer = bench_trainer(
+            root=root, max_steps=warmup + steps + 1, max_epochs=-1, callbacks=[probe],
+            logger=False if logger is None else logger(os.path.join(root, str(r))),
         )
         gc.collect()
         with ForeignLoad() as load:

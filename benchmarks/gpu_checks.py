@@ -32,7 +32,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from guard_overhead import BenchCNN, interleaved, make_data, print_environment, print_ratio_table, quiet_lightning  # noqa: E402
+from guard_overhead import (  # noqa: E402
+    BenchCNN,
+    bench_trainer,
+    interleaved,
+    make_data,
+    print_environment,
+    print_ratio_table,
+    quiet_lightning,
+)
 import pytorch_lightning as pl  # noqa: E402
 from pytorch_lightning.plugins.precision import MixedPrecision  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -123,10 +131,9 @@ def _trainer(*, device: str, precision: str, steps: int, callbacks: list, root: 
         kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
     else:
         kwargs["precision"] = precision
-    return pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps, max_epochs=-1,
-        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, **kwargs,
+    return bench_trainer(
+        root=root, accelerator="gpu" if device == "cuda" else "cpu", max_steps=steps, max_epochs=-1, callbacks=callbacks,
+        **kwargs,
     )
 
 

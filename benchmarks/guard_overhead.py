@@ -205,6 +205,15 @@ class RunResult:
     foreign_load: float | None  #: cores other processes kept busy meanwhile
 
 
+def bench_trainer(*, root: str, accelerator: str = "cpu", logger: object = False, **kwargs) -> pl.Trainer:
+    """A one-device Trainer with nothing of its own that costs time: no checkpointing, progress bar or
+    model summary; ``logger=False`` unless given; ``kwargs`` go to ``pl.Trainer`` (steps, callbacks, ...)."""
+    return pl.Trainer(
+        accelerator=accelerator, devices=1, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root, **kwargs,
+    )
+
+
 def run_once(
     variant: str | Callable[[], dict],
     *,
@@ -229,17 +238,13 @@ def run_once(
     callbacks = extra.pop("callbacks", [])
     records = [time_hooks(obj, names) for obj, names in timed(callbacks, model, extra)]
     timer = StepTimer(warmup, warmup + steps - 1)
-    trainer = pl.Trainer(
+    trainer = bench_trainer(
+        root=root,
         accelerator=accelerator,
-        devices=1,
         max_steps=warmup + steps,
         max_epochs=-1,
         callbacks=[timer, *callbacks, timer.stop],  # the timer first, its stop half last
         logger=False if logger is None else logger(root),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
         **extra,
     )
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
@@ -355,10 +360,7 @@ def step_state(*, batch_size: int, data: TensorDataset, root: str, logger: objec
     """Fit the benchmark model for one step, then run one more forward/backward (real gradients)."""
     pl.seed_everything(0, verbose=False)
     model = BenchCNN()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=1, logger=logger, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, **trainer_kwargs,
-    )
+    trainer = bench_trainer(root=root, max_steps=1, logger=logger, **trainer_kwargs)
     trainer.fit(model, DataLoader(data, batch_size=batch_size))
     x, y = data.tensors[0][:batch_size], data.tensors[1][:batch_size]
     loss = F.cross_entropy(model(x), y)
