@@ -120,13 +120,15 @@ LOGGERS: dict[str, Callable[[str], Logger]] = {
     "tensorboard": lambda root: TensorBoardLogger(root, name="bench"),
 }
 
-CLIP_VARIANTS: dict[str, Callable[[], dict]] = {
-    "B: gradient_clip_val=1.0": lambda: {"gradient_clip_val": 1.0},
-    "NaNGuard + GradientClipping(norm, 1.0)": lambda: {
-        "callbacks": [NaNGuard(), GradientClipping("norm", max_norm=1.0)]
-    },
-    "B again (control)": lambda: {"gradient_clip_val": 1.0},
-}
+def clip_variants(max_norm: float = 1.0) -> dict[str, Callable[[], dict]]:
+    """Lightning's clipping, the guard + GradientClipping, and Lightning's again, all at ``max_norm``."""
+    return {
+        f"B: gradient_clip_val={max_norm:g}": lambda: {"gradient_clip_val": max_norm},
+        f"NaNGuard + GradientClipping(norm, {max_norm:g})": lambda: {
+            "callbacks": [NaNGuard(), GradientClipping("norm", max_norm=max_norm)]
+        },
+        "B again (control)": lambda: {"gradient_clip_val": max_norm},
+    }
 
 MONITOR_VARIANTS: dict[str, Callable[[], dict]] = {
     "plain": lambda: {},
@@ -151,8 +153,8 @@ def timed_hooks(callbacks: list, model, kwargs: dict) -> list[tuple[object, tupl
     return out
 
 
-def clipping_in_isolation(st: StepState, repeats: int) -> list[tuple[str, float]]:
-    """Seconds per optimizer step of the clipping work, hot loop, real gradients (no logger)."""
+def clipping_in_isolation(st: StepState, repeats: int, max_norm: float = 1.0) -> list[tuple[str, float]]:
+    """Seconds per optimizer step of the clipping work at ``max_norm``, hot loop, real gradients (no logger)."""
     from pytorch_lightning.utilities import GradClipAlgorithmType
     from torch.nn.utils import clip_grad_norm_
 
@@ -160,10 +162,10 @@ def clipping_in_isolation(st: StepState, repeats: int) -> list[tuple[str, float]
 
     trainer, model, opt = st.trainer, st.model, st.opt
 
-    def lightning_clip(i: int) -> None:  # what the Trainer runs per step with gradient_clip_val=1.0
-        trainer.precision_plugin._clip_gradients(model, opt, 1.0, GradClipAlgorithmType.NORM)
+    def lightning_clip(i: int) -> None:  # what the Trainer runs per step with gradient_clip_val=max_norm
+        trainer.precision_plugin._clip_gradients(model, opt, max_norm, GradClipAlgorithmType.NORM)
 
-    guard, clip = NaNGuard(), GradientClipping("norm", max_norm=1.0)
+    guard, clip = NaNGuard(), GradientClipping("norm", max_norm=max_norm)
     for cb in (guard, clip):
         cb.setup(trainer, model, "fit")
 
@@ -187,7 +189,7 @@ def clipping_in_isolation(st: StepState, repeats: int) -> list[tuple[str, float]
     norms = tensor_norms(st.grads)
     rows = [
         ("B: Lightning's clipping (configure_gradient_clipping hook -> clip_grad_norm_)", timed(lightning_clip)),
-        ("part: torch.nn.utils.clip_grad_norm_(params, 1.0)", timed(lambda i: clip_grad_norm_(st.params, 1.0))),
+        (f"part: torch.nn.utils.clip_grad_norm_(params, {max_norm:g})", timed(lambda i: clip_grad_norm_(st.params, max_norm))),
         ("NaNGuard's 3 hooks + GradientClipping's hook", timed(guard_and_clip)),
         ("part: NaNGuard's 3 hooks", timed(guard_only)),
     ]
@@ -300,6 +302,7 @@ class EveryOtherStep(pl.Callback):
 
     def __init__(self, *callbacks) -> None:
         self.callbacks, self.starts = list(callbacks), []
+        self.coefs: list[torch.Tensor] = []  # the clip coefficients of the even steps (read after the fit)
         for hook in self.ALWAYS:
             setattr(self, hook, self._forward(hook))
 
@@ -335,19 +338,20 @@ class EveryOtherStep(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (trainer.global_step - 1) % 2 == 0:  # the step just taken was even
             self._forward("on_train_batch_end")(trainer, pl_module, outputs, batch, batch_idx)
+            self.coefs += [cb.last["coef"] for cb in self.callbacks if isinstance(cb, GradientClipping) and "coef" in cb.last]
 
 
 class OddStepClipCNN(BenchCNN):
-    """Lightning's own clipping (what ``Trainer(gradient_clip_val=1.0)`` runs) on odd steps only; with
-    ``every_step``, on every step."""
+    """Lightning's own clipping (what ``Trainer(gradient_clip_val=max_norm)`` runs) on odd steps only;
+    with ``every_step``, on every step."""
 
-    def __init__(self, every_step: bool = False) -> None:
+    def __init__(self, every_step: bool = False, max_norm: float = 1.0) -> None:
         super().__init__()
-        self.every_step = every_step
+        self.every_step, self.max_norm = every_step, max_norm
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self.every_step or self.trainer.global_step % 2 == 1:
-            self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_norm, gradient_clip_algorithm="norm")
 
 
 def _paired_fits(make, *, runs: int, warmup: int, steps: int, batch_size: int, data, root: str, logger=None):
@@ -391,17 +395,25 @@ def alternating(
     return _paired_fits(make, runs=runs, warmup=warmup, steps=steps, batch_size=batch_size, data=data, root=root, logger=logger)
 
 
-def alternating_clipping(*, runs: int, warmup: int, steps: int, batch_size: int, data, root: str, control: bool = False):
-    """Per run, in one fit: the median time of the steps NaNGuard + GradientClipping("norm", 1.0) take (even)
-    and of those Lightning's own clipping takes (odd; ``gradient_clip_val=1.0``'s hook), ``logger=False``.
-    ``control``: Lightning's clipping on every step and nothing else (what the method reads for 0)."""
+def alternating_clipping(
+    *, runs: int, warmup: int, steps: int, batch_size: int, data, root: str, control: bool = False, max_norm: float = 1.0
+):
+    """Per run, in one fit: the median time of the steps NaNGuard + GradientClipping("norm", max_norm) take
+    (even) and of those Lightning's own clipping takes (odd; ``gradient_clip_val=max_norm``'s hook),
+    ``logger=False``. ``control``: Lightning's clipping on every step and nothing else (what the method
+    reads for 0). Returns the fits' results and the fraction of the even steps whose gradients were clipped."""
+    probes = []
 
     def make():
         if control:
-            return OddStepClipCNN(every_step=True), EveryOtherStep()
-        return OddStepClipCNN(), EveryOtherStep(NaNGuard(), GradientClipping("norm", max_norm=1.0))
+            probes.append(EveryOtherStep())
+            return OddStepClipCNN(every_step=True, max_norm=max_norm), probes[-1]
+        probes.append(EveryOtherStep(NaNGuard(), GradientClipping("norm", max_norm=max_norm)))
+        return OddStepClipCNN(max_norm=max_norm), probes[-1]
 
-    return _paired_fits(make, runs=runs, warmup=warmup, steps=steps, batch_size=batch_size, data=data, root=root)
+    results = _paired_fits(make, runs=runs, warmup=warmup, steps=steps, batch_size=batch_size, data=data, root=root)
+    coefs = [float(c) for probe in probes for c in probe.coefs]
+    return results, (sum(c < 1.0 for c in coefs) / len(coefs) if coefs else None)
 
 
 def print_alternating(results, title: str, even: str = "logging step", odd: str = "other step") -> None:
@@ -447,6 +459,10 @@ def main(argv: list[str] | None = None) -> None:
         help="alternating comparisons with nothing in the measured variant's place (what the method reads for 0)",
     )
     parser.add_argument(
+        "--max-norm", type=float, default=1.0,
+        help="max_norm of the clipping comparisons (default 1.0; the model's gradient norms are about 0.1-0.15)",
+    )
+    parser.add_argument(
         "--hold", type=int, default=None,
         help=f"TensorBoard records held back per hand-over to the writer's thread (default {ScalarBatch.HOLD_RECORDS}; 1: none)",
     )
@@ -479,14 +495,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.only in (None, "clipping"):
         with tempfile.TemporaryDirectory() as root:
-            clip = interleaved(CLIP_VARIANTS, steps=args.clip_steps, root=root, **common)
-        b_name = next(iter(CLIP_VARIANTS))
+            variants = clip_variants(args.max_norm)
+            clip = interleaved(variants, steps=args.clip_steps, root=root, **common)
+        b_name = next(iter(variants))
         b_step = statistics.median(clip.times[b_name])
         print("## GradientClipping: end to end (per optimizer step, median over rounds)\n")
         print_ratio_table(clip, b_name, "inside the clipping (and guard) hooks, us/step (median)")
         print_load(clip.loads)
         with tempfile.TemporaryDirectory() as root:
-            iso = clipping_in_isolation(step_state(batch_size=args.batch_size, data=data, root=root), args.repeats)
+            iso = clipping_in_isolation(step_state(batch_size=args.batch_size, data=data, root=root), args.repeats, args.max_norm)
         print("\n## Clipping work in isolation (best of 5 loops, same model, real gradients)\n")
         print_isolation(iso, b_step, "B")
         print(flush=True)
@@ -515,18 +532,20 @@ def main(argv: list[str] | None = None) -> None:
         print_alternating(alt, f"NormMonitor on every other step, logger {name}: logging steps against the steps between them")
     if args.only == "clipping-alternating":
         with tempfile.TemporaryDirectory() as root:
-            alt = alternating_clipping(
+            alt, clipped = alternating_clipping(
                 runs=args.runs, warmup=args.warmup, steps=args.alternating_steps, batch_size=args.batch_size,
-                data=data, root=root, control=args.control,
+                data=data, root=root, control=args.control, max_norm=args.max_norm,
             )
         print()
+        m = f"{args.max_norm:g}"
         if args.control:
-            print_alternating(alt, "Control: Lightning's clipping on every step (even against odd)", "even step", "odd step")
+            print_alternating(alt, f"Control: Lightning's clipping (max_norm {m}) on every step (even against odd)", "even step", "odd step")
         else:
             print_alternating(
-                alt, "NaNGuard + GradientClipping('norm', 1.0) on even steps, Lightning's gradient_clip_val=1.0 clipping "
+                alt, f"NaNGuard + GradientClipping('norm', {m}) on even steps, Lightning's gradient_clip_val={m} clipping "
                 "on odd steps, in the same fit", "guard + clipping step", "Lightning-clipped step",
             )
+            print(f"The gradients were clipped (coefficient < 1) on {100 * clipped:.0f}% of the guard + clipping steps.")
     print(f"\n(total wall time {time.perf_counter() - started:.0f} s)")
 
 

@@ -26,11 +26,14 @@ class StepGrads:
         norms: their gradient 2-norms before any clipping (float32, on the device).
         skipped: the step will not update anything (the guard cleared the gradients, or GradScaler
             skips it): nothing to clip.
+        norm_bound: the guard's host bound on their total 2-norm (``StepGuard.last_grad_norm_bound``),
+            when a guard checked the step.
     """
 
     params: list[Tensor]
     norms: Tensor | None
     skipped: bool = False
+    norm_bound: float | None = None
 
 
 _STEPS: weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], StepGrads]] = weakref.WeakKeyDictionary()

@@ -105,6 +105,7 @@ class GradientClippingBase:
         self.log_every_n_steps = log_every_n_steps
         #: The device tensors of the last clipping step (``total_norm``, ``threshold``, ``coef``, ...).
         self.last: dict[str, torch.Tensor] = {}
+        self._bound_holds = False
 
     @property
     def method(self) -> str:
@@ -121,6 +122,8 @@ class GradientClippingBase:
         excluded = final_layer_parameters(pl_module) if self.method == "agc" and self.exclude_final_layer else []
         self.clipper.exclude = {id(p) for p in excluded}
         self.clipper.sharded = strategy_is(trainer, "fsdp")  # FSDP1: flat shards
+        # The guard's host bound on the total norm holds where every rank holds whole gradients.
+        self._bound_holds = not strategy_is(trainer, "fsdp", "modelparallel", "deepspeed")
         if self.method == "agc" and self.clipper.sharded:
             raise agc_refused(type(trainer.strategy).__name__)
 
@@ -132,7 +135,7 @@ class GradientClippingBase:
         grads = step_grads(trainer, pl_module, optimizer)
         if grads.skipped or not grads.params:
             return
-        self.last = self.clipper.clip_(grads.params, grads.norms).as_dict()
+        self.last = self.clipper.clip_(grads.params, grads.norms, grads.norm_bound if self._bound_holds else None).as_dict()
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if self.last and trainer.global_step % every == 0 and trainer.loggers:
             values = torch.stack([v.float().reshape(()) for v in self.last.values()]).tolist()

@@ -220,7 +220,8 @@ class NaNGuardBase:
         if verdict.skipped and self._norm_stats:  # the failed forward pass also moved the running statistics
             torch._foreach_copy_(self._norm_stats, self._norm_stats_before)
         skipped = verdict.skipped or verdict.scaler_overflow
-        publish(trainer, optimizer, StepGrads(self.guard._last_with_grad, self.guard.last_grad_norms, skipped))
+        guard = self.guard
+        publish(trainer, optimizer, StepGrads(guard._last_with_grad, guard.last_grad_norms, skipped, guard.last_grad_norm_bound))
         return verdict
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:

@@ -33,15 +33,19 @@ from lightning_nan.core.sharding import copies_per_tensor, local_parts, norms_ov
 from lightning_nan.core.validate import choice, integer, number
 
 METHODS = ("norm", "value", "autoclip", "agc", "zclip")
+#: ``norm`` skips a coefficient of exactly 1 when the host's norm times this (plus torch's 1e-6) is under
+#: ``max_norm``: a margin far beyond the float32 rounding between the host's norm and the device's.
+_MARGIN = 1.001
 
 
 def clip_coefficient(total_norm: Tensor, max_norm: float | Tensor, eps: float = 1e-6) -> Tensor:
     """``min(1, max_norm / (total_norm + eps))`` as in torch, but 1 when either norm is not finite."""
-    coef = torch.clamp(max_norm / (total_norm + eps), max=1.0)
-    ok = torch.isfinite(total_norm)
     if isinstance(max_norm, Tensor):
-        ok = ok & torch.isfinite(max_norm)
-    return torch.where(ok, coef, 1.0)
+        coef = torch.clamp(max_norm / (total_norm + eps), max=1.0)
+        return torch.where(torch.isfinite(total_norm) & torch.isfinite(max_norm), coef, 1.0)
+    # A NaN/Inf total becomes a 0 denominator, whose coefficient clamps to 1; a finite one is left as
+    # it is, so the coefficient is torch's, bit for bit (max_norm is positive, inf included).
+    return torch.clamp(max_norm / (total_norm + eps).nan_to_num_(nan=0.0, posinf=0.0), max=1.0)
 
 
 @torch.no_grad()
@@ -273,17 +277,22 @@ class GradientClipper:
         #: ``DTensor`` parameters, FSDP2's, are recognised by themselves).
         self.sharded = False
         self.rule: AutoClip | ZClip | None = None
+        self._constant_cache: tuple[tuple[float, torch.device, torch.dtype], tuple[Tensor, Tensor]] | None = None
         if method == "autoclip":
             self.rule = AutoClip(percentile, window)
         elif method == "zclip":
             self.rule = ZClip(alpha=alpha, z_thresh=z_thresh, warmup=warmup, max_norm=max_norm)
 
     @torch.no_grad()
-    def clip_(self, params: Iterable[Tensor], norms: Tensor | None = None) -> ClipStats:
+    def clip_(self, params: Iterable[Tensor], norms: Tensor | None = None, norm_bound: float | None = None) -> ClipStats:
         """Clip the gradients of ``params`` in place.
 
         ``norms``: their per-tensor gradient 2-norms if already computed this step (e.g. by the
         guard), in the order of the parameters that have gradients; reused instead of a second pass.
+        ``norm_bound``: the 2-norm of all those gradients together (or more), already on the host and
+        the same on every rank, such as the guard's ``last_grad_norm_bound``: when it is clearly under
+        ``max_norm``, method ``norm`` skips multiplying the gradients by what would be exactly 1. Pass it
+        only where every rank holds whole gradients (not under FSDP or DeepSpeed's partitioning).
         """
         params = [p for p in params if p.grad is not None]
         if not params:
@@ -310,8 +319,13 @@ class GradientClipper:
             fraction = _agc_with_fraction(clipped, self.clip_factor, self.eps) if clipped else torch.zeros_like(total)
             return ClipStats(total_norm=total, clipped_units=fraction)
         if self.method == "norm":
-            threshold = torch.full_like(total, float(self.max_norm))  # type: ignore[arg-type]
-            coef = clip_coefficient(total, float(self.max_norm))  # type: ignore[arg-type]
+            max_norm = float(self.max_norm)  # type: ignore[arg-type]
+            threshold, one = self._constants(max_norm, total)
+            unsharded = copies is None and not self.sharded  # a bound from rank-local parts would not hold
+            if unsharded and self.norm_type == 2.0 and norm_bound is not None and norm_bound * _MARGIN + 1e-6 < max_norm:
+                # torch's coefficient would clamp to exactly 1, and x * 1.0 == x: nothing to do
+                return ClipStats(total_norm=total, threshold=threshold, coef=one)
+            coef = clip_coefficient(total, max_norm)
         else:
             assert self.rule is not None
             threshold = self.rule.threshold(total)
@@ -319,6 +333,13 @@ class GradientClipper:
             coef = torch.where(clip, threshold / (total + 1e-6), 1.0)
         scale_grads_(grads, coef)
         return ClipStats(total_norm=total, threshold=threshold, coef=coef)
+
+    def _constants(self, max_norm: float, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``max_norm`` and 1 as tensors like ``like``, made once (read-only: they are handed out)."""
+        key = (max_norm, like.device, like.dtype)
+        if self._constant_cache is None or self._constant_cache[0] != key:
+            self._constant_cache = (key, (torch.full_like(like, max_norm), torch.ones_like(like)))
+        return self._constant_cache[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.rule is None else self.rule.state_dict()
@@ -361,6 +382,9 @@ def _agc_with_fraction(params: Sequence[Tensor], clip_factor: float, eps: float)
 
 
 def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[Tensor]]:
+    devices = {t.device for t in tensors}
+    if len(devices) == 1:
+        return {devices.pop(): list(tensors)}
     groups: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         groups.setdefault(t.device, []).append(t)

@@ -150,6 +150,10 @@ class StepGuard:
         #: Per-parameter gradient 2-norms of the last check (float32, on the device), in the order of
         #: :attr:`last_grad_names`, so that clipping and monitoring can reuse them instead of a second pass.
         self.last_grad_norms: Tensor | None = None
+        #: The 2-norm of all those gradients together, on the host from the check's one transfer (under
+        #: DDP the largest rank's, so the same on every rank); ``None`` when not finite or there were none.
+        #: ``GradientClipper.clip_`` uses it to skip a multiplication by exactly 1 without a device read.
+        self.last_grad_norm_bound: float | None = None
         self._last_with_grad: list[Tensor] = []
         #: The last steps' loss, gradient norm and weight norm (host values of the one transfer per step).
         self.history: deque[StepRecord] = deque(maxlen=HISTORY)
@@ -237,23 +241,20 @@ class StepGuard:
                 ]
             )
             flags = torch.cat([~torch.isfinite(values[:4]), values[4:] < self.min_loss_scale]).float()
-            stats = torch.nan_to_num(values[1:4].float().abs(), nan=math.inf)  # for the history: the largest rank's
+            grad_total = total_norm(grad_norms).reshape(1) if grads else zero.reshape(1)  # for a clipper
+            stats = torch.nan_to_num(torch.cat([values[1:4].float().abs(), grad_total]), nan=math.inf)  # the largest rank's
             reduced = self.reduce(torch.cat([flags, stats])).tolist()  # the one host transfer of a healthy step
-            host, numbers = [v > 0 for v in reduced[:5]], reduced[5:]
+            host, numbers, bound = [v > 0 for v in reduced[:5]], reduced[5:8], reduced[8]
         else:  # every number to the host in one transfer, summed there: one device op instead of a dozen
-            parts = [norms.reshape(-1).to(device)]  # (empty on the CPU when there is nothing to norm)
-            if losses:
-                parts.append(torch.stack([_scalar(v).to(device, non_blocking=True) for v in losses]))
-            if inputs:
-                parts.append(torch.stack([v.to(device, non_blocking=True) for v in inputs]))
-            if scale is not None:
-                parts.append(scale.to(device, non_blocking=True).float().reshape(1))
+            tail = [_scalar(v) for v in losses] + inputs + ([scale.float()] if scale is not None else [])
+            parts = [norms.reshape(-1).to(device), *(t.reshape(1).to(device, non_blocking=True) for t in tail)]
             flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # the one transfer
             at = len(norms)
             loss = sum(flat[at : at + len(losses)])
             at += len(losses)
             input_sum = sum(flat[at : at + len(inputs)])
             numbers = [loss, sum(flat[: len(grads)]), sum(flat[len(grads) : len(norms)])]
+            bound = math.sqrt(math.fsum(v * v for v in flat[: len(grads)]))  # the 2-norm, in float64
             host = [not math.isfinite(v) for v in (input_sum, *numbers)]
             host.append(scale is not None and flat[-1] < self.min_loss_scale)
         self.history.append(
@@ -264,6 +265,7 @@ class StepGuard:
                 weight_norm=numbers[2] if check_params else None,
             )
         )
+        self.last_grad_norm_bound = bound if grads and math.isfinite(bound) else None
         if not any(host):
             self.consecutive_skips = 0
             return StepVerdict()
@@ -381,7 +383,7 @@ class StepGuard:
     def __getstate__(self) -> dict[str, Any]:
         """Pickle configuration and counters only: runtime links (listeners, recorder, batches) are dropped."""
         state = self.__dict__.copy()
-        state.update(listeners=[], on_record=None, reduce=all_reduce_max, last_grad_norms=None)
+        state.update(listeners=[], on_record=None, reduce=all_reduce_max, last_grad_norms=None, last_grad_norm_bound=None)
         state.update(_last_with_grad=[], _losses=[], _loss_where=[], _input_sums=[], _window=[], _recent=[])
         return state
 

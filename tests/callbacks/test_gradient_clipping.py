@@ -47,6 +47,30 @@ def test_same_weights_as_lightnings_own_clipping(ns, tmp_path, algorithm, kwargs
     assert not identical(ours.snaps[-1]["params"], unclipped.snaps[-1]["params"])  # and it did clip
 
 
+def test_beside_the_guard_same_weights_as_lightning_on_clipped_and_unclipped_steps(ns, tmp_path):
+    """Beside NaNGuard the clipper skips multiplying by exactly 1 where the guard's norm is under max_norm:
+    the weights stay bit for bit those of gradient_clip_val (with the guard too), and both kinds of step occur."""
+    norms: list[float] = []
+
+    class Norms(ns.pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pl_module.parameters()]))))
+
+    fit(ns, tmp_path / "probe", [Norms()], model=big_grads_model(ns, optimizer="adam"))
+    max_norm = sorted(norms)[len(norms) // 2]  # about half of the steps clip
+    clip = ns.lib.GradientClipping("norm", max_norm=max_norm)
+    coefs: list[float] = []
+
+    class Coefs(ns.pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # after the clipper's hook
+            coefs.append(float(clip.last["coef"]))
+
+    _, ours = fit(ns, tmp_path / "ours", [ns.NaNGuard(), clip, Coefs()], model=big_grads_model(ns, optimizer="adam"))
+    _, theirs = fit(ns, tmp_path / "theirs", [ns.NaNGuard()], model=big_grads_model(ns, optimizer="adam"), gradient_clip_val=max_norm)
+    assert identical(ours.snaps, theirs.snaps)
+    assert 0 < sum(c < 1.0 for c in coefs) < len(coefs) == len(norms)
+
+
 def test_same_as_lightning_under_fp16_amp_after_unscaling(ns, tmp_path):
     amp = pytest.importorskip(f"{ns.pl.__name__}.plugins.precision")
 

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from lightning_nan.core.clipping import AutoClip, GradientClipper, ZClip, adaptive_clip_, final_layer_parameters
+from lightning_nan.core.clipping import (
+    AutoClip,
+    GradientClipper,
+    ZClip,
+    adaptive_clip_,
+    clip_coefficient,
+    final_layer_parameters,
+)
+from lightning_nan.core.norms import tensor_norms
 
 
 def params_with_grads(seed: int = 0, scale: float = 10.0) -> list[torch.nn.Parameter]:
@@ -31,6 +39,52 @@ def test_norm_is_bit_identical_to_torch(norm_type, max_norm):
     total = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type=norm_type)
     assert torch.equal(stats.total_norm, total)
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("total", [0.0, 0.3, 0.999, 1.0, 7.5, 3e38])
+@pytest.mark.parametrize("max_norm", [1.0, 1e-9, math.inf])
+def test_coefficient_is_torchs_bit_for_bit_and_1_for_a_non_finite_total(total, max_norm):
+    t = torch.tensor(total)
+    assert torch.equal(clip_coefficient(t, max_norm), torch.clamp(max_norm / (t + 1e-6), max=1.0))
+    for bad in (float("nan"), float("inf")):
+        assert clip_coefficient(torch.tensor(bad), max_norm).item() == 1.0
+
+
+def test_a_norm_bound_under_max_norm_skips_the_multiplication_and_changes_nothing(monkeypatch):
+    """A host bound (the guard's) under max_norm: torch's coefficient would be exactly 1, so the gradients
+    are left as they are, with no multiplication; at or near max_norm, or without a bound, torch's path."""
+    import lightning_nan.core.clipping as clipping
+
+    calls = []
+    scale = clipping.scale_grads_
+    monkeypatch.setattr(clipping, "scale_grads_", lambda grads, coef: (calls.append(float(coef)), scale(grads, coef)))
+    params = params_with_grads(scale=0.01)
+    total = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    norms = tensor_norms([p.grad for p in params])
+    for max_norm, bound, multiplied in [
+        (2 * total, total, False),  # well under: skipped
+        (2 * total, None, True),  # no bound: torch's path
+        (total * 1.0005, total, True),  # within the margin: torch's path (by 1.0 or a hair under)
+        (total / 2, total, True),  # over: clipped
+    ]:
+        ours, theirs = clone_grads(params), params_with_grads(scale=0.01)
+        for p, g in zip(params, ours):
+            p.grad = g.clone()
+        calls.clear()
+        stats = GradientClipper("norm", max_norm=max_norm).clip_(params, norms, bound)
+        torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(params, theirs)), (max_norm, bound)
+        assert bool(calls) == multiplied, (max_norm, bound)
+        assert torch.equal(stats.total_norm, torch.nn.utils.get_total_norm([p.grad for p in params_with_grads(scale=0.01)]))
+        assert torch.equal(stats.threshold, torch.tensor(max_norm)) and (multiplied or float(stats.coef) == 1.0)
+    # another norm type, or a sharded clipper, does not use a 2-norm bound
+    for clipper in (GradientClipper("norm", max_norm=2 * total, norm_type=1.0), GradientClipper("norm", max_norm=2 * total)):
+        clipper.sharded = clipper.norm_type == 2.0
+        calls.clear()
+        if clipper.sharded:
+            monkeypatch.setattr(clipping, "total_over_ranks", lambda n, t: clipping.total_norm(n, t))
+        clipper.clip_(params, norms, total)
+        assert calls
 
 
 def test_value_is_bit_identical_to_torch():

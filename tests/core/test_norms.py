@@ -84,6 +84,13 @@ def test_float64_and_mixed_dtypes():
     assert tensor_norms([torch.tensor([1.0, float("nan")], dtype=torch.float64)]).isnan().all()
 
 
+def test_complex_tensors_get_the_norm_of_their_magnitudes():
+    """The fused float32 kernel refuses complex input: their norms are taken in their own precision."""
+    tensors = [torch.tensor([3 + 4j, 0j], dtype=torch.complex64), torch.tensor([1j], dtype=torch.complex128), torch.ones(4)]
+    assert tensor_norms(tensors).tolist() == [5.0, 1.0, 2.0]
+    assert tensor_norms([torch.tensor([complex(1, float("inf"))], dtype=torch.complex64)]).isinf().all()
+
+
 @pytest.mark.parametrize("ord_", [2.0, math.inf])
 def test_an_empty_tensor_has_norm_zero(ord_):
     """FSDP2 leaves some ranks an empty part of a parameter; torch refuses the inf-norm of an empty tensor."""

@@ -326,3 +326,16 @@ def test_a_hand_written_loop_can_share_the_guards_norms_with_the_clipper():
     total = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
     assert torch.equal(stats.total_norm, total)
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+def test_the_host_norm_bound_is_the_total_gradient_norm_and_none_after_a_fault():
+    model = make_model()
+    opt = OPTIMIZERS["adam"](model.parameters())
+    guard = StepGuard(model)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    guard.check(opt, step=0)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in model.parameters()]))
+    assert guard.last_grad_norm_bound == pytest.approx(float(total), rel=1e-6)
+    model[0].weight.grad[0, 0] = float("inf")
+    assert guard.check(opt, step=1).skipped and guard.last_grad_norm_bound is None

@@ -26,7 +26,8 @@ import sys
 import torch
 from ddp_common import finish, load_namespace, write_pid
 
-SCENARIOS = ("loss", "grad", "grad_hook", "escalate", "clip")
+SCENARIOS = ("loss", "grad", "grad_hook", "escalate", "clip", "norm_ours", "norm_lightning")
+CLIP_NORM = 1.0  # norm_*: the guard with GradientClipping("norm") or with gradient_clip_val; some steps clip, some not
 FAULT_BATCH = 3
 ESCALATE_FROM = 2
 ESCALATE_MAX_CONSECUTIVE = 3
@@ -111,12 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
             self.batch_idx_seen: list[int] = []
             self.batches: dict[int, list[torch.Tensor]] = {}
+            self.coefs: list[float] = []
 
         def setup(self, trainer, pl_module, stage) -> None:
             write_pid(args.outdir, trainer.global_rank)
 
         def on_train_start(self, trainer, pl_module) -> None:
             self.initial = weights(pl_module)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            if extra and "coef" in extra[0].last:  # the clipper ran before this callback
+                self.coefs.append(float(extra[0].last["coef"]))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.batch_idx_seen.append(batch_idx)
@@ -133,7 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     if scenario == "clip":  # the clipper (ZClip with a tight cap, so it clips) and the monitor beside the guard
         clip = lib.GradientClipping("zclip", warmup=2, max_norm=0.05)
         extra = [clip, lib.NormMonitor(every_n_steps=2)]
+    scale_calls = []
+    if scenario == "norm_ours":
+        extra = [lib.GradientClipping("norm", max_norm=CLIP_NORM)]
+        import lightning_nan.core.clipping as clipping  # count the multiplications: skipped where the coefficient is 1
+
+        scale = clipping.scale_grads_
+        clipping.scale_grads_ = lambda grads, coef: (scale_calls.append(1), scale(grads, coef))[1]
     trainer = pl.Trainer(
+        gradient_clip_val=CLIP_NORM if scenario == "norm_lightning" else None,
         accelerator="cpu",
         devices=2,
         strategy="ddp",
@@ -168,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         "skipped_steps": guard.skipped_steps,
         "clip_state": extra[0].state_dict() if extra else None,
         "clip_last": {k: v.tolist() for k, v in extra[0].last.items()} if extra else None,
+        "clip_coefs": recorder.coefs,
+        "scale_calls": len(scale_calls),
         "raised": error is not None,
         "error_type": type(error).__name__ if error is not None else None,
         "error_message": str(error) if error is not None else None,

@@ -282,3 +282,22 @@ def test_clipping_and_monitor_beside_the_guard_keep_ranks_identical(tmp_path_fac
     assert r0["clip_state"] == r1["clip_state"] and r0["clip_last"] == r1["clip_last"]
     assert r0["clip_state"]["rule"]["seen"] == STEPS_PER_RANK - 1  # the skipped step stayed out of the statistics
     assert r0["clip_last"]["coef"] < 1.0  # it did clip
+
+
+def test_norm_clipping_beside_the_guard_matches_lightnings_gradient_clip_val(tmp_path_factory):
+    """Beside the guard, GradientClipping("norm") skips multiplying by exactly 1 on the steps whose agreed
+    norm is under max_norm, and clips the others: every rank's weights stay bit for bit those of
+    ``gradient_clip_val`` (with the guard too) after every step."""
+    ours, theirs = _run(tmp_path_factory, "pytorch_lightning", "norm_ours"), _run(tmp_path_factory, "pytorch_lightning", "norm_lightning")
+    _ok(ours)
+    _ok(theirs)
+    for rank in (0, 1):
+        a, b = ours.ranks[rank], theirs.ranks[rank]
+        assert a["snapshots"].keys() == b["snapshots"].keys() and len(a["snapshots"]) == STEPS_PER_RANK
+        for i in a["snapshots"]:
+            assert all(torch.equal(a["snapshots"][i][k], b["snapshots"][i][k]) for k in a["snapshots"][i])
+    coefs = ours.ranks[0]["clip_coefs"]
+    assert coefs == ours.ranks[1]["clip_coefs"] and len(coefs) == STEPS_PER_RANK
+    clipped = sum(c < 1.0 for c in coefs)
+    assert 0 < clipped < STEPS_PER_RANK  # both kinds of step happened
+    assert clipped <= ours.ranks[0]["scale_calls"] < STEPS_PER_RANK  # and a multiplication by 1 was skipped
