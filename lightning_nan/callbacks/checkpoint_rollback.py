@@ -91,7 +91,8 @@ class CheckpointRollbackBase:
         skip_batches: batches whose updates are dropped after a rollback (PaLM skipped 200-500).
         max_rollbacks: rollbacks allowed in the run (state_dict keeps the count across resumes).
         source: ``"memory"`` (the snapshots) or ``"checkpoint"``: restore model, optimizer, scheduler
-            and scaler states from the newest ``ModelCheckpoint`` file instead (no snapshots taken).
+            and scaler states from the newest ``ModelCheckpoint`` save instead (no snapshots taken; a
+            file, or a folder of shards under ``ModelParallelStrategy``/FSDP, which the strategy loads in place).
         dirpath: also write good snapshots there (found again when a run resumes from a checkpoint).
 
     The snapshots themselves are not in the Lightning checkpoint (``state_dict`` holds the history,
@@ -610,21 +611,33 @@ class CheckpointRollbackBase:
         return newest
 
     def _find_checkpoint(self, trainer: Any) -> tuple[dict[str, Any] | None, str]:
-        """The newest ModelCheckpoint file (by rank zero's reckoning) whose weights are finite, loaded."""
+        """The newest ModelCheckpoint save (by rank zero's reckoning) whose weights are finite, loaded.
+
+        A save is a file, or a folder where the strategy shards it (ModelParallelStrategy, FSDP, DeepSpeed).
+        Those strategies load the model's and the optimizers' states in place and hand back the rest:
+        then the model's weights are checked once loaded (all ranks agree), and a candidate found
+        non-finite gives way to the next, older one.
+        """
         paths = {
             p
             for cb in getattr(trainer, "checkpoint_callbacks", [])
             for p in (getattr(cb, "best_model_path", ""), getattr(cb, "last_model_path", ""))
-            if p and os.path.isfile(p)
+            if p and os.path.exists(p)
         }
-        chosen = gather_objects(sorted(paths, key=os.path.getmtime, reverse=True))[0]  # rank zero's files
+        chosen = gather_objects(sorted(paths, key=os.path.getmtime, reverse=True))[0]  # rank zero's saves
         for path in chosen:
             ckpt = trainer.strategy.load_checkpoint(path, weights_only=False)
-            weights = [v for v in ckpt.get("state_dict", {}).values() if isinstance(v, torch.Tensor)]
-            if weights and bool(torch.isfinite(state_norm(weights))):
+            if "state_dict" in ckpt:  # handed back: check it before anything is loaded
+                weights = [v for v in ckpt["state_dict"].values() if isinstance(v, torch.Tensor)]
+                if weights and bool(torch.isfinite(state_norm(weights))):
+                    return ckpt, ""
+                continue
+            module = trainer.lightning_module  # loaded in place (each rank its part)
+            bad = not bool(torch.isfinite(state_norm(module.parameters())))
+            if not self._agree_any(trainer, bad, module.device):
                 return ckpt, ""
         return None, (
-            "CheckpointRollback(source='checkpoint') found no ModelCheckpoint file with finite weights yet: "
+            "CheckpointRollback(source='checkpoint') found no ModelCheckpoint save with finite weights yet: "
             "save checkpoints more often (ModelCheckpoint(every_n_train_steps=...)) or use source='memory'."
         )
 

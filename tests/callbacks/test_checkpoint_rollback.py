@@ -433,7 +433,7 @@ def test_restore_from_the_newest_modelcheckpoint_file(ns, tmp_path):
 def test_without_a_checkpoint_file_the_guard_raises_saying_so(ns, tmp_path):
     _, Corrupt, _, _ = helpers(ns.pl)
     rollback = ns.lib.CheckpointRollback(source="checkpoint")
-    with pytest.raises(NonFiniteError, match="found no ModelCheckpoint file with finite weights"):
+    with pytest.raises(NonFiniteError, match="found no ModelCheckpoint save with finite weights"):
         fit(ns, tmp_path, rollback, callbacks=[Corrupt(3)])
 
 

@@ -12,7 +12,11 @@ Run by ``test_fsdp.py``::
 - ``fault``: as ``ours``, and rank 1's loss is NaN at batch ``FAULT_BATCH``;
 - ``agc``: ``GradientClipping("agc")``, which must refuse sharded parameters;
 - ``bisection``: ``NaNGuard`` and ``BatchBisection`` with rank 1's fault: bisection must stand down, not hang;
-- ``rollback``: ``CheckpointRollback()`` (snapshots in memory), which must refuse the strategy.
+- ``rollback``: ``CheckpointRollback()`` (snapshots in memory), which must refuse the strategy;
+- ``rollback_checkpoint``: ``NaNGuard``, ``CheckpointRollback(source="checkpoint")`` and ``LRBackoff``
+  beside a ``ModelCheckpoint`` saving every step (distributed checkpoints: one folder per save); rank 1
+  writes a NaN into its part of ``net.0.weight`` before batch ``FAULT_BATCH``: the weights are
+  non-finite, so the guard escalates and the run goes back to the newest checkpoint.
 
 Each rank writes ``OUTDIR/rank{r}.pt`` with the whole (gathered) weights before and after every batch,
 the whole gradients' norms before clipping, the local shapes of its parts, the guard's incidents and
@@ -30,7 +34,7 @@ import sys
 import torch
 from ddp_common import finish, load_namespace, write_pid
 
-SCENARIOS = ("lightning", "ours", "fault", "agc", "bisection", "rollback")
+SCENARIOS = ("lightning", "ours", "fault", "agc", "bisection", "rollback", "rollback_checkpoint")
 FAULT_BATCH = 2
 MAX_NORM = 0.05  # small enough that every step clips
 N_SAMPLES = 48  # 12 batches of 4: 6 steps per rank
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             loss = torch.nn.functional.mse_loss(self.net(x), y)
             if scenario in ("fault", "bisection") and self.global_rank == 1 and batch_idx == FAULT_BATCH:
                 loss = loss * float("nan")
+
             return loss
 
         def configure_optimizers(self):
@@ -138,12 +143,16 @@ def main(argv: list[str] | None = None) -> int:
             self.after: dict[int, dict[str, torch.Tensor]] = {}
             self.grad_norms: dict[int, dict[str, float]] = {}
             self.local_shapes: dict[str, tuple[int, ...]] = {}
+            self.lr_factors: list[float] = []  # after each batch
 
         def setup(self, trainer, pl_module, stage) -> None:
             write_pid(args.outdir, trainer.global_rank)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.before[trainer.global_step] = whole(pl_module)
+            if scenario == "rollback_checkpoint" and batch_idx == FAULT_BATCH and trainer.global_rank == 1:
+                with torch.no_grad():
+                    pl_module.net[0].weight.to_local()[0, 0] = float("nan")
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # first in the list
             step = trainer.global_step
@@ -154,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.after[trainer.global_step - 1] = whole(pl_module)
+            backoff = next((cb for cb in trainer.callbacks if hasattr(cb, "back_off")), None)
+            if backoff is not None:  # LRBackoff's factor on the schedule's learning rate
+                self.lr_factors.append(backoff.controller.factor_now)
 
     pl.seed_everything(1234, workers=True)
     x, y = make_data()
@@ -170,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         callbacks += [guard, lib.BatchBisection()]
     elif scenario == "rollback":
         callbacks += [guard, lib.CheckpointRollback()]
+    elif scenario == "rollback_checkpoint":
+        checkpoints = pl.callbacks.ModelCheckpoint(dirpath=os.path.join(args.outdir, "ckpt"), every_n_train_steps=1, save_top_k=-1)
+        rollback, backoff = lib.CheckpointRollback(source="checkpoint"), lib.LRBackoff()
+        callbacks += [guard, rollback, backoff, checkpoints]
+        kwargs["enable_checkpointing"] = True
     else:
         callbacks += [guard, lib.GradientClipping("norm", max_norm=MAX_NORM, log_every_n_steps=1), lib.NormMonitor(every_n_steps=1, histograms=True)]
         kwargs["logger"] = pl.loggers.TensorBoardLogger(os.path.join(args.outdir, "tb"), name="", version="")
@@ -181,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         callbacks=callbacks,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
         log_every_n_steps=1,
         default_root_dir=args.outdir,
         **kwargs,
@@ -189,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     error: BaseException | None = None
     try:
         trainer.fit(Model(), loader)
-    except ValueError as exc:
+    except (ValueError, lib.NonFiniteError) as exc:
         error = exc
     result = {
         "sharding": sharding_checks() if scenario == "ours" else None,
@@ -203,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         "incidents": [i.to_dict() for i in guard.incidents],
         "skipped_steps": guard.skipped_steps,
         "error": None if error is None else str(error),
+        "rollbacks": rollback.history if scenario == "rollback_checkpoint" else None,
+        "lr_factors": recorder.lr_factors,
     }
     return finish(args.outdir, result, trainer)
 

@@ -3,7 +3,8 @@
 Each rank holds a part of every parameter (rank 1's part of the last layer is empty). The clipper
 must clip by the norm of the whole gradients, as Lightning's own ``gradient_clip_val`` does; the
 monitor must log the norms of the whole tensors; the guard must skip a step on every rank; AGC,
-whose units are split, and in-memory rollback snapshots are refused; batch bisection stands down. One run per (namespace, scenario), shared by the tests.
+whose units are split, and in-memory rollback snapshots are refused (rollback from distributed
+checkpoints works); batch bisection stands down. One run per (namespace, scenario), shared by the tests.
 """
 
 from __future__ import annotations
@@ -174,3 +175,23 @@ def test_in_memory_rollback_is_refused(tmp_path_factory):
     for rank in (0, 1):
         error = run.ranks[rank]["error"]
         assert error is not None and "CheckpointRollback(source='memory')" in error and "ModelParallelStrategy" in error
+
+
+def test_rollback_from_a_distributed_checkpoint_restores_every_ranks_part(tmp_path_factory):
+    """CheckpointRollback(source="checkpoint") under FSDP2: ModelCheckpoint saves folders, which the
+    strategy loads in place. Rank 1's NaN weight escalates; every rank goes back to the newest save (the
+    weights of the step before, bit for bit) and LRBackoff halves the learning rate."""
+    run = _run(tmp_path_factory, "rollback_checkpoint")
+    _ok(run)
+    saves = list((run.outdir / "ckpt").iterdir())
+    assert saves and all(save.is_dir() for save in saves)  # distributed checkpoints, not files
+    fault = script.FAULT_BATCH
+    for rank in (0, 1):
+        r = run.ranks[rank]
+        assert r["error"] is None and r["global_step"] == STEPS
+        assert [(i["kind"], i["action"]) for i in r["incidents"]] == [("param", "recovered by CheckpointRollback")]
+        assert [(h["step"], h["restored_step"]) for h in r["rollbacks"]] == [(fault, fault)]
+        for name, weight in r["after"][fault].items():  # the save of step `fault`: the weights before the NaN
+            assert torch.equal(weight, r["before"][fault][name]), (rank, name)
+        assert all(bool(torch.isfinite(w).all()) for w in r["after"][STEPS - 1].values())
+        assert r["lr_factors"][fault - 1] == 1.0 and r["lr_factors"][fault] == 0.5
