@@ -388,7 +388,7 @@ def guard_in_isolation(*, batch_size: int, data: TensorDataset, repeats: int, ro
     from lightning_nan.core.norms import any_nonfinite, tensor_norms
 
     st = step_state(batch_size=batch_size, data=data, root=root)
-    trainer, model, opt, batch, loss, params, grads = st.trainer, st.model, st.opt, st.batch, st.loss, st.params, st.grads
+    trainer, model, loss, params, grads = st.trainer, st.model, st.loss, st.params, st.grads
 
     def hooks(cb: NaNGuard) -> Callable[[int], None]:
         cb.setup(trainer, model, "fit")

@@ -8,8 +8,6 @@ import os
 import sys
 from typing import Any
 
-import torch
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a dump written by BatchBisection(dump_dir=...)")

@@ -10,7 +10,6 @@ import torch
 from lightning_nan.core.clipping import (
     AutoClip,
     GradientClipper,
-    ZClip,
     adaptive_clip_,
     clip_coefficient,
     final_layer_parameters,
