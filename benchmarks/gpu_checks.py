@@ -65,6 +65,9 @@ RATIO_VARIANTS: dict[str, Callable[[], dict]] = {
     "NaNGuard": lambda: {"callbacks": [NaNGuard()]},
     "Trainer(gradient_clip_val=1.0)": lambda: {"gradient_clip_val": 1.0},
     "NaNGuard + GradientClipping('norm')": lambda: {"callbacks": [NaNGuard(), GradientClipping("norm", max_norm=1.0)]},
+    # this model's gradient norms are about 0.1-0.15: at 1.0 no step clips, at 0.05 every step does
+    "Trainer(gradient_clip_val=0.05)": lambda: {"gradient_clip_val": 0.05},
+    "NaNGuard + GradientClipping('norm', max_norm=0.05)": lambda: {"callbacks": [NaNGuard(), GradientClipping("norm", max_norm=0.05)]},
     "NormMonitor(every_n_steps=1)": lambda: {"callbacks": [NormMonitor(every_n_steps=1)]},
     "NormMonitor(every_n_steps=50)": lambda: {"callbacks": [NormMonitor(every_n_steps=50)]},
 }
