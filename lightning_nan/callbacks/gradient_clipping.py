@@ -17,7 +17,7 @@ class GradientClippingBase:
     """Clip gradients with one of five methods, NaN-proof, reusing the guard's gradient norms.
 
     ``method``: ``"norm"`` (``max_norm``, ``norm_type``; the same result as
-    ``Trainer(gradient_clip_val=max_norm)``), ``"value"`` (``clip_value``), ``"autoclip"``
+    ``Trainer(gradient_clip_val=max_norm)`` for float32 gradients), ``"value"`` (``clip_value``), ``"autoclip"``
     (``percentile=10``, ``window=1000``), ``"agc"`` (``clip_factor=0.01``, ``eps=1e-3``;
     ``exclude_final_layer=True`` leaves the last ``nn.Linear`` unclipped, as the paper does) or
     ``"zclip"`` (``alpha=0.97``, ``z_thresh=2.5``, ``warmup=25``, optional ``max_norm`` cap).

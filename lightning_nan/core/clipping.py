@@ -33,8 +33,8 @@ from lightning_nan.core.sharding import copies_per_tensor, local_parts, norms_ov
 from lightning_nan.core.validate import choice, integer, number
 
 METHODS = ("norm", "value", "autoclip", "agc", "zclip")
-#: ``norm`` skips a coefficient of exactly 1 when the host's norm times this (plus torch's 1e-6) is under
-#: ``max_norm``: a margin far beyond the float32 rounding between the host's norm and the device's.
+#: ``norm`` skips a coefficient of exactly 1 when the host's norm plus torch's 1e-6, times this, is under
+#: ``max_norm``: a margin far beyond the float32 rounding of the device's norm, its 1e-6 and its division.
 _MARGIN = 1.001
 
 
@@ -229,8 +229,9 @@ class ClipStats:
 class GradientClipper:
     """One of five clipping methods behind one call, for any training loop.
 
-    ``norm`` (``max_norm``, ``norm_type``) is :func:`torch.nn.utils.clip_grad_norm_`, except that a
-    non-finite total norm leaves the gradients alone; ``value`` (``clip_value``) is
+    ``norm`` (``max_norm``, ``norm_type``) is :func:`torch.nn.utils.clip_grad_norm_` (bit for bit on
+    float32 gradients; norms are taken in float32 for every dtype), except that a non-finite total
+    norm leaves the gradients alone; ``value`` (``clip_value``) is
     :func:`torch.nn.utils.clip_grad_value_`; ``autoclip`` (``percentile``, ``window``) clips to a
     percentile of past norms (:class:`AutoClip`); ``agc`` (``clip_factor``, ``eps``) is unit-wise
     adaptive clipping (:func:`adaptive_clip_`); ``zclip`` (``alpha``, ``z_thresh``, ``warmup``,
@@ -303,6 +304,7 @@ class GradientClipper:
             grads = list(local_parts(grads))
         if norms is None or self.norm_type != 2.0 or len(norms) != len(grads):
             norms = tensor_norms(grads, self.norm_type)
+            norm_bound = None  # it came with the norms passed in, which are not these
         if copies is not None:  # the whole tensors' norms (a collective), then as clip_grad_norm_ with DTensors
             total = total_norm(norms_over_ranks(norms, copies, self.norm_type), self.norm_type)
         elif self.sharded:  # FSDP1's flat shards, as FullyShardedDataParallel.clip_grad_norm_ (a collective)
@@ -322,7 +324,7 @@ class GradientClipper:
             max_norm = float(self.max_norm)  # type: ignore[arg-type]
             threshold, one = self._constants(max_norm, total)
             unsharded = copies is None and not self.sharded  # a bound from rank-local parts would not hold
-            if unsharded and self.norm_type == 2.0 and norm_bound is not None and norm_bound * _MARGIN + 1e-6 < max_norm:
+            if unsharded and norm_bound is not None and (norm_bound + 1e-6) * _MARGIN < max_norm:
                 # torch's coefficient would clamp to exactly 1, and x * 1.0 == x: nothing to do
                 return ClipStats(total_norm=total, threshold=threshold, coef=one)
             coef = clip_coefficient(total, max_norm)
@@ -337,7 +339,8 @@ class GradientClipper:
     def _constants(self, max_norm: float, like: Tensor) -> tuple[Tensor, Tensor]:
         """``max_norm`` and 1 as tensors like ``like``, made once (read-only: they are handed out)."""
         key = (max_norm, like.device, like.dtype)
-        if self._constant_cache is None or self._constant_cache[0] != key:
+        cache = getattr(self, "_constant_cache", None)  # (absent from a clipper pickled by an older version)
+        if cache is None or cache[0] != key:
             self._constant_cache = (key, (torch.full_like(like, max_norm), torch.ones_like(like)))
         return self._constant_cache[1]
 

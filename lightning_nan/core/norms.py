@@ -47,10 +47,11 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
         if full:
             out[torch.tensor(full, device=out.device)] = tensor_norms([tensors[i] for i in full], norm_type).to(out.device)
         return out
-    try:  # the common case, one device and nothing wider than float32: one kernel, no look at each tensor
-        return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=torch.float32))
-    except RuntimeError:  # float64 or complex (the kernel will not narrow them), or several devices
-        pass
+    if tensors[0].dtype not in _WIDE:
+        try:  # the common case, one device and nothing wider than float32: one kernel, no look at each tensor
+            return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=torch.float32))
+        except RuntimeError:  # float64 or complex further on (the kernel will not narrow them), or several devices
+            pass
     groups: dict[tuple[torch.device, bool], list[int]] = {}
     for i, t in enumerate(tensors):  # norms of float64 and complex tensors are taken in their own precision
         groups.setdefault((t.device, t.dtype in _WIDE), []).append(i)

@@ -254,7 +254,7 @@ class StepGuard:
             at += len(losses)
             input_sum = sum(flat[at : at + len(inputs)])
             numbers = [loss, sum(flat[: len(grads)]), sum(flat[len(grads) : len(norms)])]
-            bound = math.sqrt(math.fsum(v * v for v in flat[: len(grads)]))  # the 2-norm, in float64
+            bound = math.hypot(*flat[: len(grads)])  # the 2-norm, in float64
             host = [not math.isfinite(v) for v in (input_sum, *numbers)]
             host.append(scale is not None and flat[-1] < self.min_loss_scale)
         self.history.append(

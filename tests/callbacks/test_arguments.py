@@ -81,3 +81,33 @@ def test_fsdp1_is_recognised_by_the_strategy_name():
         ln.CheckpointRollback().setup(trainer, module, "fit")
     with pytest.warns(UserWarning, match="NormMonitor under FSDPStrategy \\(FSDP1\\)"):
         ln.NormMonitor().setup(trainer, module, "fit")
+
+
+@pytest.mark.parametrize("strategy, trusted", [("DDPStrategy", True), ("FSDPStrategy", False), ("DeepSpeedStrategy", False), ("ModelParallelStrategy", False)])
+def test_the_guards_norm_bound_is_used_only_where_ranks_hold_whole_gradients(monkeypatch, strategy, trusted):
+    """Under FSDP, ModelParallelStrategy or DeepSpeed a rank's gradient norm is its part's: the clipper then
+    multiplies even when the guard's norm is under max_norm."""
+    import torch
+
+    import lightning_nan.core.clipping as clipping
+    from lightning_nan.callbacks._shared_grads import StepGrads, publish
+
+    class Trainer:  # a stand-in (weak references to it are taken)
+        def __init__(self) -> None:
+            self.strategy = type(strategy, (), {})()
+            self.gradient_clip_val, self.is_global_zero, self.callbacks, self.loggers = None, True, [], []
+            self.global_step, self.log_every_n_steps = 0, 50
+
+    calls = []
+    monkeypatch.setattr(clipping, "scale_grads_", lambda grads, coef: calls.append(1))
+    trainer, module = Trainer(), torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 0.01)
+    clip = ln.GradientClipping("norm", max_norm=1.0)
+    clip.setup(trainer, module, "fit")
+    params = list(module.parameters())
+    norms = torch.stack([p.grad.norm() for p in params])
+    publish(trainer, opt, StepGrads(params, norms, False, float(norms.norm())))
+    clip.on_before_optimizer_step(trainer, module, opt)
+    assert calls == ([] if trusted else [1])

@@ -47,9 +47,11 @@ def test_same_weights_as_lightnings_own_clipping(ns, tmp_path, algorithm, kwargs
     assert not identical(ours.snaps[-1]["params"], unclipped.snaps[-1]["params"])  # and it did clip
 
 
-def test_beside_the_guard_same_weights_as_lightning_on_clipped_and_unclipped_steps(ns, tmp_path):
+def test_beside_the_guard_same_weights_as_lightning_on_clipped_and_unclipped_steps(ns, tmp_path, monkeypatch):
     """Beside NaNGuard the clipper skips multiplying by exactly 1 where the guard's norm is under max_norm:
     the weights stay bit for bit those of gradient_clip_val (with the guard too), and both kinds of step occur."""
+    import lightning_nan.core.clipping as clipping
+
     norms: list[float] = []
 
     class Norms(ns.pl.Callback):
@@ -65,10 +67,15 @@ def test_beside_the_guard_same_weights_as_lightning_on_clipped_and_unclipped_ste
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # after the clipper's hook
             coefs.append(float(clip.last["coef"]))
 
+    multiplied = []  # the clipper's multiplications of the gradients
+    scale = clipping.scale_grads_
+    monkeypatch.setattr(clipping, "scale_grads_", lambda grads, coef: (multiplied.append(1), scale(grads, coef)))
     _, ours = fit(ns, tmp_path / "ours", [ns.NaNGuard(), clip, Coefs()], model=big_grads_model(ns, optimizer="adam"))
     _, theirs = fit(ns, tmp_path / "theirs", [ns.NaNGuard()], model=big_grads_model(ns, optimizer="adam"), gradient_clip_val=max_norm)
     assert identical(ours.snaps, theirs.snaps)
-    assert 0 < sum(c < 1.0 for c in coefs) < len(coefs) == len(norms)
+    clipped = sum(c < 1.0 for c in coefs)
+    assert 0 < clipped < len(coefs) == len(norms)
+    assert clipped <= len(multiplied) < len(coefs)  # steps under max_norm were not multiplied by 1
 
 
 def test_same_as_lightning_under_fp16_amp_after_unscaling(ns, tmp_path):

@@ -86,6 +86,34 @@ def test_a_norm_bound_under_max_norm_skips_the_multiplication_and_changes_nothin
         assert calls
 
 
+def test_the_norm_bound_skip_matches_torch_where_its_1e_6_dominates():
+    """With max_norm near torch's 1e-6 the margin must cover that term too: torch can clip by 0.99999994
+    where max_norm equals the norm plus 1e-6 in float32. A grid of tiny gradients and max_norms."""
+    from lightning_nan.core import StepGuard
+
+    ulp = 2.0**-43  # float32's step just under 1e-6
+    for k in range(0, 24, 2):
+        for max_norm in (1e-6 + j / 4 * ulp for j in range(0, 160, 3)):
+            ours, ref = torch.nn.Linear(3, 1, bias=False), torch.nn.Linear(3, 1, bias=False)
+            for m in (ours, ref):
+                m.weight.grad = torch.tensor([[k * ulp, 0.0, 0.0]])
+            guard = StepGuard(ours)
+            guard.check(torch.optim.SGD(ours.parameters(), lr=0.1), step=0)
+            GradientClipper("norm", max_norm=max_norm).clip_(guard.last_grad_params, guard.last_grad_norms, guard.last_grad_norm_bound)
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+            assert torch.equal(ours.weight.grad, ref.weight.grad), (k, max_norm)
+
+
+def test_a_bound_that_came_with_other_norms_is_not_used():
+    """Norms of other tensors are recomputed, and the bound that came with them is dropped."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([0.0, 0.01]), torch.tensor([3.0, 4.0])
+    norms_a = tensor_norms([a.grad])
+    stats = GradientClipper("norm", max_norm=1.0).clip_([a, b], norms_a, 0.01)
+    assert float(stats.total_norm) == pytest.approx(math.hypot(0.01, 5.0), rel=1e-6) and float(stats.coef) < 0.2
+    assert torch.allclose(b.grad, torch.tensor([0.6, 0.8]), rtol=1e-5)
+
+
 def test_value_is_bit_identical_to_torch():
     ours, theirs = params_with_grads(), params_with_grads()
     GradientClipper("value", clip_value=3.0).clip_(ours)
