@@ -16,7 +16,8 @@ Run by ``test_fsdp.py``::
 - ``rollback_checkpoint``: ``NaNGuard``, ``CheckpointRollback(source="checkpoint")`` and ``LRBackoff``
   beside a ``ModelCheckpoint`` saving every step (distributed checkpoints: one folder per save); rank 1
   writes a NaN into its part of ``net.0.weight`` before batch ``FAULT_BATCH``: the weights are
-  non-finite, so the guard escalates and the run goes back to the newest checkpoint.
+  non-finite, so the guard escalates and the run goes back to the newest checkpoint;
+- ``rollback_checkpoint_file``: the same with ``save_distributed_checkpoint=False`` (one file of full states per save).
 
 Each rank writes ``OUTDIR/rank{r}.pt`` with the whole (gathered) weights before and after every batch,
 the whole gradients' norms before clipping, the local shapes of its parts, the guard's incidents and
@@ -34,7 +35,7 @@ import sys
 import torch
 from ddp_common import finish, load_namespace, write_pid
 
-SCENARIOS = ("lightning", "ours", "fault", "agc", "bisection", "rollback", "rollback_checkpoint")
+SCENARIOS = ("lightning", "ours", "fault", "agc", "bisection", "rollback", "rollback_checkpoint", "rollback_checkpoint_file")
 FAULT_BATCH = 2
 MAX_NORM = 0.05  # small enough that every step clips
 N_SAMPLES = 48  # 12 batches of 4: 6 steps per rank
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.before[trainer.global_step] = whole(pl_module)
-            if scenario == "rollback_checkpoint" and batch_idx == FAULT_BATCH and trainer.global_rank == 1:
+            if scenario.startswith("rollback_checkpoint") and batch_idx == FAULT_BATCH and trainer.global_rank == 1:
                 with torch.no_grad():
                     pl_module.net[0].weight.to_local()[0, 0] = float("nan")
 
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         callbacks += [guard, lib.BatchBisection()]
     elif scenario == "rollback":
         callbacks += [guard, lib.CheckpointRollback()]
-    elif scenario == "rollback_checkpoint":
+    elif scenario.startswith("rollback_checkpoint"):
         checkpoints = pl.callbacks.ModelCheckpoint(dirpath=os.path.join(args.outdir, "ckpt"), every_n_train_steps=1, save_top_k=-1)
         rollback, backoff = lib.CheckpointRollback(source="checkpoint"), lib.LRBackoff()
         callbacks += [guard, rollback, backoff, checkpoints]
@@ -193,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=strategies.ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=scenario != "rollback_checkpoint_file"
+        ),
         max_epochs=1,
         callbacks=callbacks,
         enable_progress_bar=False,
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "incidents": [i.to_dict() for i in guard.incidents],
         "skipped_steps": guard.skipped_steps,
         "error": None if error is None else str(error),
-        "rollbacks": rollback.history if scenario == "rollback_checkpoint" else None,
+        "rollbacks": rollback.history if scenario.startswith("rollback_checkpoint") else None,
         "lr_factors": recorder.lr_factors,
     }
     return finish(args.outdir, result, trainer)

@@ -177,14 +177,16 @@ def test_in_memory_rollback_is_refused(tmp_path_factory):
         assert error is not None and "CheckpointRollback(source='memory')" in error and "ModelParallelStrategy" in error
 
 
-def test_rollback_from_a_distributed_checkpoint_restores_every_ranks_part(tmp_path_factory):
-    """CheckpointRollback(source="checkpoint") under FSDP2: ModelCheckpoint saves folders, which the
-    strategy loads in place. Rank 1's NaN weight escalates; every rank goes back to the newest save (the
-    weights of the step before, bit for bit) and LRBackoff halves the learning rate."""
-    run = _run(tmp_path_factory, "rollback_checkpoint")
+@pytest.mark.parametrize("scenario, folders", [("rollback_checkpoint", True), ("rollback_checkpoint_file", False)])
+def test_rollback_from_a_checkpoint_restores_every_ranks_part(tmp_path_factory, scenario, folders):
+    """CheckpointRollback(source="checkpoint") under FSDP2: ModelCheckpoint saves folders of shards (or, with
+    save_distributed_checkpoint=False, files of full states), which the strategy loads in place. Rank 1's
+    NaN weight escalates; every rank goes back to the newest save (the weights of the step before, bit
+    for bit) and LRBackoff halves the learning rate."""
+    run = _run(tmp_path_factory, scenario)
     _ok(run)
     saves = list((run.outdir / "ckpt").iterdir())
-    assert saves and all(save.is_dir() for save in saves)  # distributed checkpoints, not files
+    assert saves and all(save.is_dir() == folders for save in saves)
     fault = script.FAULT_BATCH
     for rank in (0, 1):
         r = run.ranks[rank]
