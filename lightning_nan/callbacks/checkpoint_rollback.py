@@ -11,6 +11,13 @@ from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._checkpoint_saves import (
+    candidate_saves,
+    finite_aside,
+    loads_in_place,
+    param_group_settings,
+    restore_param_group_settings,
+)
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_grads
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, strategy_is
 from lightning_nan.core.validate import choice, integer, number
@@ -56,7 +63,9 @@ class CheckpointRollbackBase:
     Action: restore the newest good snapshot in place (a snapshot that was already restored and
     failed again before a newer one was confirmed is dropped for the one before it, if any; when
     triggered inside an optimizer step, the weights at once and the rest at the end of the batch,
-    after that step's hooks and scheduler step, so every state ends exactly as in the snapshot), reset
+    after that step's hooks and scheduler step, so every state ends exactly as in the snapshot; a
+    strategy that loads a checkpoint in place loads the optimizers at once too, and their settings
+    are put back at the end of the batch), reset
     NaNGuard's consecutive-skip count, call ``back_off(step, reason, since=restored_step)`` on the
     first callback that has it (``LRBackoff``, which goes one level below the factor the run left that
     state with; without one the LR stays as it was, with a warning), restore
@@ -91,8 +100,9 @@ class CheckpointRollbackBase:
         skip_batches: batches whose updates are dropped after a rollback (PaLM skipped 200-500).
         max_rollbacks: rollbacks allowed in the run (state_dict keeps the count across resumes).
         source: ``"memory"`` (the snapshots) or ``"checkpoint"``: restore model, optimizer, scheduler
-            and scaler states from the newest ``ModelCheckpoint`` save instead (no snapshots taken; a
-            file, or a folder of shards under ``ModelParallelStrategy``/FSDP, which the strategy loads in place).
+            and scaler states from the newest ``ModelCheckpoint`` save with finite weights instead (no
+            snapshots taken): any ``*.ckpt`` in the ModelCheckpoints' folders, a file or a folder of
+            shards (``ModelParallelStrategy``/FSDP, which load it in place: it is checked aside first).
         dirpath: also write good snapshots there (found again when a run resumes from a checkpoint).
 
     The snapshots themselves are not in the Lightning checkpoint (``state_dict`` holds the history,
@@ -531,7 +541,8 @@ class CheckpointRollbackBase:
         restored at once (the step itself changes nothing: the guard cleared the gradients); the
         optimizers, schedulers, scaler and callback states at the end of the batch, after
         ``optimizer.step()`` and its hooks (LRBackoff's) and the scheduler step have run, so those
-        end exactly as in the snapshot.
+        end exactly as in the snapshot. (A strategy that loads a checkpoint in place has loaded the
+        optimizers at once; their param-group settings are put back at the end of the batch.)
         """
         step = trainer.global_step
         if len(self.history) >= self.max_rollbacks:
@@ -541,12 +552,17 @@ class CheckpointRollbackBase:
             if ckpt is None:
                 return False, why
             restored = int(ckpt.get("global_step", -1))
+            # Loaded in place, the optimizers' settings (lr, ...) are the save's now, before this step's
+            # scheduler step moves them: put them back once the schedulers are restored, as a load would.
+            settings = param_group_settings(trainer.optimizers) if loads_in_place(trainer) else None
 
             def weights() -> None:
                 trainer.strategy.load_model_state_dict(ckpt)
 
             def everything() -> None:
                 self._apply_checkpoint(trainer, ckpt)
+                if settings is not None:
+                    restore_param_group_settings(trainer.optimizers, settings)
 
         else:
             snap = self._choose()
@@ -613,29 +629,27 @@ class CheckpointRollbackBase:
     def _find_checkpoint(self, trainer: Any) -> tuple[dict[str, Any] | None, str]:
         """The newest ModelCheckpoint save (by rank zero's reckoning) whose weights are finite, loaded.
 
-        A save is a file, or a folder where the strategy shards it (ModelParallelStrategy, FSDP, DeepSpeed).
-        Those strategies load the model's and the optimizers' states in place and hand back the rest:
-        then the model's weights are checked once loaded (all ranks agree), and a candidate found
-        non-finite gives way to the next, older one.
+        Where the strategy loads a save into the model and optimizers in place (ModelParallelStrategy,
+        FSDP, DeepSpeed: see :mod:`~lightning_nan.callbacks._checkpoint_saves`), each candidate is
+        read aside and checked first (all ranks agree), so a non-finite save never reaches the live
+        state; one that cannot be read aside (a DeepSpeed folder, untested) is loaded, then checked.
         """
-        paths = {
-            p
-            for cb in getattr(trainer, "checkpoint_callbacks", [])
-            for p in (getattr(cb, "best_model_path", ""), getattr(cb, "last_model_path", ""))
-            if p and os.path.exists(p)
-        }
-        chosen = gather_objects(sorted(paths, key=os.path.getmtime, reverse=True))[0]  # rank zero's saves
+        chosen = gather_objects(candidate_saves(trainer))[0]  # rank zero's saves
+        in_place, module = loads_in_place(trainer), trainer.lightning_module
         for path in chosen:
-            ckpt = trainer.strategy.load_checkpoint(path, weights_only=False)
-            if "state_dict" in ckpt:  # handed back: check it before anything is loaded
-                weights = [v for v in ckpt["state_dict"].values() if isinstance(v, torch.Tensor)]
+            if not in_place:  # the states are handed back: check them before anything is loaded
+                ckpt = trainer.strategy.load_checkpoint(path, weights_only=False)
+                weights = [v for v in ckpt.get("state_dict", {}).values() if isinstance(v, torch.Tensor)]
                 if weights and bool(torch.isfinite(state_norm(weights))):
                     return ckpt, ""
                 continue
-            module = trainer.lightning_module  # loaded in place (each rank its part)
-            bad = not bool(torch.isfinite(state_norm(module.parameters())))
-            if not self._agree_any(trainer, bad, module.device):
-                return ckpt, ""
+            finite = finite_aside(trainer, path)
+            if finite is not None and self._agree_any(trainer, not finite, module.device):
+                continue
+            ckpt = trainer.strategy.load_checkpoint(path, weights_only=False)
+            if finite is None and self._agree_any(trainer, not bool(torch.isfinite(state_norm(module))), module.device):
+                continue
+            return ckpt, ""
         return None, (
             "CheckpointRollback(source='checkpoint') found no ModelCheckpoint save with finite weights yet: "
             "save checkpoints more often (ModelCheckpoint(every_n_train_steps=...)) or use source='memory'."

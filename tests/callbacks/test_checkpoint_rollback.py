@@ -534,3 +534,33 @@ def test_gradient_accumulation(ns, tmp_path):
     assert same_state(rec.states[12], rec.states[8])
     assert trainer.global_step == 3 * STEPS_PER_EPOCH // 2 and finite(trainer.lightning_module)
     assert [s.step for s in rollback.store.good] == [16, 20]
+
+
+def test_candidate_saves_are_every_save_in_the_folders_newest_first_each_once(tmp_path):
+    """With monitor=None and save_top_k=-1 ModelCheckpoint lists only its newest save: the older ones are
+    found in its folder; a ``last`` link counts once; a folder of shards is as new as its newest entry."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from lightning_nan.callbacks._checkpoint_saves import candidate_saves, finite_aside
+
+    old, shards, new = tmp_path / "step=1.ckpt", tmp_path / "step=2.ckpt", tmp_path / "step=3.ckpt"
+    old.write_bytes(b"x")
+    shards.mkdir()
+    new.write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not a save")
+    os.symlink(new, tmp_path / "last.ckpt")
+    now = time.time()
+    for path, age in ((old, 30), (shards, 20), (new, 10)):
+        os.utime(path, (now - age, now - age))
+    (shards / "meta.pt").write_bytes(b"x")  # rewritten in place: the folder's own mtime stays old
+    os.utime(shards / "meta.pt", (now, now))
+    cb = SimpleNamespace(dirpath=str(tmp_path), best_model_path=str(new), last_model_path=str(tmp_path / "last.ckpt"))
+    saves = candidate_saves(SimpleNamespace(checkpoint_callbacks=[cb]))
+    assert [os.path.basename(p) for p in saves] == ["step=2.ckpt", "step=3.ckpt", "step=1.ckpt"]
+    # a file's weights are read aside, without a model: NaN found, none to read, a folder without shards
+    torch.save({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, old)
+    torch.save({"global_step": 3}, new)
+    assert finite_aside(None, str(old)) is False and finite_aside(None, str(new)) is None
+    assert finite_aside(None, str(tmp_path / "empty")) is None

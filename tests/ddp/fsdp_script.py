@@ -14,9 +14,10 @@ Run by ``test_fsdp.py``::
 - ``bisection``: ``NaNGuard`` and ``BatchBisection`` with rank 1's fault: bisection must stand down, not hang;
 - ``rollback``: ``CheckpointRollback()`` (snapshots in memory), which must refuse the strategy;
 - ``rollback_checkpoint``: ``NaNGuard``, ``CheckpointRollback(source="checkpoint")`` and ``LRBackoff``
-  beside a ``ModelCheckpoint`` saving every step (distributed checkpoints: one folder per save); rank 1
-  writes a NaN into its part of ``net.0.weight`` before batch ``FAULT_BATCH``: the weights are
-  non-finite, so the guard escalates and the run goes back to the newest checkpoint;
+  beside a ``ModelCheckpoint`` saving every step (distributed checkpoints: one folder per save) and an
+  ``ExponentialLR`` stepped every step; rank 1 writes a NaN into its part of ``net.0.weight`` before
+  batch ``FAULT_BATCH``: the weights are non-finite, so the guard escalates. The newest save (of
+  step ``FAULT_BATCH``) is written with NaN weights on purpose: the run must go back to the one before;
 - ``rollback_checkpoint_file``: the same with ``save_distributed_checkpoint=False`` (one file of full states per save).
 
 Each rank writes ``OUTDIR/rank{r}.pt`` with the whole (gathered) weights before and after every batch,
@@ -130,11 +131,18 @@ def main(argv: list[str] | None = None) -> int:
             loss = torch.nn.functional.mse_loss(self.net(x), y)
             if scenario in ("fault", "bisection") and self.global_rank == 1 and batch_idx == FAULT_BATCH:
                 loss = loss * float("nan")
-
             return loss
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+            opt = torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+            if not scenario.startswith("rollback_checkpoint"):
+                return opt
+            schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+        def on_save_checkpoint(self, checkpoint) -> None:
+            if scenario.startswith("rollback_checkpoint") and self.trainer.global_step == FAULT_BATCH:  # a bad save
+                checkpoint["state_dict"] = {k: v * float("nan") for k, v in checkpoint["state_dict"].items()}
 
     class Recorder(pl.Callback):
         """Whole weights before and after each step, and the whole gradients' norms before any clipping."""
@@ -145,12 +153,16 @@ def main(argv: list[str] | None = None) -> int:
             self.grad_norms: dict[int, dict[str, float]] = {}
             self.local_shapes: dict[str, tuple[int, ...]] = {}
             self.lr_factors: list[float] = []  # after each batch
+            self.lrs: list[tuple[float, float]] = []  # before each batch
 
         def setup(self, trainer, pl_module, stage) -> None:
             write_pid(args.outdir, trainer.global_rank)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.before[trainer.global_step] = whole(pl_module)
+            if trainer.lr_scheduler_configs:  # the optimizer's lr and the scheduler's
+                lr = (trainer.optimizers[0].param_groups[0]["lr"], trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0])
+                self.lrs.append(lr)
             if scenario.startswith("rollback_checkpoint") and batch_idx == FAULT_BATCH and trainer.global_rank == 1:
                 with torch.no_grad():
                     pl_module.net[0].weight.to_local()[0, 0] = float("nan")
@@ -225,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "error": None if error is None else str(error),
         "rollbacks": rollback.history if scenario.startswith("rollback_checkpoint") else None,
         "lr_factors": recorder.lr_factors,
+        "lrs": recorder.lrs,
     }
     return finish(args.outdir, result, trainer)
 

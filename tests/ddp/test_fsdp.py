@@ -181,8 +181,9 @@ def test_in_memory_rollback_is_refused(tmp_path_factory):
 def test_rollback_from_a_checkpoint_restores_every_ranks_part(tmp_path_factory, scenario, folders):
     """CheckpointRollback(source="checkpoint") under FSDP2: ModelCheckpoint saves folders of shards (or, with
     save_distributed_checkpoint=False, files of full states), which the strategy loads in place. Rank 1's
-    NaN weight escalates; every rank goes back to the newest save (the weights of the step before, bit
-    for bit) and LRBackoff halves the learning rate."""
+    NaN weight escalates; the newest save is bad, so every rank goes back to the one before (its weights
+    bit for bit), the optimizer's learning rate agrees with the restored scheduler again, and LRBackoff
+    halves it."""
     run = _run(tmp_path_factory, scenario)
     _ok(run)
     saves = list((run.outdir / "ckpt").iterdir())
@@ -192,8 +193,10 @@ def test_rollback_from_a_checkpoint_restores_every_ranks_part(tmp_path_factory, 
         r = run.ranks[rank]
         assert r["error"] is None and r["global_step"] == STEPS
         assert [(i["kind"], i["action"]) for i in r["incidents"]] == [("param", "recovered by CheckpointRollback")]
-        assert [(h["step"], h["restored_step"]) for h in r["rollbacks"]] == [(fault, fault)]
-        for name, weight in r["after"][fault].items():  # the save of step `fault`: the weights before the NaN
-            assert torch.equal(weight, r["before"][fault][name]), (rank, name)
+        assert [(h["step"], h["restored_step"]) for h in r["rollbacks"]] == [(fault, fault - 1)]  # not the bad save
+        for name, weight in r["after"][fault].items():  # the save of step fault - 1
+            assert torch.equal(weight, r["before"][fault - 1][name]), (rank, name)
         assert all(bool(torch.isfinite(w).all()) for w in r["after"][STEPS - 1].values())
+        assert all(opt_lr == sched_lr for opt_lr, sched_lr in r["lrs"]), r["lrs"]
+        assert r["lrs"][fault + 1][1] == r["lrs"][fault - 1][1]  # the schedule is back where the save left it
         assert r["lr_factors"][fault - 1] == 1.0 and r["lr_factors"][fault] == 0.5
