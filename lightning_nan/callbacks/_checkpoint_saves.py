@@ -1,9 +1,9 @@
 """ModelCheckpoint's saves as CheckpointRollback(source="checkpoint") finds and checks them.
 
 A save is a file, or, under ``ModelParallelStrategy`` (FSDP2) and FSDP with sharded checkpoints, a
-folder of shards. Those strategies, and DeepSpeed, load a save into the model and the optimizers in
-place (``strategy.load_checkpoint``) and hand back only the rest, so a save is checked *aside*
-first, without touching the live state, wherever it can be read that way.
+folder of shards. Those strategies, and DeepSpeed (``_trainer.partitions_state``), load a save into
+the model and the optimizers in place (``strategy.load_checkpoint``) and hand back only the rest, so
+a save is checked *aside* first, without touching the live state, wherever it can be read that way.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from lightning_nan.callbacks._trainer import strategy_is
 from lightning_nan.core.snapshots import state_norm
 
 #: Lightning's metadata file in a folder of shards (``lightning_fabric.strategies.fsdp._METADATA_FILENAME``).
@@ -40,11 +39,6 @@ def _modified(path: str) -> float:
         return os.path.getmtime(path)
     with os.scandir(path) as entries:
         return max([os.path.getmtime(path), *(e.stat().st_mtime for e in entries)])
-
-
-def loads_in_place(trainer: Any) -> bool:
-    """Whether ``strategy.load_checkpoint`` loads model and optimizer states itself (FSDP, ModelParallel, DeepSpeed)."""
-    return strategy_is(trainer, "fsdp", "modelparallel", "deepspeed")
 
 
 def finite_aside(trainer: Any, path: str) -> bool | None:

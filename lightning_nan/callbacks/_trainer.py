@@ -23,6 +23,13 @@ def strategy_is(trainer: Any, *kinds: str) -> bool:
     return any(kind in name for kind in kinds)
 
 
+def partitions_state(trainer: Any) -> bool:
+    """Whether the trainer's strategy may leave each rank only a part of the parameters, gradients or
+    optimizer state, and loads checkpoints into the model and optimizers in place: FSDP,
+    ``ModelParallelStrategy`` or DeepSpeed."""
+    return strategy_is(trainer, "fsdp", "modelparallel", "deepspeed")
+
+
 def shards_parameters(trainer: Any) -> bool:
     """Whether the trainer's strategy may split parameters across ranks: FSDP or ``ModelParallelStrategy``
     (DeepSpeed only at ZeRO stage 3: callers that care about its sharded optimizer state check it themselves)."""

@@ -124,8 +124,7 @@ class BatchBisectionBase:
     ) -> None:
         choice("localize", localize, LOCALIZE_CHOICES)
         boolean("exclude_quarantined", exclude_quarantined)
-        if not isinstance(ddp, bool):
-            raise ValueError(f"Expected `ddp` to be a bool (False: no bisection under DDP), got {ddp!r}")
+        boolean("ddp", ddp, hint="False: no bisection under DDP")
         if splitter is not None and not callable(splitter):
             raise ValueError(f"Expected `splitter` to be a function (batch, positions) -> sub_batch, got {splitter!r}")
         if sizer is not None and not callable(sizer):

@@ -14,12 +14,11 @@ import torch
 from lightning_nan.callbacks._checkpoint_saves import (
     candidate_saves,
     finite_aside,
-    loads_in_place,
     param_group_settings,
     restore_param_group_settings,
 )
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_grads
-from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, strategy_is
+from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, partitions_state
 from lightning_nan.core.validate import choice, integer, number
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
@@ -249,7 +248,7 @@ class CheckpointRollbackBase:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        if self.source == "memory" and strategy_is(trainer, "fsdp", "modelparallel", "deepspeed"):
+        if self.source == "memory" and partitions_state(trainer):
             raise ValueError(
                 f"CheckpointRollback(source='memory') copies the full state on every rank, which "
                 f"{type(trainer.strategy).__name__} shards: use strategy='ddp', or source='checkpoint'."
@@ -554,7 +553,7 @@ class CheckpointRollbackBase:
             restored = int(ckpt.get("global_step", -1))
             # Loaded in place, the optimizers' settings (lr, ...) are the save's now, before this step's
             # scheduler step moves them: put them back once the schedulers are restored, as a load would.
-            settings = param_group_settings(trainer.optimizers) if loads_in_place(trainer) else None
+            settings = param_group_settings(trainer.optimizers) if partitions_state(trainer) else None
 
             def weights() -> None:
                 trainer.strategy.load_model_state_dict(ckpt)
@@ -635,7 +634,7 @@ class CheckpointRollbackBase:
         state; one that cannot be read aside (a DeepSpeed folder, untested) is loaded, then checked.
         """
         chosen = gather_objects(candidate_saves(trainer))[0]  # rank zero's saves
-        in_place, module = loads_in_place(trainer), trainer.lightning_module
+        in_place, module = partitions_state(trainer), trainer.lightning_module
         for path in chosen:
             if not in_place:  # the states are handed back: check them before anything is loaded
                 ckpt = trainer.strategy.load_checkpoint(path, weights_only=False)

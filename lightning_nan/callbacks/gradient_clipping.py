@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lightning_nan.callbacks._shared_grads import step_grads
-from lightning_nan.callbacks._trainer import log_metrics, strategy_is
+from lightning_nan.callbacks._trainer import log_metrics, partitions_state, strategy_is
 from lightning_nan.core.clipping import GradientClipper, agc_refused, final_layer_parameters
 from lightning_nan.core.sharding import is_sharded
 from lightning_nan.core.validate import boolean, integer
@@ -123,7 +123,7 @@ class GradientClippingBase:
         self.clipper.exclude = {id(p) for p in excluded}
         self.clipper.sharded = strategy_is(trainer, "fsdp")  # FSDP1: flat shards
         # The guard's host bound on the total norm holds where every rank holds whole gradients.
-        self._bound_holds = not strategy_is(trainer, "fsdp", "modelparallel", "deepspeed")
+        self._bound_holds = not partitions_state(trainer)
         if self.method == "agc" and self.clipper.sharded:
             raise agc_refused(type(trainer.strategy).__name__)
 

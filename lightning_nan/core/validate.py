@@ -116,11 +116,11 @@ def _real(value: Any) -> float | None:
         return math.inf if value > 0 else -math.inf
 
 
-def boolean(name: str, value: Any) -> bool:
+def boolean(name: str, value: Any, *, hint: str = "") -> bool:
     """``value`` if it is a ``bool``."""
     if isinstance(value, bool):
         return value
-    raise ValueError(f"Expected `{name}` to be a bool, got {value!r}")
+    raise ValueError(f"Expected `{name}` to be a bool{_hint(hint)}, got {value!r}")
 
 
 def choice(name: str, value: T, choices: Sequence[T]) -> T:
