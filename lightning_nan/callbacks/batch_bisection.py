@@ -27,35 +27,48 @@ LOCALIZE_CHOICES = ("first", "every", "never")
 
 
 class BatchBisectionBase:
-    """Find the exact samples behind each NaN incident, quarantine them, and localize the first one.
+    """Find the exact samples behind each NaN incident; quarantine them only when their data is bad.
 
     Reacts to :class:`~lightning_nan.NaNGuard`'s incidents (put NaNGuard in the same Trainer). For a
     step skipped because of a non-finite loss, input or gradient, it re-evaluates sub-batches of the
     batch (each micro-batch, with gradient accumulation) from exactly the state that failed: same
-    weights, buffers/gradients/RNG restored after each pass, no optimizer step, ``self.log`` muted,
-    no progress counter touched. Forward only (``no_grad``) for a non-finite loss; with
-    ``torch.autograd.grad`` (no ``.grad`` write, no DDP collective) when only the gradients were.
-    Adaptive splitting isolates ``d`` culprits among ``n`` samples in about ``d*log2(n)`` passes.
+    weights, buffers/gradients/RNG restored after each pass, dropout layers held off, no optimizer
+    step, ``self.log`` muted, no progress counter touched. Forward only (``no_grad``) for a
+    non-finite loss; with ``torch.autograd.grad`` (no ``.grad`` write, no DDP collective) when only
+    the gradients were. Adaptive splitting isolates ``d`` culprits among ``n`` samples in about
+    ``d*log2(n)`` passes.
 
-    The culprits' **data set indices** (read off the train loader's batch sampler, so any sampler,
-    shuffled or distributed, any ``num_workers``) go to ``incident.samples`` and, one record per
-    sample, to the quarantine file (rank zero writes after gathering every rank's findings). By
-    default quarantined samples are left out of every later epoch, and out of later runs that use
-    the same file (batch count and sizes stay the same: a batch refills its gaps by repeating its own
-    clean samples, so batches grouped by shape or length stay grouped; see
+    **Confirmation.** A culprit counts only if, under a fresh random state, it fails again alone and
+    among the clean rest of the batch, and that rest passes without it (``2d + 1`` more passes). So
+    dropout, stochastic depth or augmentation inside ``training_step``, and losses that are not a
+    per-sample sum (token-count means, batch statistics), give no false culprits; groups that fail
+    only together, or fail only once, are reported in ``incident.detail["bisection"]`` and kept.
+
+    **Dirty data or trigger.** A confirmed culprit is quarantined only when its own input is bad: it
+    holds NaN/Inf, a value near its dtype's limit, or it is a gross outlier against the rest of the
+    batch (:mod:`~lightning_nan.core.data_evidence`). Those samples' **data set indices** (read off
+    the train loader's batch sampler, so any sampler, shuffled or distributed, any ``num_workers``)
+    go to ``incident.samples`` and, one record per sample, to the quarantine file (rank zero writes
+    after gathering every rank's findings). A culprit with ordinary finite inputs *triggers* an
+    unsafe operation in the model: it goes to ``incident.triggers``, so the fault can be reproduced,
+    and is never quarantined. When every sample of the batch is non-finite (a broken pipeline),
+    nothing is searched. By default quarantined samples are left out of every later epoch, and out
+    of later runs that use the same file (batch count and sizes stay the same: a batch refills its
+    gaps by repeating its own clean samples, so batches grouped by shape or length stay grouped; see
     :class:`~lightning_nan.core.sampling.TrackingBatchSampler`). When ``fit`` ends, or raises, the
     train loader gets its own batch sampler back. Iterable data sets have no indices: positions in
     the batch and content fingerprints are recorded instead, and the incident says so.
 
-    On the first incident (``localize="first"``) the failing samples are run once more with forward
-    hooks, to name the first module whose output turns non-finite (``incident.module``) and the
-    state and range of its inputs; for gradient faults also the first parameter whose gradient does.
-    Nothing runs while training is healthy, except popping one list of indices per batch.
+    On each incident (``localize="every"``) the failing samples are run once more with forward
+    hooks, to name the first module whose output turns non-finite (``incident.module``), the
+    operation and source line, and the state and range of its inputs; for gradient faults also the
+    first parameter whose gradient does and, replayed once under anomaly mode, the backward
+    operation. Nothing runs while training is healthy, except popping one list of indices per batch.
 
     Args:
         quarantine_path: the JSON Lines file; default ``<log dir>/quarantine.jsonl``.
         exclude_quarantined: leave quarantined indices out of later epochs (and resumed runs).
-        localize: ``"first"`` incident (default), ``"every"`` incident, or ``"never"``.
+        localize: ``"every"`` incident (default: each is diagnosed on its own batch), ``"first"`` only, or ``"never"``.
         splitter: ``splitter(batch, positions) -> sub_batch`` for batch types the built-in splitter
             rejects (graph batches, say); with ``sizer(batch) -> int``.
         min_size: the smallest sub-batch the model accepts; default 2 with BatchNorm in training
@@ -114,7 +127,7 @@ class BatchBisectionBase:
         *,
         quarantine_path: str | os.PathLike[str] | None = None,
         exclude_quarantined: bool = True,
-        localize: str = "first",
+        localize: str = "every",
         splitter: Callable[[Any, Sequence[int]], Any] | None = None,
         sizer: Callable[[Any], int] | None = None,
         min_size: int | None = None,
@@ -247,6 +260,9 @@ class BatchBisectionBase:
         incident = event.incident
         if incident.kind not in BISECTED_KINDS:
             return
+        if incident.detail.get("pipeline"):  # every sample is non-finite: nothing to single out
+            incident.detail["bisection"] = {"step": incident.step, "skipped": "every sample's input is non-finite: a broken pipeline"}
+            return
         trainer, pl_module = event.extra.get("trainer"), event.extra.get("pl_module")
         if trainer is None or pl_module is None:
             return
@@ -304,15 +320,13 @@ class BatchBisectionBase:
             )
             known = indices is not None
             to_index = (lambda p: indices[p]) if known else (lambda p: None)  # noqa: E731
-            group_of = {p: g for g in report.groups for p in g}
+            facts = dict(zip(report.positions, report.evidence))
             for pos, fp, dirty_input in zip(report.positions, report.fingerprints, report.input_nonfinite):
+                if pos not in report.dirty:  # triggers and unconfirmed groups are reported, never quarantined
+                    continue
                 if known and any(r["index"] == indices[pos] for r in records):
                     continue  # a sample a batch repeats (to fill a quarantined one's place): one record
-                partners = [to_index(q) if known else q for q in group_of.get(pos, [pos]) if q != pos]
-                reason = f"non-finite {'gradient' if backward else 'loss'}"
-                reason += " (its input holds NaN/Inf)" if dirty_input else " (finite input)"
-                if partners:
-                    reason += f", only together with {'index' if known else 'position'} {partners}"
+                reason = f"non-finite {'gradient' if backward else 'loss'}: {facts.get(pos) or 'its input is bad'}"
                 records.append(
                     make_record(
                         index=to_index(pos),
@@ -336,12 +350,17 @@ class BatchBisectionBase:
                     "batch_idx": batch_idx,
                     "rank": rank,
                     "size": report.size,
-                    "forward_passes": report.tests,
+                    "forward_passes": report.tests + report.confirm_tests,
                     "reproduced": report.reproduced,
                     "whole_batch": report.whole_batch,
                     "complete": report.complete,
                     "indices_known": known,
                     "groups": [[to_index(p) if known else p for p in g] for g in report.groups],
+                    "dirty": [to_index(p) if known else p for p in report.dirty],
+                    "triggers": [to_index(p) if known else p for p in report.triggers],
+                    "unconfirmed": [[to_index(p) if known else p for p in g] for g in report.unconfirmed],
+                    "evidence": {str(to_index(p) if known else p): e for p, e in zip(report.positions, report.evidence) if e},
+                    "confirm_passes": report.confirm_tests,
                     "seconds": round(report.seconds, 4),
                 }
             )
@@ -382,6 +401,19 @@ class BatchBisectionBase:
             summary["note"] = "every sample fails on its own: a model problem (weights, learning rate, an unsafe op), not the data"
         incident.detail["bisection"] = summary
         found = sorted({r["index"] for r in records if r["index"] is not None})
+        triggers = sorted({i for b in batches for i in b["triggers"] if i is not None})
+        unconfirmed = [g for b in batches for g in b["unconfirmed"]]
+        summary["quarantined"] = found if indices_known else [(r["rank"], r["batch_idx"], r["position"]) for r in records]
+        summary["triggers"] = triggers
+        summary["confirm_passes"] = sum(b["confirm_passes"] for b in batches)
+        if unconfirmed:
+            summary["unconfirmed"] = unconfirmed
+            summary["note"] = (
+                "samples that fail only together, or that failed only once (not again under a fresh random state, "
+                "or not among the clean rest of the batch), are reported here and not quarantined"
+            )
+        if triggers and indices_known:
+            incident.triggers = triggers
         if records:
             incident.samples = found if indices_known else None
             if not indices_known:

@@ -35,6 +35,10 @@ from lightning_nan.core.snapshots import (
 SOURCES = ("memory", "checkpoint")
 
 
+#: Causes a rollback does not cure: the same samples or the same operation fail from an earlier state too.
+NO_ROLLBACK_CAUSES = ("unsafe_op", "dirty_data", "broken_pipeline")
+
+
 class CheckpointRollbackBase:
     """Keep known-good snapshots of the training state; on a blow-up, restore the newest and continue.
 
@@ -144,7 +148,7 @@ class CheckpointRollbackBase:
         1 non-finite incident, step 7
         ...
         >>> rollback.history
-        [{'step': 7, 'restored_step': 4, 'reason': 'non-finite weights'}]
+        [{'step': 7, 'restored_step': 4, 'reason': 'weight corruption'}]
         >>> trainer.global_step, all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
         (10, True)
     """
@@ -356,7 +360,7 @@ class CheckpointRollbackBase:
         guard = event.guard
         if guard is None or incident.kind == "param":  # non-finite weights: NaNGuard escalates next
             return
-        if incident.blames_data:  # rolling back does not help against dirty samples
+        if incident.blames_data or incident.cause in NO_ROLLBACK_CAUSES:  # rolling back does not cure those
             return
         skips, recent = guard.consecutive_skips, 0
         if self.skip_rate is not None:
@@ -389,11 +393,23 @@ class CheckpointRollbackBase:
         if trainer is None:
             return False
         incident = event.incident
-        if incident.kind == "param":
+        if incident.blames_data or incident.cause in NO_ROLLBACK_CAUSES:
+            incident.detail["escalation"] = (
+                f"{incident.detail.get('escalation', '')} CheckpointRollback does not roll back for cause "
+                f"{incident.cause}: an earlier state fails the same way."
+            ).strip()
+            return False
+        if incident.cause == "corruption":
+            reason = "weight corruption"
+        elif incident.kind == "param":
             reason = "non-finite weights"
+        elif incident.kind in ("divergence", "jump"):
+            reason = f"divergence ({incident.detail.get('growth', incident.kind)})"
         else:
             reason = f"{getattr(event.guard, 'consecutive_skips', '?')} consecutive skipped steps"
-        ok, why = self._rollback(trainer, pl_module, reason, event.optimizer is not None)
+        ok, why = self._rollback(
+            trainer, pl_module, reason, event.optimizer is not None, back_off=incident.cause != "corruption"
+        )
         if ok:
             incident.detail["rollback"] = dict(self.history[-1])
             return True
@@ -533,7 +549,7 @@ class CheckpointRollbackBase:
             raise NonFiniteError(incident, list(guard.incidents) if guard is not None else [])
         self._warn("spike", f"CheckpointRollback could not roll back a {reason}: {why}")
 
-    def _rollback(self, trainer: Any, pl_module: Any, reason: str, in_step: bool) -> tuple[bool, str]:
+    def _rollback(self, trainer: Any, pl_module: Any, reason: str, in_step: bool, back_off: bool = True) -> tuple[bool, str]:
         """Restore the newest good state; ``(True, "")``, or ``(False, why not)``. Same answer on every rank.
 
         ``in_step``: called from inside ``optimizer.step()`` (NaNGuard's check). The weights are
@@ -607,7 +623,9 @@ class CheckpointRollbackBase:
             metrics["rollback/snapshot_step"] = float(self.store.newest.step)
         log_metrics(trainer, metrics)
         backoff = next((cb for cb in trainer.callbacks if cb is not self and callable(getattr(cb, "back_off", None))), None)
-        if backoff is not None:
+        if not back_off:  # weight corruption: the learning rate is not to blame
+            pass
+        elif backoff is not None:
             backoff.back_off(step, reason, since=restored)
         else:
             self._warn(

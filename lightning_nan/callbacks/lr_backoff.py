@@ -11,8 +11,13 @@ from lightning_nan.core.lr_backoff import LRBackoffController
 from lightning_nan.core.validate import boolean, integer
 
 
+#: The diagnosed causes a lower learning rate cures; dirty data, unsafe operations, weight corruption,
+#: a broken pipeline and causes the evidence does not decide leave the learning rate alone.
+BACKOFF_CAUSES = ("divergence", "overflow")
+
+
 class LRBackoffBase:
-    """Lower the learning rate on every NaN/Inf incident (and optionally on loss spikes), scheduler-safe.
+    """Lower the learning rate when an incident is diagnosed as divergence or overflow (and optionally on loss spikes), scheduler-safe.
 
     At every optimizer step the update uses ``the LR the scheduler set x the backoff factor``: the
     factor is applied inside ``optimizer.step()`` by torch step hooks and taken out right after, so
@@ -22,8 +27,9 @@ class LRBackoffBase:
     (so do checkpoints, and ``LearningRateMonitor``, which therefore shows the scheduled LR; the
     effective one is logged here).
 
-    Each incident NaNGuard reports (on every rank, already agreed) multiplies the factor by
-    ``factor``, down to ``min_factor``, once the current factor has been tested by 3 clean steps in
+    Each incident NaNGuard reports (on every rank, already agreed) whose diagnosed cause a lower
+    learning rate cures (``divergence`` or ``overflow``, see :data:`BACKOFF_CAUSES`; divergence is
+    caught before the first NaN) multiplies the factor by ``factor``, down to ``min_factor``, once the current factor has been tested by 3 clean steps in
     a row (failures right after a back-off come from the state the higher LR broke; rolling back
     cures those). After ``patience`` clean training steps it grows back by ``growth``, on trial: if
     the mean loss of the next ``growth_trial`` steps is worse than that of the ``growth_trial``
@@ -36,11 +42,11 @@ class LRBackoffBase:
     ``spike_zscore`` set, a loss spike (robust z-score against the last ``window`` losses, agreed
     across ranks) backs off too, one step after it happened (no host sync is spent on it).
 
-    Incidents caused by the data rather than by the model (``kind == "input"``, ``cause ==
-    "dirty_data"``, or culprit samples found by BatchBisection) do not back off when
-    ``ignore_data_incidents`` is true (they still reset the clean-step count). NaNGuard tells
-    BatchBisection of an incident before LRBackoff, whatever their order in ``callbacks``, so its
-    findings are known here.
+    Incidents with any other cause (dirty data, an unsafe operation, weight corruption, a broken
+    pipeline, or ``unknown`` when the evidence does not decide) leave the learning rate alone: a
+    sporadic fault cannot pin it at ``min_factor`` (they still reset the clean-step count). NaNGuard
+    diagnoses an incident, with BatchBisection's findings, before LRBackoff hears of it, whatever
+    their order in ``callbacks``.
 
     The factor, the ceiling and the history belong to the run: they carry over to a later ``fit``
     with the same callback object, as they do when a run resumes from a checkpoint. Use a new
@@ -57,7 +63,7 @@ class LRBackoffBase:
         growth_trial: training-step losses on each side of a growth compared to keep or undo it
             (the growth is undone, and its level never tried again, if the loss got worse);
             ``None``: no trial.
-        ignore_data_incidents: do not back off on incidents blamed on the data.
+        ignore_data_incidents: kept for compatibility: incidents blamed on the data never back off.
         log_every_n_steps: how often to log; default: the trainer's ``log_every_n_steps``. A step
             whose factor differs from the last logged one is always logged.
 
@@ -80,11 +86,11 @@ class LRBackoffBase:
         ...         self.layer = torch.nn.Linear(2, 1)
         ...     def training_step(self, batch, batch_idx):
         ...         loss = self.layer(batch[0]).pow(2).mean()
-        ...         return loss * float("nan") if batch_idx == 1 else loss
+        ...         return loss * 1e6 if batch_idx == 4 else loss  # a blow-up: a 1e6x loss, caught before any NaN
         ...     def configure_optimizers(self):
         ...         opt = torch.optim.SGD(self.parameters(), lr=0.1)
         ...         return [opt], [torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)]
-        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(12, 2)), batch_size=2)
+        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(20, 2)), batch_size=2)
         >>> backoff = LRBackoff(patience=2)
         >>> trainer = pl.Trainer(max_epochs=1, callbacks=[NaNGuard(), backoff], logger=False,
         ...                      enable_checkpointing=False, enable_progress_bar=False,
@@ -93,7 +99,7 @@ class LRBackoffBase:
         >>> with contextlib.redirect_stdout(io.StringIO()):  # NaNGuard prints its incident table at the end
         ...     trainer.fit(Model(), loader)
         >>> [(h["step"], h["reason"], h["factor"]) for h in backoff.history]
-        [(1, 'incident: loss', 0.5), (3, 'grow back', 1.0)]
+        [(4, 'incident: divergence (divergence)', 0.5), (6, 'grow back', 1.0)]
         >>> trainer.optimizers[0].param_groups[0]["lr"] == 0.1 * 0.9  # the schedule (stepped once, per epoch), untouched
         True
     """
@@ -170,9 +176,9 @@ class LRBackoffBase:
     def on_nan_incident(self, event: Any) -> None:
         incident = event.incident
         self._dirty = True
-        if self.ignore_data_incidents and incident.blames_data:
+        if incident.cause not in BACKOFF_CAUSES:  # a lower LR cures none of the others: record, do not act
             return
-        self.controller.back_off(incident.step, f"incident: {incident.kind}")
+        self.controller.back_off(incident.step, f"incident: {incident.kind} ({incident.cause})")
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:

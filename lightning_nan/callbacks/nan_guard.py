@@ -15,7 +15,7 @@ from lightning_nan.core.events import EscalationHandler, IncidentListener
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl
 from lightning_nan.core.quarantine import Quarantine
-from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, StepVerdict
+from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, UNSAFE_OP_REPEATS, StepGuard, StepVerdict
 from lightning_nan.core.validate import boolean, integer
 
 INCIDENTS_FILE = "nan_incidents.jsonl"
@@ -58,6 +58,13 @@ class NaNGuardBase:
             layers (BatchNorm, InstanceNorm with ``track_running_stats``) as they were before its
             forward pass; otherwise one NaN batch leaves NaN in ``running_mean``/``running_var`` and
             every later evaluation returns NaN. Costs one fused copy of those buffers per step.
+        detect_divergence: also skip a step whose finite loss or gradient norm grew 1000x over its
+            reference, or whose finite weights jumped far beyond what the steps before moved them
+            (incidents of kind ``"divergence"`` / ``"jump"``, before the first NaN; CheckpointRollback
+            restores the state before the blow-up). Host arithmetic only.
+        unsafe_op_repeats: raise :class:`~lightning_nan.core.errors.NonFiniteError` once the same unsafe
+            operation (op and line, named by BatchBisection's localization) has failed on this many
+            steps (0: never): skipping would hide a model bug.
 
     Logged through the trainer's loggers:
 
@@ -113,6 +120,8 @@ class NaNGuardBase:
         incidents_path: str | os.PathLike[str] | None = None,
         log_every_n_steps: int | None = None,
         restore_norm_stats: bool = True,
+        detect_divergence: bool = True,
+        unsafe_op_repeats: int = UNSAFE_OP_REPEATS,
     ) -> None:
         boolean("check_inputs", check_inputs)
         boolean("restore_norm_stats", restore_norm_stats)
@@ -122,6 +131,8 @@ class NaNGuardBase:
             max_consecutive=max_consecutive,
             check_params_every_n_steps=check_params_every_n_steps,
             min_loss_scale=min_loss_scale,
+            detect_divergence=boolean("detect_divergence", detect_divergence),
+            unsafe_op_repeats=unsafe_op_repeats,
         )
         self.check_inputs = check_inputs
         self.incidents_path = None if incidents_path is None else os.fspath(incidents_path)

@@ -12,8 +12,18 @@ incident NaNGuard reports.
 >>> x = torch.randn(16, 3)
 >>> x[11, 2] = float("nan")
 >>> found = find_culprits(lambda b: model(b).pow(2).mean(), x, module=model)
->>> found.positions, found.tests
-([11], 7)
+>>> found.positions, found.tests, found.dirty, found.triggers, found.confirm_tests
+([11], 7, [11], [], 3)
+
+Every group the search finds is confirmed before it is reported as a culprit: under a fresh random
+seed it must fail again alone and in the company of the clean rest of the batch, and that rest
+must pass without it. Dropout layers are held off (eval mode) during every re-evaluation, and each
+evaluation starts from the same random state, so dropout, stochastic depth or augmentation inside
+the loss cannot make a clean sample look guilty; losses that are not a per-sample sum (token-count
+means, batch statistics) cannot either, since a sample that only fails alone passes in company.
+A confirmed sample is ``dirty`` only when its own input is bad
+(:func:`~lightning_nan.core.data_evidence.sample_evidence`); otherwise it is a ``trigger`` of an
+unsafe operation, and the model is at fault.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from torch import Tensor
 
 from lightning_nan.core.batches import BatchSplitError, batch_size, fingerprint, select
 from lightning_nan.core.bisection import BisectionResult, bisect
+from lightning_nan.core.data_evidence import SampleEvidence, sample_evidence
 from lightning_nan.core.localize import Localization, localize
 from lightning_nan.core.norms import iter_tensors
 from lightning_nan.core.reevaluate import evaluate, preserved
@@ -52,6 +63,12 @@ class CulpritReport:
         localization: where the NaN first appears, for the first group (when asked for).
         seconds: wall time of the search.
         size: the number of samples in the batch.
+        dirty: confirmed culprits (positions) whose own input is bad: non-finite, extreme, an outlier.
+        triggers: confirmed culprits with ordinary finite inputs: they trigger an unsafe operation.
+        unconfirmed: groups the search found that failed confirmation (randomness, a loss that is
+            not a per-sample sum) or that fail only together: reported, never quarantined.
+        evidence: for each of ``positions``, what its own input says (``SampleEvidence.reason``).
+        confirm_tests: forward passes spent on confirmation (on top of ``tests``).
     """
 
     positions: list[int]
@@ -65,6 +82,33 @@ class CulpritReport:
     localization: Localization | None = None
     seconds: float = 0.0
     size: int = 0
+    dirty: list[int] = field(default_factory=list)
+    triggers: list[int] = field(default_factory=list)
+    unconfirmed: list[list[int]] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)
+    confirm_tests: int = 0
+
+#: The seed of the fresh random state confirmation runs under.
+CONFIRM_SEED = 1234567
+
+
+def dropout_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The dropout layers of ``module`` that are in training mode."""
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training]
+
+
+def _quiet(module: torch.nn.Module, loss_fn: LossFn, hold: bool) -> LossFn:
+    """``loss_fn`` with the dropout layers in eval mode (restored by the caller's ``preserved``)."""
+    layers = dropout_modules(module) if hold else []
+    if not layers:
+        return loss_fn
+
+    def run(sub: Any) -> Tensor | None:
+        for m in layers:
+            m.training = False
+        return loss_fn(sub)
+
+    return run
 
 
 def default_min_size(module: torch.nn.Module) -> int:
@@ -85,6 +129,7 @@ def find_culprits(
     min_size: int | None = None,
     max_tests: int | None = None,
     locate: bool = False,
+    hold_dropout: bool = True,
 ) -> CulpritReport:
     """Bisect ``batch`` down to the samples that make ``loss_fn`` (or, with ``backward``, its gradients) non-finite.
 
@@ -103,6 +148,8 @@ def find_culprits(
             :func:`default_min_size`.
         max_tests: stop after this many forward passes.
         locate: also localize the first failing group (forward hooks; once more per call).
+        hold_dropout: keep the dropout layers in eval mode while re-evaluating (if the batch then no
+            longer fails, the search runs again with them as they were).
     """
     start = time.perf_counter()
     named = list(params) if params is not None else [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -124,13 +171,20 @@ def find_culprits(
         split = splitter
     if min_size is None:
         min_size = default_min_size(module)
+    user_loss_fn = loss_fn
+    loss_fn = _quiet(module, user_loss_fn, hold_dropout)
 
-    def fails(positions: list[int]) -> bool:
+    def fails(positions: list[int], seed: int | None = None) -> bool:
         sub = batch if len(positions) == n and positions == list(range(n)) else split(batch, positions)
         with preserved(module, params=tensors):
+            if seed is not None:
+                torch.manual_seed(seed)  # a fresh random state; `preserved` puts the run's back
             return evaluate(loss_fn, sub, params=tensors, backward=backward)
 
     result: BisectionResult = bisect(n, fails, min_size=min(min_size, n), max_tests=max_tests)
+    if not result.reproduced and hold_dropout and dropout_modules(module):  # it failed only with dropout on
+        loss_fn = user_loss_fn
+        result = bisect(n, fails, min_size=min(min_size, n), max_tests=max_tests)
     report = CulpritReport(
         positions=list(result.culprits),
         groups=[list(g) for g in result.groups],
@@ -152,8 +206,15 @@ def find_culprits(
         # nothing singles them out from the rest of the data set, so the model is the suspect.
         report.whole_batch = True
         report.positions, report.groups, report.fingerprints, report.input_nonfinite = [], [], [], []
+    if report.groups:
+        _confirm(report, fails, n, min_size)
+        facts = sample_evidence(batch, n) if splitter is None else [_evidence_alone(split(batch, [p])) for p in range(n)]
+        report.evidence = [facts[p].reason for p in report.positions]
+        confirmed = [g[0] for g in report.groups if len(g) == 1 and g not in report.unconfirmed]
+        report.dirty = [p for p in confirmed if facts[p].dirty]
+        report.triggers = [p for p in confirmed if not facts[p].dirty]
     if locate and report.groups:
-        group = report.groups[0]
+        group = [report.dirty[0]] if report.dirty else [report.triggers[0]] if report.triggers else report.groups[0]
         clean = [p for p in range(n) if p not in set(report.positions)]
         padded = sorted(group + clean[: max(0, min_size - len(group))])  # BatchNorm needs company
         sub = split(batch, padded)
@@ -162,6 +223,31 @@ def find_culprits(
         report.localization = localize(module, lambda: loss_fn(batch), backward=backward, params=named)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _confirm(report: CulpritReport, fails: Callable[..., bool], n: int, min_size: int) -> None:
+    """Keep only the groups that fail again, alone and among the clean rest, under a fresh random
+    state, while that rest passes without them; the others go to ``report.unconfirmed``."""
+    rest = [p for p in range(n) if p not in set(report.positions)]
+    tests = 0
+
+    def test(positions: list[int]) -> bool:
+        nonlocal tests
+        tests += 1
+        return fails(sorted(positions), seed=CONFIRM_SEED)
+
+    rest_passes = not rest or not test(rest)
+    for group in report.groups:
+        pads = [p for p in rest if p not in group][: max(0, min_size - len(group))]
+        ok = rest_passes and len(group) == 1 and test(group + pads) and (not rest or test(rest + group))
+        if not ok:
+            report.unconfirmed.append(group)
+    report.confirm_tests = tests
+
+
+def _evidence_alone(sample: Any) -> SampleEvidence:
+    """A custom splitter's one-sample batch: only its own values count (no batch to compare with)."""
+    return sample_evidence(sample, whole=True)[0] if any(True for _ in iter_tensors(sample)) else SampleEvidence()
 
 
 def _fingerprint_any(sample: Any) -> str:

@@ -8,28 +8,39 @@ one transfer per step, so the history costs nothing extra).
 ====================  =====================================================================
 cause                 evidence
 ====================  =====================================================================
-``dirty_data``        the input holds NaN/Inf, or bisection shows a few samples alone cause it
-``divergence``        the loss or the gradient norm grew over the preceding steps, or the
-                      weights are huge
+``broken_pipeline``   every sample's input is non-finite (the fields and positions are named)
+``dirty_data``        a sample's own input is non-finite, near its dtype's limit or a gross
+                      outlier, and bisection confirmed it makes the batch fail
+``corruption``        the weights turned non-finite, or jumped far beyond what one update moves
+                      them, while the loss and gradients were steady
+``divergence``        the loss or the gradient norm grew by orders of magnitude over the
+                      preceding steps, or the weights are huge
 ``overflow``          magnitudes at the limit of the dtype (fp16 65504, fp32/bf16 ~3.4e38) in
                       the inputs of the operation that failed, or in the weights
 ``unsafe_op``         from finite, ordinary inputs and healthy weights an operation produced
-                      NaN/Inf: log(0), 0/0, sqrt of a negative, exp overflow, log of a
-                      saturated softmax
+                      NaN/Inf (forward, or backward: named by an anomaly-mode replay): log(0),
+                      0/0, sqrt of a negative or its derivative at 0, exp overflow
 ``unknown``           the evidence does not decide (``missing`` says what would)
 ====================  =====================================================================
+
+Samples that make a batch fail but hold ordinary finite inputs are *triggers* of an unsafe
+operation, not dirty data: the model is at fault.
 
 >>> from lightning_nan.core.incident import Incident
 >>> history = [StepRecord(step=s, loss=v) for s, v in enumerate([2.0, 2.1, 40.0, 9e3, 4e7])]
 >>> d = diagnose(Incident(step=5, kind="loss"), history)
 >>> d.cause, d.evidence[0]
 ('divergence', 'the loss rose from 2 to 4e+07 over the 5 steps up to the incident')
+>>> steady = [StepRecord(step=s, loss=1.0, grad_norm=0.5, weight_norm=10.0) for s in range(6)]
+>>> diagnose(Incident(step=6, kind="param"), steady + [StepRecord(step=6, weight_norm=float("nan"))]).cause
+'corruption'
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +54,8 @@ GROWTH = 10.0
 HUGE_WEIGHT_NORM = 1e8
 #: |x| beyond this fraction of the dtype's largest value counts as "at the limit".
 NEAR_LIMIT = 1e-3
-#: Below this batch size, samples that fail alone (with finite inputs) are no evidence against the data.
-MIN_BATCH = 8
+#: A change of the weights' total norm this many times the typical change per step is a jump.
+JUMP = 1e3
 DTYPE_MAX = {"torch.float16": 65504.0, "torch.bfloat16": 3.39e38, "torch.float32": 3.4028e38, "torch.float64": 1.8e308}
 
 STABLE_ALTERNATIVE = {
@@ -58,6 +69,18 @@ STABLE_ALTERNATIVE = {
     "reciprocal": "add an epsilon before 1/x",
     "acos": "clamp the argument into [-1 + eps, 1 - eps]",
     "asin": "clamp the argument into [-1 + eps, 1 - eps]",
+}
+
+#: Fixes for operations whose derivative, not value, is the problem (named by the backward replay).
+BACKWARD_FIX = {
+    "sqrt": "its derivative is infinite at 0: use sqrt(x + eps) or x.clamp_min(eps).sqrt()",
+    "pow": "a fractional power has an infinite derivative at 0: add an epsilon to the base",
+    "linalgvectornorm": "the norm's derivative is 0/0 at a zero vector: use x / (x.norm() + eps) or F.normalize(x, eps=...)",
+    "norm": "the norm's derivative is 0/0 at a zero vector: use x / (x.norm() + eps) or F.normalize(x, eps=...)",
+    "div": "a division by (near) zero in a branch: add an epsilon to the denominator",
+    "log": "torch.where(m, x, log(x)) still differentiates log(x) where m is true: compute log(x.clamp_min(eps)) or mask x before log",
+    "mul": "0 * inf in the backward: an infinite derivative upstream (sqrt, log or a division at 0) meets a zero mask; clamp the input of that op or mask before it",
+    "where": "torch.where(m, a, f(x)) still differentiates f where m is true: make f's input safe in both branches (mask x before f)",
 }
 
 
@@ -81,41 +104,80 @@ class Diagnosis:
     missing: list[str] = field(default_factory=list)
 
 
-def diagnose(incident: Incident, history: Sequence[StepRecord] = (), *, lr_hint: str | None = None) -> Diagnosis:
-    """Decide the cause of ``incident`` from its details and the ``history`` of the steps before it.
+def diagnose(
+    incident: Incident,
+    history: Sequence[StepRecord] = (),
+    *,
+    lr_hint: str | None = None,
+    present: Collection[str] = (),
+) -> Diagnosis:
+    """Decide the cause of ``incident`` from its own details and the ``history`` of the steps before it.
 
-    ``lr_hint``: what is known about a safe learning rate (e.g. from LRBackoff), added to divergence advice.
+    ``lr_hint``: what is known about a safe learning rate (e.g. from LRBackoff), added to divergence
+    advice. ``present``: the class names of the callbacks taking part, so that ``missing`` never asks
+    for one that is there.
     """
     detail = incident.detail or {}
     bisection: dict[str, Any] = detail.get("bisection") or {}
     loc: dict[str, Any] = detail.get("localization") or {}
     before = [r for r in history if r.step <= incident.step][-TREND_STEPS:]  # the failing step's finite values count
+    earlier = [r for r in before if r.step < incident.step]
 
-    # 1. the data: non-finite inputs, or a few samples of a real batch alone make it fail
-    found = bool(incident.samples) or bool(bisection.get("positions"))
-    sizes = [b.get("size", 0) for b in bisection.get("batches", []) if b.get("reproduced")]
-    dirty_inputs = loc.get("first_nonfinite_input") is not None or incident.kind == "input"
-    few_of_many = found and not bisection.get("whole_batch") and max(sizes, default=MIN_BATCH) >= MIN_BATCH
-    if dirty_inputs or few_of_many:
+    # 0. the whole pipeline: every sample's input is non-finite
+    if detail.get("pipeline"):
+        return Diagnosis(
+            "broken_pipeline",
+            [f"data: {detail['pipeline']}"],
+            f"Broken data pipeline: {detail['pipeline']}. Fix the preprocessing (standardise with std + eps, fill "
+            "missing values); nothing was quarantined and no learning-rate cut or rollback was spent on it.",
+        )
+
+    # 1. the weights changed in a way no update explains, while training was steady
+    jump = _weight_jump(before, incident.step)
+    steady = len(earlier) >= 3 and not _trend_evidence(earlier, weights=False)
+    if steady and (incident.kind in ("param", "jump") or jump):
+        evidence = [jump or "the weights turned non-finite"]
+        evidence.append(f"the loss and gradient norm were steady over the {len(earlier)} steps before")
+        return Diagnosis(
+            "corruption",
+            evidence,
+            "Weight corruption: the weights changed without an update that could explain it (silent data corruption "
+            "on the device, or an in-place write to a parameter: `p.data[...] = ...`, a shared buffer, a hook). "
+            "The last good state is restored; the learning rate is not to blame. Check the hardware (ECC errors, "
+            "a different GPU) and code that writes to parameters in place.",
+        )
+
+    # 2. the data: a confirmed culprit whose own input is bad, or non-finite inputs seen by the guard
+    quarantined = bisection.get("quarantined") or []
+    if incident.samples or quarantined or incident.kind == "input":
         evidence = []
         if incident.kind == "input":
             evidence.append(f"the input batch holds NaN/Inf ({', '.join(detail.get('input_fields', [])[:3]) or 'checked by the guard'})")
-        if found:
-            who = f"samples {incident.samples}" if incident.samples else "samples at positions " + str(bisection.get("positions"))
-            evidence.append(f"bisection: {who} make the batch fail on their own; the rest of the batch trains ({bisection.get('forward_passes', '?')} forward passes)")
-        if loc.get("first_nonfinite_input") is not None:
-            evidence.append("localization: the NaN/Inf was already in the data reaching the model")
-        where = f"data set indices {incident.samples}" if incident.samples else "the samples named in the quarantine file (by position and fingerprint)"
-        return Diagnosis(
-            "dirty_data",
-            evidence,
-            f"Dirty data: {where} are quarantined (`lightning-nan quarantine list`); fix or drop them in the data set, "
-            "and check the data pipeline (normalisation, missing values, corrupted files).",
-        )
+        facts = [f"{k}: {v}" for b in bisection.get("batches", []) for k, v in (b.get("evidence") or {}).items() if int(k) in (incident.samples or []) or not incident.samples]
+        if quarantined:
+            who = f"samples {incident.samples}" if incident.samples else f"samples at (rank, batch, position) {quarantined}"
+            evidence.append(
+                f"bisection: {who} make the batch fail on their own, again under a fresh random state, and the rest of "
+                f"the batch trains ({bisection.get('forward_passes', '?')} forward passes)"
+            )
+            evidence.extend(f"sample {f}" for f in facts[:4])
+            where = f"data set indices {incident.samples}" if incident.samples else "the samples named in the quarantine file (by position and fingerprint)"
+            advice = (
+                f"Dirty data: {where} are quarantined (`lightning-nan quarantine list`); fix or drop them in the data set, "
+                "and check the data pipeline (normalisation, missing values, corrupted files)."
+            )
+        else:
+            find = "" if "BatchBisection" in present else " BatchBisection would find and quarantine the samples."
+            advice = f"Dirty data: the batch holds NaN/Inf inputs; clean the data set.{find}"
+        return Diagnosis("dirty_data", evidence, advice)
 
-    # 2. magnitudes at the dtype's limit, or a run-away trend
+    # 3. magnitudes at the dtype's limit, or a run-away trend
     overflow = _overflow_evidence(incident, loc, before)
     trend = _trend_evidence(before)
+    if incident.kind == "divergence" and detail.get("growth"):
+        trend = [detail["growth"], *trend]
+    if incident.kind in ("param", "jump") and not trend:
+        trend = [jump or "the weights turned non-finite"]
     if trend and not overflow:
         advice = (
             "Divergence: lower the learning rate (LRBackoff does it automatically), clip gradients "
@@ -132,41 +194,82 @@ def diagnose(incident: Incident, history: Sequence[StepRecord] = (), *, lr_hint:
             "under fp16 use precision='bf16-mixed' (same range as fp32) or keep this layer in fp32.",
         )
 
-    # 3. an operation that made NaN/Inf from finite, ordinary inputs
+    # 4. an operation that made NaN/Inf from finite, ordinary inputs (forward or backward)
+    triggers = incident.triggers or bisection.get("triggers") or []
+    who = f"; triggered by samples {triggers} (ordinary, finite inputs: not quarantined)" if triggers else ""
+    degenerate = [f"sample {k}: {v}" for b in bisection.get("batches", []) for k, v in (b.get("evidence") or {}).items() if "constant" in v]
     op = loc.get("op")
     if op is not None and loc.get("op_inputs_finite", True) is not False:
         name = op.rstrip("_")
         where = f"{op} at {loc.get('op_location')}" if loc.get("op_location") else op
         module = incident.module or loc.get("module")
-        evidence = [f"localization: {where} turned finite inputs into NaN/Inf" + (f" inside {module}" if module else "")]
+        evidence = [f"localization: {where} turned finite inputs into NaN/Inf" + (f" inside {module}" if module else "") + who]
         hint = _op_hint(loc)
         if hint:
             evidence.append(hint)
+        evidence.extend(degenerate[:2])
         if before:
             evidence.append("the loss and gradient norm were steady before the incident")
         fix = STABLE_ALTERNATIVE.get(name, "guard the operation's input (clamp, add an epsilon) or use a numerically stable variant")
         if name in ("log", "sqrt") and any(i.get("has_negative") for i in loc.get("op_inputs") or []):
             fix = f"its argument went negative: keep it positive by construction (learn its logarithm, or use softplus(raw) + eps) or clamp it before {name}"
         return Diagnosis("unsafe_op", evidence, f"Unsafe operation {where}: {fix}.")
+    if loc.get("backward_op"):
+        node = str(loc["backward_op"])
+        name = re.sub(r"Backward\d*$", "", node).lower()
+        where = f"{node} (forward at {loc.get('backward_location')})" if loc.get("backward_location") else node
+        module = loc.get("backward_module")
+        inside = f" inside {module or '<root>'} ({loc.get('backward_module_type')})" if module is not None else ""
+        evidence = [f"the loss was finite but the gradient was not: the backward of {where}{inside} made NaN/Inf from finite gradients{who}"]
+        evidence.extend(degenerate[:2])
+        fix = BACKWARD_FIX.get(name, STABLE_ALTERNATIVE.get(name, "make the operation's derivative finite where it is used (clamp or add an epsilon)"))
+        return Diagnosis("unsafe_op", evidence, f"Unsafe operation in the backward pass, {where}: {fix}.")
     if loc.get("module") and loc.get("inputs_finite"):
         module = incident.module or loc["module"]
         return Diagnosis(
             "unsafe_op",
-            [f"localization: module {module} ({loc.get('module_type')}) produced NaN/Inf from finite inputs in {loc.get('input_range')}"],
+            [f"localization: module {module} ({loc.get('module_type')}) produced NaN/Inf from finite inputs in {loc.get('input_range')}{who}"],
             f"Unsafe operation in {module}: look for log(0), 0/0, sqrt of a negative or exp overflow there; use log_softmax, an epsilon or clamping.",
         )
 
     missing = []
     if not loc:
-        missing.append("no localization (add BatchBisection to name the module and operation)")
+        missing.append(
+            "no localization (BatchBisection localizes each incident it can re-evaluate)"
+            if "BatchBisection" in present
+            else "no localization (add BatchBisection to name the module and operation)"
+        )
     if not before:
         missing.append("no history of the steps before the incident")
     if bisection.get("whole_batch"):
         missing.append("every sample fails, so the data is not to blame, but nothing else stood out")
+    if bisection.get("unconfirmed"):
+        missing.append(f"samples {bisection['unconfirmed']} failed only together or only once: not confirmed as culprits")
     return Diagnosis("unknown", [], incident.advice, missing)
 
 
-def _trend_evidence(before: Sequence[StepRecord]) -> list[str]:
+def _weight_jump(before: Sequence[StepRecord], step: int) -> str | None:
+    """Evidence that the weights at ``step`` moved far more than the steps before moved them."""
+    weights = [(r.step, r.weight_norm) for r in before if r.weight_norm is not None]
+    if len(weights) < 4 or weights[-1][0] != step:
+        return None
+    values = [w for _, w in weights]
+    last, prev = values[-1], values[-2]
+    if not all(math.isfinite(v) for v in values[:-1]):
+        return None
+    if not math.isfinite(last):
+        return f"the weights turned non-finite at step {step} (total norm {prev:.3g} the step before)"
+    moves = sorted(abs(b - a) for a, b in zip(values[:-2], values[1:-1]))
+    typical = max(moves[len(moves) // 2], 1e-12 * max(abs(prev), 1e-12))
+    if abs(last - prev) > JUMP * typical and last > 2 * prev:
+        return (
+            f"the weights' total norm jumped from {prev:.3g} to {last:.3g} in one step, {abs(last - prev) / typical:.3g}x "
+            f"the typical change per step ({typical:.3g})"
+        )
+    return None
+
+
+def _trend_evidence(before: Sequence[StepRecord], *, weights: bool = True) -> list[str]:
     evidence = []
     losses = [(r.step, r.loss) for r in before if r.loss is not None and math.isfinite(r.loss)]
     if len(losses) >= 3:
@@ -181,9 +284,9 @@ def _trend_evidence(before: Sequence[StepRecord]) -> list[str]:
         typical = sorted(grads[:-1])[len(grads[:-1]) // 2]
         if grads[-1] > GROWTH * max(typical, 1e-12):
             evidence.append(f"the gradient norm grew to {grads[-1]:.3g}, {grads[-1] / max(typical, 1e-12):.0f}x its median of {typical:.3g}")
-    weights = [r.weight_norm for r in before if r.weight_norm is not None]
-    if weights and (not math.isfinite(weights[-1]) or weights[-1] > HUGE_WEIGHT_NORM):
-        evidence.append(f"the weights are huge (total norm {weights[-1]:.3g})")
+    norms = [r.weight_norm for r in before if r.weight_norm is not None] if weights else []
+    if norms and math.isfinite(norms[-1]) and norms[-1] > HUGE_WEIGHT_NORM:
+        evidence.append(f"the weights are huge (total norm {norms[-1]:.3g})")
     return evidence
 
 

@@ -14,12 +14,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-#: What was found non-finite. ``"scale"``: the fp16 GradScaler's loss scale fell below its floor.
-IncidentKind = Literal["loss", "grad", "param", "input", "scale"]
-KINDS: tuple[str, ...] = ("loss", "grad", "param", "input", "scale")
+#: What was found wrong. ``"scale"``: the fp16 GradScaler's loss scale fell below its floor;
+#: ``"divergence"``: a finite loss or gradient norm grew by orders of magnitude (caught before the first
+#: NaN); ``"jump"``: finite weights moved far more in one step than an update moves them.
+IncidentKind = Literal["loss", "grad", "param", "input", "scale", "divergence", "jump"]
+KINDS: tuple[str, ...] = ("loss", "grad", "param", "input", "scale", "divergence", "jump")
 
 #: Filled in by the diagnosis; ``"unknown"`` until then.
-CAUSES: tuple[str, ...] = ("unknown", "divergence", "dirty_data", "unsafe_op", "overflow")
+CAUSES: tuple[str, ...] = ("unknown", "divergence", "dirty_data", "unsafe_op", "overflow", "corruption", "broken_pipeline")
+#: What an incident of each finite kind is called in a summary (the others read "non-finite <kind>").
+_FINITE_KINDS = {"divergence": "the loss diverged", "jump": "the weights jumped"}
 
 
 @dataclass
@@ -31,7 +35,10 @@ class Incident:
         kind: what was non-finite: ``loss``, ``grad``, ``param``, ``input`` or ``scale``.
         cause: why (see :data:`CAUSES`); ``"unknown"`` until a diagnosis fills it.
         module: the first module whose output turned non-finite, when localization ran.
-        samples: data set indices of the culprit samples, when bisection ran.
+        samples: data set indices of the samples shown to be dirty (their own input is non-finite,
+            extreme or a gross outlier) and quarantined, when bisection ran.
+        triggers: data set indices of samples with ordinary, finite inputs that alone make an unsafe
+            operation fail (confirmed by bisection): named to reproduce the fault, never quarantined.
         advice: one sentence a user can act on.
         epoch: the training epoch, when known.
         batch_idx: the batch (or, with accumulation, the batches) that fed this step.
@@ -55,6 +62,7 @@ class Incident:
     detail: dict[str, Any] = field(default_factory=dict)
     action: str = "skipped"
     time: float = field(default_factory=time.time, compare=False)
+    triggers: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -72,9 +80,9 @@ class Incident:
 
     @property
     def blames_data(self) -> bool:
-        """Whether the data, not the model, is to blame: non-finite inputs, culprit samples found, or
-        diagnosed dirty data. Lowering the LR or rolling back does not help against those."""
-        return self.kind == "input" or self.cause == "dirty_data" or bool(self.samples)
+        """Whether the data, not the model, is to blame: non-finite inputs, dirty samples found, or a
+        broken data pipeline. Lowering the LR or rolling back does not help against those."""
+        return self.kind == "input" or self.cause in ("dirty_data", "broken_pipeline") or bool(self.samples)
 
     def where(self) -> str:
         """Where the fault was seen, in words: parameters, batches, ranks."""
@@ -92,10 +100,13 @@ class Incident:
             parts.append(f"rank {', '.join(map(str, self.ranks))}")
         if self.samples:
             parts.append(f"samples {self.samples}")
+        if self.triggers:
+            parts.append(f"triggered by samples {self.triggers}")
         return ", ".join(parts)
 
     def summary(self) -> str:
         """One line: step, what, where, cause, action and advice."""
         where = self.where()
         where = f" ({where})" if where else ""
-        return f"step {self.step}: non-finite {self.kind}{where}, cause {self.cause} -> {self.action}. {self.advice}".rstrip()
+        what = _FINITE_KINDS.get(self.kind, f"non-finite {self.kind}")
+        return f"step {self.step}: {what}{where}, cause {self.cause} -> {self.action}. {self.advice}".rstrip()

@@ -87,6 +87,11 @@ class Localization:
             Python numbers give ``arg``, ``dtype``, ``value`` and the same flags.
         op_output_nonfinite: the number of non-finite elements ``op`` produced.
         op_inputs_finite: whether all of ``op``'s floating-point inputs were finite.
+        backward_op: with ``backward=True``, a finite loss and a non-finite gradient: the first
+            autograd node that turned finite gradients into NaN/Inf (e.g. ``"SqrtBackward0"``), found by
+            one replay under anomaly mode (:func:`~lightning_nan.core.backward_fault.backward_fault`).
+        backward_location: the line of user code whose forward call made that node.
+        backward_module: the module whose ``forward`` holds that line; ``backward_module_type`` its class.
     """
 
     module: str | None = None
@@ -102,6 +107,10 @@ class Localization:
     op_inputs: list[dict[str, Any]] | None = None
     op_output_nonfinite: int | None = None
     op_inputs_finite: bool | None = None
+    backward_op: str | None = None
+    backward_location: str | None = None
+    backward_module: str | None = None
+    backward_module_type: str | None = None
 
     def summary(self) -> str:
         """One line for a log or an incident record.
@@ -132,6 +141,10 @@ class Localization:
             text = "forward finite" + (" (no loss returned)" if self.loss_finite is None else "")
         if self.grad_param is not None:
             text += f"; first non-finite gradient in {self.grad_param}"
+        if self.backward_op is not None:
+            text += f"; backward: {self.backward_op} made it" + (f" (forward at {self.backward_location})" if self.backward_location else "")
+            if self.backward_module is not None:
+                text += f" inside {self.backward_module or '<root>'} ({self.backward_module_type})"
         return text
 
     def _op_text(self) -> str:
@@ -404,19 +417,23 @@ def _is_library_file(filename: str) -> bool:
     return any(real.startswith(r) and not third_party & set(real[len(r) :].split(os.sep)) for r in stdlib)
 
 
+def _relative(path: str) -> str:
+    """``path`` relative to the working directory when it lies under it."""
+    if os.path.isabs(path):
+        try:
+            rel = os.path.relpath(path)
+        except ValueError:  # another drive
+            rel = os.pardir
+        path = path if rel.startswith(os.pardir) else rel
+    return path
+
+
 def _user_location(frame: Any) -> str | None:
     """``"file.py:LINE in function"`` of the innermost frame, from ``frame`` outwards, in user code."""
     while frame is not None:
         code = frame.f_code
         if not _is_library_file(code.co_filename):
-            path = code.co_filename
-            if os.path.isabs(path):
-                try:
-                    rel = os.path.relpath(path)
-                except ValueError:  # another drive
-                    rel = os.pardir
-                path = path if rel.startswith(os.pardir) else rel
-            return f"{path}:{frame.f_lineno} in {code.co_name}"
+            return f"{_relative(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
         frame = frame.f_back
     return None
 
@@ -593,6 +610,13 @@ def localize(
     finally:
         for h in handles:
             h.remove()
+    if backward and loc.loss_finite and loc.grad_param is not None:  # a backward-only fault: name its node
+        from lightning_nan.core.backward_fault import backward_fault
+
+        fault = backward_fault(module, loss_fn, params=[p for _, p in named])
+        if fault is not None:
+            loc.backward_op, loc.backward_location = fault.op, fault.location
+            loc.backward_module, loc.backward_module_type = fault.module, fault.module_type
     return loc
 
 

@@ -35,7 +35,9 @@ from torch import Tensor
 
 from collections import deque
 
-from lightning_nan.core.diagnosis import StepRecord, diagnose
+from lightning_nan.core.data_evidence import broken_pipeline
+from lightning_nan.core.diagnosis import TREND_STEPS, StepRecord, _weight_jump, diagnose
+from lightning_nan.core.divergence import GrowthDetector
 from lightning_nan.core.distributed import all_reduce_max, gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import IncidentEvent, escalate, notify
@@ -70,7 +72,18 @@ ADVICE = {
         "The fp16 loss scale collapsed: nearly every step overflows. Use precision='bf16-mixed', lower the "
         "learning rate, or normalise the inputs."
     ),
+    "divergence": (
+        "The loss (or gradient norm) grew by orders of magnitude: lower the learning rate, clip gradients; "
+        "CheckpointRollback restores the state before the blow-up."
+    ),
+    "jump": (
+        "The weights moved far more in one step than an update can: restore a good state (CheckpointRollback) "
+        "and check for in-place writes to parameters or faulty hardware."
+    ),
 }
+
+#: The same unsafe operation (op and line) failing on this many steps is a bug to fix, not a batch to skip.
+UNSAFE_OP_REPEATS = 3
 
 # Which agreed flag names the incident when several are set (under a GradScaler a gradient overflow
 # alone is not a failure, so a collapsed scale outranks it).
@@ -113,6 +126,12 @@ class StepGuard:
         listeners: objects with ``on_nan_incident`` / ``on_nan_escalation`` (see :mod:`~lightning_nan.core.events`).
         reduce: in-place element-wise max over ranks; the default uses ``torch.distributed`` when initialised.
         on_record: called with each incident once listeners have filled it in (to log or write it).
+        detect_divergence: also skip a step whose finite loss or gradient norm grew by orders of
+            magnitude (:class:`~lightning_nan.core.divergence.GrowthDetector`), or whose finite weights
+            jumped far beyond the steps before: incidents of kind ``"divergence"`` and ``"jump"``, caught
+            before the first NaN. Host arithmetic on the values of the one transfer: no device work.
+        unsafe_op_repeats: raise once the same unsafe operation (op and source line) has failed on this
+            many steps (0: never): skipping would hide a model bug.
 
     Call :meth:`observe_batch` and :meth:`observe_loss` for every micro-batch, then :meth:`check`
     right before ``optimizer.step()`` (after ``scaler.unscale_(optimizer)`` under fp16 AMP, before
@@ -129,6 +148,8 @@ class StepGuard:
         listeners: Sequence[Any] = (),
         reduce: Callable[[Tensor], Tensor] = all_reduce_max,
         on_record: Callable[[Incident], None] | None = None,
+        detect_divergence: bool = True,
+        unsafe_op_repeats: int = UNSAFE_OP_REPEATS,
     ) -> None:
         self.max_consecutive = integer("max_consecutive", max_consecutive, low=1)
         self.check_params_every_n_steps = integer(
@@ -138,6 +159,11 @@ class StepGuard:
         self.listeners: list[Any] = list(listeners)
         self.reduce = reduce
         self.on_record = on_record
+        self.detect_divergence = bool(detect_divergence)
+        self.unsafe_op_repeats = integer("unsafe_op_repeats", unsafe_op_repeats, low=0, hint="0: never raise")
+        self.loss_growth = GrowthDetector("loss")
+        self.grad_growth = GrowthDetector("gradient norm")
+        self._unsafe_ops: dict[str, list[int]] = {}
         self._names: dict[int, str] = {}
         if named_parameters is not None:
             self.set_parameter_names(named_parameters)
@@ -266,9 +292,14 @@ class StepGuard:
             )
         )
         self.last_grad_norm_bound = bound if grads and math.isfinite(bound) else None
-        if not any(host):
+        growth = None
+        if not any(host) and self.detect_divergence:
+            growth = self._growth(step, numbers, bool(losses), bool(grads), check_params)
+        if not any(host) and growth is None:
             self.consecutive_skips = 0
             return StepVerdict()
+        if growth is not None:  # finite, but exploded: skip it before it turns into NaN
+            return self._grew(growth, step, epoch, optimizer, params, grad_norms, batches, extra, device)
 
         # ---- failure path (rare): exact per-tensor checks, several syncs allowed, agreed again
         screened = dict(zip(_FLAGS, host))
@@ -322,6 +353,45 @@ class StepGuard:
         self._dispatch(event, device)
         return StepVerdict(skipped=True, incident=incident)
 
+    def _growth(self, step: int, numbers: list[float], loss: bool, grads: bool, weights: bool) -> tuple[str, str] | None:
+        """``(kind, evidence)`` when this healthy-looking step's values exploded (host arithmetic only)."""
+        jump = _weight_jump(list(self.history)[-TREND_STEPS:], step) if weights else None
+        grew = self.loss_growth.update(numbers[0] if loss else None)
+        grew_grad = self.grad_growth.update(numbers[1] if grads else None)
+        if jump:
+            return "jump", jump
+        if grew or grew_grad:
+            return "divergence", grew or grew_grad or ""
+        return None
+
+    def _grew(
+        self, growth: tuple[str, str], step: int, epoch: int | None, optimizer: torch.optim.Optimizer, params: list[Tensor],
+        grad_norms: Tensor | None, batches: list[Any], extra: dict[str, Any] | None, device: torch.device,
+    ) -> StepVerdict:
+        """The failure path of a finite step that diverged or whose weights jumped (the same on every rank)."""
+        for p in params:
+            p.grad = None
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        kind, evidence = growth
+        record = self.history[-1]
+        detail: dict[str, Any] = {"consecutive_skips": self.consecutive_skips, "growth": evidence}
+        for key, value in (("loss", record.loss), ("grad_norm", record.grad_norm), ("weight_norm", record.weight_norm)):
+            if value is not None:
+                detail[key] = _number(value)
+        incident = Incident(
+            step=step, kind=kind, advice=ADVICE[kind], epoch=epoch, batch_idx=sorted({i for i, _ in batches}) or None,
+            ranks=list(range(world()[1])), detail=detail,
+        )
+        event = IncidentEvent(
+            incident=incident, optimizer=optimizer, batches=list(batches), grad_norms=grad_norms,
+            param_names=self.last_grad_names, guard=self, extra=dict(extra or {}),
+        )
+        self.loss_growth.reset()
+        self.grad_growth.reset()
+        self._dispatch(event, device)
+        return StepVerdict(skipped=True, incident=incident)
+
     def check_parameters(
         self, params: Iterable[Tensor], *, step: int | None = None, epoch: int | None = None, extra: dict[str, Any] | None = None
     ) -> Incident | None:
@@ -354,15 +424,34 @@ class StepGuard:
     def _dispatch(self, event: IncidentEvent, device: torch.device) -> None:
         """Tell listeners, escalate when skipping cannot help, record; raise if nobody recovered."""
         incident = event.incident
+        if incident.kind in ("input", "loss", "grad"):  # every sample non-finite: the pipeline, not a sample
+            pipeline = broken_pipeline(event.batches)
+            if pipeline:
+                incident.detail["pipeline"] = pipeline
+        incident.detail["batch_key"] = _batch_key(event.batches)
         order = [getattr(listener, "incident_order", 50) for listener in self.listeners]
         notify([l for l, o in zip(self.listeners, order) if o < DIAGNOSIS_ORDER], event)  # evidence first (bisection)
         self._diagnose(incident)
+        if incident.cause == "dirty_data" and incident.samples and self.consecutive_skips > 0:
+            self.consecutive_skips -= 1  # quarantined: those samples are left out from the next epoch on
         notify([l for l, o in zip(self.listeners, order) if o >= DIAGNOSIS_ORDER], event)
         raise_error = False
-        if incident.kind == "param" or self.consecutive_skips >= self.max_consecutive:
+        repeats = self._unsafe_repeats(incident)
+        if incident.cause == "broken_pipeline":
+            incident.detail["escalation"] = f"The data pipeline is broken: {incident.detail['pipeline']}."
+            incident.action, raise_error = "raised", True
+        elif repeats:
+            incident.detail["escalation"] = repeats
+            incident.action, raise_error = "raised", True
+        elif incident.kind in ("param", "divergence", "jump") or incident.cause == "corruption" or self.consecutive_skips >= self.max_consecutive:
+            optional = incident.kind in ("divergence", "jump") and incident.cause != "corruption"  # finite: skipping is enough
             incident.detail["escalation"] = (
                 "The weights are non-finite, so skipping the step cannot help."
                 if incident.kind == "param"
+                else "The weights changed without an update to explain it; skipping cannot undo that."
+                if incident.cause == "corruption"
+                else "The loss diverged: the weights that produced it are the problem."
+                if optional
                 else f"{self.consecutive_skips} steps in a row were skipped (max_consecutive={self.max_consecutive}); "
                 "the weights no longer change, so the next batches will fail the same way."
             )
@@ -370,7 +459,7 @@ class StepGuard:
             if recovered_by:
                 incident.action = f"recovered by {recovered_by}"
                 self.consecutive_skips = 0
-            else:
+            elif not optional:
                 incident.action = "raised"
                 raise_error = True
         self.incidents.append(incident)
@@ -395,6 +484,9 @@ class StepGuard:
             "consecutive_skips": self.consecutive_skips,
             "scaler_overflows": self.scaler_overflows,
             "incidents": [i.to_dict() for i in self.incidents],
+            "loss_growth": self.loss_growth.state_dict(),
+            "grad_growth": self.grad_growth.state_dict(),
+            "unsafe_ops": {k: list(v) for k, v in self._unsafe_ops.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -404,6 +496,9 @@ class StepGuard:
         self.consecutive_skips = int(state.get("consecutive_skips", self.consecutive_skips))
         self.scaler_overflows = int(state.get("scaler_overflows", self.scaler_overflows))
         self.incidents = [Incident.from_dict(d) for d in state.get("incidents", [])]
+        self.loss_growth.load_state_dict(state.get("loss_growth", {}))
+        self.grad_growth.load_state_dict(state.get("grad_growth", {}))
+        self._unsafe_ops = {str(k): [int(s) for s in v] for k, v in state.get("unsafe_ops", {}).items()}
 
     # ------------------------------------------------------------------ failure path (rare: syncs allowed)
     def _name(self, p: Tensor, i: int) -> str:
@@ -432,22 +527,40 @@ class StepGuard:
             )
         return detail
 
+    def _unsafe_repeats(self, incident: Incident) -> str | None:
+        """The escalation message once the same unsafe operation has failed on ``unsafe_op_repeats`` steps."""
+        if incident.cause != "unsafe_op" or not self.unsafe_op_repeats:
+            return None
+        loc = incident.detail.get("localization") or {}
+        op = loc.get("op") or loc.get("backward_op")
+        if op is None:
+            return None
+        key = f"{op} at {loc.get('op_location') or loc.get('backward_location') or incident.module}"
+        steps = self._unsafe_ops.setdefault(key, [])
+        steps.append(incident.step)
+        if len(steps) < self.unsafe_op_repeats:
+            return None
+        return (
+            f"The unsafe operation {key} failed on {len(steps)} steps ({', '.join(map(str, steps[-5:]))}): skipping its "
+            f"batches hides a bug in the model that will fail at inference too. {incident.advice}"
+        )
+
     def _diagnose(self, incident: Incident) -> None:
         """Fill ``cause``, ``advice`` and ``detail["evidence"]`` from the incident and the history."""
         if incident.cause != "unknown":  # a listener already decided
             return
         hint = next((l.lr_hint() for l in self.listeners if callable(getattr(l, "lr_hint", None))), None)
-        found = diagnose(incident, list(self.history), lr_hint=hint)
+        present = {type(listener).__name__ for listener in self.listeners}
+        found = diagnose(incident, list(self.history), lr_hint=hint, present=present)
         previous = self.incidents[-1] if self.incidents else None
         if (
             found.cause == "unknown"
             and previous is not None
             and previous.cause != "unknown"
-            and previous.kind == incident.kind
-            and self.consecutive_skips > 1
-        ):  # nothing changed since the last step (it was skipped): the same failure again
+            and previous.detail.get("batch_key") == incident.detail.get("batch_key")
+        ):  # the very same samples again, from the same weights: the same failure
             found.cause, found.advice = previous.cause, previous.advice
-            found.evidence = [f"the same failure as at step {previous.step}: the weights have not changed since"]
+            found.evidence = [f"the same samples failed at step {previous.step}, with the same diagnosis"]
             found.missing = []
         incident.cause = found.cause
         if found.advice:
@@ -484,6 +597,30 @@ def _merge_ranks(saw: bool, params: list[str], detail: dict[str, Any]) -> tuple[
     if len(ranks) > 1 and any(views[r][2] != views[chosen[0]][2] for r in ranks):
         merged["per_rank"] = {str(r): views[r][2] for r in ranks}
     return ranks, names, merged
+
+
+def _batch_key(batches: Sequence[tuple[int, Any]]) -> str:
+    """A content hash of the batches (failure path only): the same samples give the same key."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                h.update(repr(k).encode())
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    for _, batch in batches:
+        walk(batch)
+    return h.hexdigest()[:16]
 
 
 def _finite(t: Tensor) -> bool:

@@ -244,7 +244,10 @@ def test_backward_names_the_first_parameter_with_a_nonfinite_gradient(reverse):
     named = list(model.named_parameters())
     loc = localize(model, loss_fn, backward=True, params=named[::-1] if reverse else named)
     assert (loc.module, loc.loss_finite, loc.grad_param) == (None, True, "2.weight")  # backward order, not registration
-    assert loc.summary() == "forward finite; first non-finite gradient in 2.weight"
+    # The anomaly-mode replay names the backward node and its forward line, inside the Sqrt module.
+    assert (loc.backward_op, loc.backward_module, loc.backward_module_type) == ("SqrtBackward0", "1", "Sqrt")
+    assert loc.backward_location.startswith(f"{os.path.relpath(__file__)}:") and loc.backward_location.endswith(" in forward")
+    assert loc.summary().startswith("forward finite; first non-finite gradient in 2.weight; backward: SqrtBackward0 made it")
     # Only the parameters asked about are checked.
     loc = localize(model, loss_fn, backward=True, params=[named[0], named[3]])
     assert loc.grad_param == "0.weight"

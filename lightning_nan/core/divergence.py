@@ -1,0 +1,81 @@
+"""See divergence when it happens: a loss or gradient norm that grew by orders of magnitude.
+
+:class:`GrowthDetector` watches one positive quantity per step (the loss, the gradient norm), on
+host values the guard reads anyway, so it costs no device work. A value :data:`GROWTH` times the
+*reference* is divergence, where the reference is the larger of the median of the last ``window``
+values and a tenth of the run's starting level (the median of its first ``min_history`` values).
+The growth need not be monotonic. The floor keeps a converged model's hard batch from counting:
+a loss that fell from 2.3 to 1e-4 must climb back above 230 before it is called divergence.
+Values that are not positive switch the test off (a log-likelihood, say).
+
+>>> detector = GrowthDetector("loss")
+>>> [detector.update(v) for v in [4.6, 4.5, 4.4, 40.0, 900.0]]
+[None, None, None, None, None]
+>>> detector.update(2e4)
+'the loss grew to 2e+04, 4.35e+03x its reference 4.6 (the median of the last 5 steps)'
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from typing import Any
+
+from lightning_nan.core.validate import integer, number
+
+__all__ = ["GROWTH", "GrowthDetector"]
+
+#: Orders of magnitude that make divergence: 1e3 over the reference.
+GROWTH = 1e3
+#: The reference never drops below this fraction of the run's starting level.
+FLOOR = 0.1
+
+
+class GrowthDetector:
+    """Says when a positive quantity has grown :data:`GROWTH` times over its reference (see the module)."""
+
+    def __init__(self, name: str, *, growth: float = GROWTH, window: int = 50, min_history: int = 3) -> None:
+        self.name = name
+        self.growth = number("growth", growth, low=1, low_open=True)
+        self.window = integer("window", window, low=1)
+        self.min_history = integer("min_history", min_history, low=1, high=window, hint="at most `window`")
+        self.recent: deque[float] = deque(maxlen=window)
+        self.start: float | None = None  # the run's starting level
+        self._first: list[float] = []
+        self.off = False
+
+    def update(self, value: float | None) -> str | None:
+        """Take one step's value; the evidence (one sentence) when it diverged, else ``None``."""
+        if value is None or self.off or not math.isfinite(value):
+            return None
+        if value <= 0:
+            self.off = True  # not a positive quantity: its ratios mean nothing
+            return None
+        verdict = None
+        if len(self.recent) >= self.min_history and self.start is not None:
+            median = statistics.median(self.recent)
+            reference = max(median, FLOOR * self.start)
+            if value > self.growth * reference:
+                what = f"the median of the last {len(self.recent)} steps" if reference == median else f"a tenth of the run's starting level {self.start:.3g}"
+                verdict = f"the {self.name} grew to {value:.3g}, {value / reference:.3g}x its reference {reference:.3g} ({what})"
+        if verdict is None:
+            self.recent.append(value)
+            if self.start is None:
+                self._first.append(value)
+                if len(self._first) >= self.min_history:
+                    self.start = statistics.median(self._first)
+        return verdict
+
+    def reset(self) -> None:
+        """Forget the recent values (after the incident was handled); the starting level stays."""
+        self.recent.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent": list(self.recent), "start": self.start, "first": list(self._first), "off": self.off}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recent = deque((float(v) for v in state.get("recent", [])), maxlen=self.window)
+        self.start = state.get("start", self.start)
+        self._first = [float(v) for v in state.get("first", self._first)]
+        self.off = bool(state.get("off", self.off))
