@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_nan import BatchBisection, NaNGuard
+from lightning_nan import BatchBisection, NaNGuard, NonFiniteError
 
 
 class GaussianRegressor(pl.LightningModule):
@@ -55,7 +55,10 @@ def run(root: str | None = None, epochs: int = 1) -> NaNGuard:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(GaussianRegressor(), DataLoader(data(), batch_size=32, shuffle=True))
+        try:
+            trainer.fit(GaussianRegressor(), DataLoader(data(), batch_size=32, shuffle=True))
+        except NonFiniteError as err:  # the same unsafe op failed on 3 steps: a bug to fix, not batches to skip
+            print(f"stopped: {err}")
     return guard
 
 

@@ -57,10 +57,13 @@ def test_exploding_cnn_with_unnormalised_input_is_divergence_ending_in_log_of_ze
 
 def test_nan_samples_are_dirty_data(tmp_path):
     result = dirty_data.train(True, str(tmp_path), n=2048, epochs=1, workers=0)
-    incidents = result.guard.incidents
+    incidents = [i for i in result.guard.incidents if i.samples]
     assert incidents and all(i.cause == "dirty_data" for i in incidents)
     assert incidents[0].module == "Net"  # localization: the NaN already reached the model
-    assert sorted(s for i in incidents for s in i.samples) == sorted(dirty_data.CULPRITS)
+    assert sorted(s for i in incidents for s in i.samples) == sorted(k for k, v in dirty_data.CULPRITS.items() if v != "zero")
+    # the all-zero image is ordinary data the model's 0/0 trips on: an unsafe op, named, not quarantined
+    zero = [i for i in result.guard.incidents if not i.samples]
+    assert [(i.cause, i.triggers) for i in zero] == [("unsafe_op", [1777])]
     assert "quarantined" in incidents[0].advice and str(incidents[0].samples) in incidents[0].advice
 
 
@@ -72,7 +75,10 @@ def test_log_of_a_learned_variance_is_an_unsafe_op(tmp_path):
     assert loc["op"] == "log" and loc["op_location"] == f"examples/unsafe_op.py:{_line_of('torch.log(self.var)')} in training_step"
     assert "its input holds negative values" in " ".join(first.detail["evidence"])
     assert "softplus" in first.advice
-    assert all(i.cause == "unsafe_op" for i in guard.incidents)  # later skips: the same failure
+    assert all(i.cause == "unsafe_op" for i in guard.incidents)  # each incident diagnosed on its own batch
+    # the same op failing on 3 steps is a bug to fix: the guard stopped the run, naming it
+    assert len(guard.incidents) == 3 and guard.incidents[-1].action == "raised"
+    assert "failed on 3 steps" in guard.incidents[-1].detail["escalation"]
 
 
 def _line_of(text: str) -> int:
@@ -112,11 +118,18 @@ def test_rules_on_hand_made_evidence():
     # fp16's limit is 65504
     loc16 = {"op": "mul", "op_location": "m.py:3", "op_inputs": [{"dtype": "torch.float16", "min": 0.0, "max": 6e4}]}
     assert diagnose(Incident(step=10, kind="loss", detail={"localization": loc16}), steady).cause == "overflow"
-    # a few samples of a batch of one are no evidence against the data
-    tiny = {"bisection": {"batches": [{"reproduced": True, "size": 1}], "whole_batch": False}}
-    assert diagnose(Incident(step=10, kind="loss", samples=[4], detail=tiny), steady).cause == "unknown"
-    big = {"bisection": {"batches": [{"reproduced": True, "size": 64}], "whole_batch": False, "forward_passes": 8}}
-    assert diagnose(Incident(step=10, kind="loss", samples=[4], detail=big), steady).cause == "dirty_data"
+    # samples that fail alone with ordinary inputs trigger an unsafe op: never dirty data
+    triggers = {"bisection": {"batches": [{"reproduced": True, "size": 64}], "whole_batch": False, "triggers": [4]}}
+    assert diagnose(Incident(step=10, kind="loss", triggers=[4], detail=triggers), steady).cause == "unknown"
+    # confirmed samples whose own input is bad, quarantined by bisection: dirty data, and the advice says so
+    big = {"bisection": {"batches": [{"reproduced": True, "size": 64}], "whole_batch": False, "forward_passes": 8, "quarantined": [4]}}
+    dirty = diagnose(Incident(step=10, kind="loss", samples=[4], detail=big), steady)
+    assert dirty.cause == "dirty_data" and "quarantined" in dirty.advice
+    # without bisection a NaN input is still the data's fault, but nothing claims a quarantine
+    alone = diagnose(Incident(step=3, kind="input"), steady)
+    assert "quarantined" not in alone.advice and "BatchBisection would find" in alone.advice
+    assert "BatchBisection would find" not in diagnose(Incident(step=3, kind="input"), steady, present={"BatchBisection"}).advice
+    assert not any("add BatchBisection" in m for m in diagnose(Incident(step=10, kind="loss"), steady, present={"BatchBisection"}).missing)
 
 
 def test_nonfinite_error_leads_with_cause_and_advice():
@@ -140,7 +153,8 @@ def test_console_summary_tensorboard_text_and_report(tmp_path, capsys):
         max_epochs=1, accelerator="cpu", callbacks=callbacks, logger=logger, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
     )
-    trainer.fit(unsafe_op.GaussianRegressor(), torch.utils.data.DataLoader(unsafe_op.data(), batch_size=32))
+    with pytest.raises(NonFiniteError, match="failed on 3 steps"):  # the same unsafe op, 3 times: stopped
+        trainer.fit(unsafe_op.GaussianRegressor(), torch.utils.data.DataLoader(unsafe_op.data(), batch_size=32))
     guard = callbacks[0]
     out = capsys.readouterr().out
     assert "unsafe_op" in out and f"{len(guard.incidents)} non-finite incident" in out  # the console table

@@ -62,7 +62,9 @@ def test_exploding_cnn_with_recommended_reaches_a_loss_near_zero(tmp_path):
     assert len(model.losses) == 20 * steps_per_epoch
     assert exploding_cnn.weights_finite(model)
     assert all(math.isfinite(v) for v in model.losses)
-    assert last_epoch_mean(model.losses, steps_per_epoch) < 0.02
+    # Far below chance (ln 2 = 0.69). Divergence caught before its NaNs costs this spiky run some of its
+    # end loss (< 0.02 when only the NaNs were acted on): see BENCHMARKS.md's zoo section.
+    assert last_epoch_mean(model.losses, steps_per_epoch) < 0.1
 
 
 def test_exploding_cnn_recovers_when_clipping_is_not_enough(tmp_path):

@@ -425,6 +425,10 @@ class BatchBisectionBase:
             name = localization.get("module")
             if name == "" or (name is None and localization.get("op")):  # the model itself, or its training_step
                 name = localization.get("module_type") or localization.get("model")
+            if name is None and localization.get("backward_op"):  # a backward-only fault: where its forward ran
+                name = localization.get("backward_module") or localization.get("model")
+                if name == "":
+                    name = localization.get("backward_module_type") or localization.get("model")
             incident.module = name
         elif locate and summary["reproduced"]:
             self._localized = True

@@ -148,7 +148,7 @@ class CheckpointRollbackBase:
         1 non-finite incident, step 7
         ...
         >>> rollback.history
-        [{'step': 7, 'restored_step': 4, 'reason': 'weight corruption'}]
+        [{'step': 7, 'restored_step': 4, 'reason': 'non-finite weights'}]
         >>> trainer.global_step, all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
         (10, True)
     """
@@ -399,10 +399,10 @@ class CheckpointRollbackBase:
                 f"{incident.cause}: an earlier state fails the same way."
             ).strip()
             return False
-        if incident.cause == "corruption":
-            reason = "weight corruption"
-        elif incident.kind == "param":
+        if incident.kind == "param":
             reason = "non-finite weights"
+        elif incident.cause == "corruption":
+            reason = "weight corruption"
         elif incident.kind in ("divergence", "jump"):
             reason = f"divergence ({incident.detail.get('growth', incident.kind)})"
         else:

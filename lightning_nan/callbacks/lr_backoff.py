@@ -99,7 +99,7 @@ class LRBackoffBase:
         >>> with contextlib.redirect_stdout(io.StringIO()):  # NaNGuard prints its incident table at the end
         ...     trainer.fit(Model(), loader)
         >>> [(h["step"], h["reason"], h["factor"]) for h in backoff.history]
-        [(4, 'incident: divergence (divergence)', 0.5), (6, 'grow back', 1.0)]
+        [(4, 'incident: divergence', 0.5), (6, 'grow back', 1.0)]
         >>> trainer.optimizers[0].param_groups[0]["lr"] == 0.1 * 0.9  # the schedule (stepped once, per epoch), untouched
         True
     """
@@ -178,7 +178,7 @@ class LRBackoffBase:
         self._dirty = True
         if incident.cause not in BACKOFF_CAUSES:  # a lower LR cures none of the others: record, do not act
             return
-        self.controller.back_off(incident.step, f"incident: {incident.kind} ({incident.cause})")
+        self.controller.back_off(incident.step, f"incident: {incident.kind}")
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:

@@ -146,13 +146,18 @@ def _module_of(model: torch.nn.Module, frames: list[tuple[str, int]]) -> tuple[s
     """The module whose ``forward`` source holds the innermost of ``frames``."""
     spans: list[tuple[str, int, int, str, str]] = []
     for name, m in model.named_modules():
-        code = getattr(getattr(type(m), "forward", None), "__code__", None)
-        if code is None:
-            continue
-        lines = [ln for _, _, ln in code.co_lines() if ln is not None]
-        spans.append((code.co_filename, min(lines, default=code.co_firstlineno), max(lines, default=code.co_firstlineno), name, type(m).__name__))
+        functions = [getattr(type(m), "forward", None)]
+        if name == "":  # the root's own steps too: a LightningModule's training_step
+            functions += [f for cls in type(m).__mro__ for f in vars(cls).values() if callable(f)]
+        for function in functions:
+            code = getattr(function, "__code__", None)
+            if code is None:
+                continue
+            lines = [ln for _, _, ln in code.co_lines() if ln is not None]
+            spans.append((code.co_filename, min(lines, default=code.co_firstlineno), max(lines, default=code.co_firstlineno), name, type(m).__name__))
     for file, line in reversed(frames):
-        for f, lo, hi, name, kind in spans:
-            if f == file and lo <= line <= hi:
-                return name, kind
+        inside = [(hi - lo, name, kind) for f, lo, hi, name, kind in spans if f == file and lo <= line <= hi]
+        if inside:
+            _, name, kind = min(inside)  # the innermost function that holds the line
+            return name, kind
     return None, None

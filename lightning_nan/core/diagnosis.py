@@ -92,6 +92,8 @@ class StepRecord:
     loss: float | None = None
     grad_norm: float | None = None
     weight_norm: float | None = None
+    #: The diagnosed cause when this step had an incident.
+    cause: str | None = None
 
 
 @dataclass
@@ -178,6 +180,12 @@ def diagnose(
         trend = [detail["growth"], *trend]
     if incident.kind in ("param", "jump") and not trend:
         trend = [jump or "the weights turned non-finite"]
+    diverged = [r.step for r in earlier if r.cause == "divergence"]
+    if not trend and bisection.get("whole_batch") and diverged:  # not some samples: the weights themselves
+        trend = [
+            f"every sample of the batch fails, and the run diverged at steps {diverged[-5:]}: the weights have not "
+            "recovered from the blow-up"
+        ]
     if trend and not overflow:
         advice = (
             "Divergence: lower the learning rate (LRBackoff does it automatically), clip gradients "
@@ -257,8 +265,13 @@ def _weight_jump(before: Sequence[StepRecord], step: int) -> str | None:
     last, prev = values[-1], values[-2]
     if not all(math.isfinite(v) for v in values[:-1]):
         return None
-    if not math.isfinite(last):
+    if math.isnan(last):
         return f"the weights turned non-finite at step {step} (total norm {prev:.3g} the step before)"
+    if not math.isfinite(last):
+        return (
+            f"the weights' total norm overflowed at step {step} (it was {prev:.3g} the step before): a value beyond "
+            "~1e19 appeared in them in one step"
+        )
     moves = sorted(abs(b - a) for a, b in zip(values[:-2], values[1:-1]))
     typical = max(moves[len(moves) // 2], 1e-12 * max(abs(prev), 1e-12))
     if abs(last - prev) > JUMP * typical and last > 2 * prev:

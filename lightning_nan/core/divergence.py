@@ -1,18 +1,19 @@
 """See divergence when it happens: a loss or gradient norm that grew by orders of magnitude.
 
 :class:`GrowthDetector` watches one positive quantity per step (the loss, the gradient norm), on
-host values the guard reads anyway, so it costs no device work. A value :data:`GROWTH` times the
-*reference* is divergence, where the reference is the larger of the median of the last ``window``
-values and a tenth of the run's starting level (the median of its first ``min_history`` values).
-The growth need not be monotonic. The floor keeps a converged model's hard batch from counting:
-a loss that fell from 2.3 to 1e-4 must climb back above 230 before it is called divergence.
+host values the guard reads anyway, so it costs no device work. Divergence is a *level* (the median of the last :data:`LEVEL` values)
+:data:`GROWTH` times the reference: the larger of the median of the values before them in the
+``window`` and a tenth of the run's starting level (the median of its first ``min_history``
+values). The growth need not be monotonic, and it is seen a few steps into it. A single hard batch,
+or a run that spikes that high now and then, is not divergence: a saturated classifier's loss may
+jump from 1e-4 to 10 and back; only when most recent steps stay up has the run diverged.
 Values that are not positive switch the test off (a log-likelihood, say).
 
 >>> detector = GrowthDetector("loss")
->>> [detector.update(v) for v in [4.6, 4.5, 4.4, 40.0, 900.0]]
-[None, None, None, None, None]
->>> detector.update(2e4)
-'the loss grew to 2e+04, 4.35e+03x its reference 4.6 (the median of the last 5 steps)'
+>>> [detector.update(v) for v in [4.6, 4.5, 4.4, 4.3, 9e3, 4.2, 4.1]]  # one hard batch: a spike
+[None, None, None, None, None, None, None]
+>>> [detector.update(v) for v in [40.0, 900.0, 2e4]][-1] is None, detector.update(5e4)
+(True, None)
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ __all__ = ["GROWTH", "GrowthDetector"]
 GROWTH = 1e3
 #: The reference never drops below this fraction of the run's starting level.
 FLOOR = 0.1
+#: The recent level is the median of this many last values (so 3 of them must be high).
+LEVEL = 5
 
 
 class GrowthDetector:
@@ -49,23 +52,29 @@ class GrowthDetector:
         """Take one step's value; the evidence (one sentence) when it diverged, else ``None``."""
         if value is None or self.off or not math.isfinite(value):
             return None
-        if value <= 0:
+        if value < 0:
             self.off = True  # not a positive quantity: its ratios mean nothing
             return None
-        verdict = None
-        if len(self.recent) >= self.min_history and self.start is not None:
-            median = statistics.median(self.recent)
-            reference = max(median, FLOOR * self.start)
-            if value > self.growth * reference:
-                what = f"the median of the last {len(self.recent)} steps" if reference == median else f"a tenth of the run's starting level {self.start:.3g}"
-                verdict = f"the {self.name} grew to {value:.3g}, {value / reference:.3g}x its reference {reference:.3g} ({what})"
-        if verdict is None:
-            self.recent.append(value)
-            if self.start is None:
-                self._first.append(value)
-                if len(self._first) >= self.min_history:
-                    self.start = statistics.median(self._first)
-        return verdict
+        if value == 0:  # a perfect fit (or dead units): no scale to compare with
+            return None
+        self.recent.append(value)
+        if self.start is None:
+            self._first.append(value)
+            if len(self._first) >= self.min_history:
+                self.start = statistics.median(self._first)
+        values = list(self.recent)
+        if self.start is None or len(values) < LEVEL + self.min_history:
+            return None
+        level = statistics.median(values[-LEVEL:])
+        earlier = statistics.median(values[:-LEVEL])
+        reference = max(earlier, FLOOR * self.start)
+        if level <= self.growth * reference:
+            return None
+        what = f"the median of the {len(values) - LEVEL} steps before" if reference == earlier else f"a tenth of the run's starting level {self.start:.3g}"
+        return (
+            f"the {self.name} grew to {value:.3g}; its level (the median of the last {LEVEL} steps, {level:.3g}) is "
+            f"{level / reference:.3g}x its reference {reference:.3g} ({what})"
+        )
 
     def reset(self) -> None:
         """Forget the recent values (after the incident was handled); the starting level stays."""

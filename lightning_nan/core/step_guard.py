@@ -313,6 +313,9 @@ class StepGuard:
         views = gather_objects(local)
         flags = {k: any(v[k] for v in views) for k in _FLAGS}
         if not any(flags.values()):  # finite, only large enough for a 2-norm to overflow
+            growth = self._growth(step, numbers, bool(losses), bool(grads), check_params) if self.detect_divergence else None
+            if growth is not None:  # e.g. a weight that jumped to 1e30: its norm overflows, its value is finite
+                return self._grew(growth, step, epoch, optimizer, params, grad_norms, batches, extra, device)
             self.consecutive_skips = 0
             return StepVerdict()
         for p in params:  # harmless where GradScaler skips anyway; safe if it missed a late fault
@@ -462,6 +465,8 @@ class StepGuard:
             elif not optional:
                 incident.action = "raised"
                 raise_error = True
+        if self.history and self.history[-1].step == incident.step:
+            self.history[-1].cause = incident.cause
         self.incidents.append(incident)
         if self.on_record is not None:
             self.on_record(incident)
@@ -531,11 +536,13 @@ class StepGuard:
         """The escalation message once the same unsafe operation has failed on ``unsafe_op_repeats`` steps."""
         if incident.cause != "unsafe_op" or not self.unsafe_op_repeats:
             return None
+        if (incident.detail.get("bisection") or {}).get("whole_batch"):  # every sample fails: the weights are suspect too
+            return None
         loc = incident.detail.get("localization") or {}
         op = loc.get("op") or loc.get("backward_op")
-        if op is None:
+        if op is None and not incident.module:
             return None
-        key = f"{op} at {loc.get('op_location') or loc.get('backward_location') or incident.module}"
+        key = f"{op} at {loc.get('op_location') or loc.get('backward_location') or incident.module}" if op else f"module {incident.module}"
         steps = self._unsafe_ops.setdefault(key, [])
         steps.append(incident.step)
         if len(steps) < self.unsafe_op_repeats:

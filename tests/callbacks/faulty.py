@@ -135,3 +135,20 @@ def trainer_kwargs(tmp_path, **overrides: Any) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def cause_class(pl: Any) -> type:
+    """A callback that states the cause of every incident, as a diagnosis would: the planted faults of
+    these tests then stand for a real blow-up (``"divergence"``), so the tests exercise what the actors
+    do for that cause. It runs before the guard's own diagnosis (``incident_order`` below 20)."""
+
+    class CauseIs(pl.Callback):
+        incident_order = 15
+
+        def __init__(self, cause: str = "divergence"):
+            self.cause = cause
+
+        def on_nan_incident(self, event: Any) -> None:
+            event.incident.cause = self.cause
+
+    return CauseIs

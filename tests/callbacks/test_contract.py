@@ -9,7 +9,7 @@ import copy
 import pickle
 
 import pytest
-from faulty import loader, model_class, trainer_kwargs
+from faulty import cause_class, loader, model_class, trainer_kwargs
 
 REGISTRY: dict[str, list[dict]] = {
     "NaNGuard": [{}, {"max_consecutive": 5, "check_inputs": True, "check_params_every_n_steps": 3}],
@@ -77,7 +77,8 @@ def test_recommended_callbacks_fit_save_and_resume_together(ns, tmp_path):
     ]
     assert all(isinstance(cb, ns.pl.Callback) for cb in callbacks)
     ckpt = ns.pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    trainer = ns.pl.Trainer(callbacks=[*callbacks, ckpt], **trainer_kwargs(tmp_path, enable_checkpointing=True))
+    blowup = cause_class(ns.pl)("divergence")  # the planted faults stand for a blow-up: the backoff acts on it
+    trainer = ns.pl.Trainer(callbacks=[*callbacks, ckpt, blowup], **trainer_kwargs(tmp_path, enable_checkpointing=True))
     trainer.fit(model_class(ns.pl)(faults={1: "loss", 5: "grad"}), loader())
     guard = callbacks[0]
     assert [i.step for i in guard.incidents] == [1, 5]

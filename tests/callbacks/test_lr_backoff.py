@@ -9,6 +9,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import faulty
+from faulty import cause_class
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -107,17 +108,18 @@ def model_class(pl_ns):
 def planter_class(pl_ns):
     class Planter(pl_ns.Callback):
         """Plays NaNGuard's part at planted steps of a float64 model: clears the step's gradients, then
-        tells every callback through the incident protocol (``on_nan_incident``), as the guard does."""
+        tells every callback through the incident protocol (``on_nan_incident``), as the guard does,
+        with the cause its diagnosis gives a blow-up (``divergence``: the cause LRBackoff acts on)."""
 
-        def __init__(self, steps, kind="loss"):
-            self.steps, self.kind = set(steps), kind
+        def __init__(self, steps, kind="loss", cause="divergence"):
+            self.steps, self.kind, self.cause = set(steps), kind, cause
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             if trainer.global_step in self.steps:
                 for group in optimizer.param_groups:
                     for p in group["params"]:
                         p.grad = None
-                incident = Incident(step=trainer.global_step, kind=self.kind)
+                incident = Incident(step=trainer.global_step, kind=self.kind, cause=self.cause)
                 notify(trainer.callbacks, IncidentEvent(incident, optimizer=optimizer))
 
     return Planter
@@ -415,13 +417,14 @@ def test_a_warmup_written_in_on_before_optimizer_step_is_kept(tmp_path):
 
 
 @pytest.mark.parametrize("ignore", [True, False])
-def test_data_incidents_do_not_back_off_unless_asked(tmp_path, ignore):
+def test_data_incidents_never_back_off(tmp_path, ignore):
     backoff = LRBackoff(patience=100, ignore_data_incidents=ignore)
     guard = NaNGuard(check_inputs=True)
     trainer = pl.Trainer(callbacks=[guard, backoff], **trainer_kwargs(tmp_path, max_epochs=1))
     trainer.fit(model_class(pl)(dtype=torch.float32), loader(nan_sample=3, dtype=torch.float32))  # a NaN input in batch 1
     assert [(i.step, i.kind) for i in guard.incidents] == [(1, "input")]
-    assert backoff.factor_now == (1.0 if ignore else 0.5)
+    assert guard.incidents[0].cause == "dirty_data"
+    assert backoff.factor_now == 1.0 and backoff.history == []  # a lower LR does not clean data
     assert backoff.controller.clean_steps == 2  # the dirty step is not clean either way: steps 2, 3
 
 
@@ -435,12 +438,12 @@ def test_a_loss_spike_backs_off_one_step_later(tmp_path):
 
 
 def test_nan_guard_incidents_back_off_a_float32_model(tmp_path):
-    """The real guard: NaN losses at steps 2 and 6 are skipped and reported; the factors follow."""
+    """The real guard: NaN losses at steps 2 and 6 are skipped and reported as a blow-up; the factors follow."""
     backoff, probe, guard = LRBackoff(patience=5), probe_class(pl)(), NaNGuard()
     model = model_class(pl)("exponential", "step", faults=FAULTS, dtype=torch.float32)
-    trainer = pl.Trainer(callbacks=[guard, backoff, probe], **trainer_kwargs(tmp_path))
+    trainer = pl.Trainer(callbacks=[guard, backoff, probe, cause_class(pl)("divergence")], **trainer_kwargs(tmp_path))
     trainer.fit(model, loader(dtype=torch.float32))
-    assert [(i.step, i.kind) for i in guard.incidents] == [(2, "loss"), (6, "loss")]
+    assert [(i.step, i.kind, i.cause) for i in guard.incidents] == [(2, "loss", "divergence"), (6, "loss", "divergence")]
     assert [(h["step"], h["factor"]) for h in backoff.history] == [(2, 0.5), (6, 0.25), (11, 0.5)]
     reference = replay("exponential", "step")
     for k, factor in enumerate(FACTORS):  # float32 weights: the update is exact to ~1e-4 here
@@ -460,3 +463,13 @@ def test_arguments_are_validated():
         LRBackoff(log_every_n_steps=0)
     assert math.isclose(LRBackoff(factor=0.25).controller.growth, 4.0)
     assert issubclass(lightning_nan.LRBackoff, pl.Callback)
+
+
+def test_a_nan_the_evidence_does_not_explain_leaves_the_lr(tmp_path):
+    """The same NaN losses, with no cause established (``unknown``): skipped, recorded, the LR untouched."""
+    backoff, guard = LRBackoff(patience=5), NaNGuard()
+    model = model_class(pl)("exponential", "step", faults=FAULTS, dtype=torch.float32)
+    trainer = pl.Trainer(callbacks=[guard, backoff], **trainer_kwargs(tmp_path))
+    trainer.fit(model, loader(dtype=torch.float32))
+    assert [(i.step, i.cause) for i in guard.incidents] == [(2, "unknown"), (6, "unknown")]
+    assert backoff.history == [] and backoff.factor_now == 1.0
