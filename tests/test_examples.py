@@ -62,9 +62,7 @@ def test_exploding_cnn_with_recommended_reaches_a_loss_near_zero(tmp_path):
     assert len(model.losses) == 20 * steps_per_epoch
     assert exploding_cnn.weights_finite(model)
     assert all(math.isfinite(v) for v in model.losses)
-    # Far below chance (ln 2 = 0.69). Divergence caught before its NaNs costs this spiky run some of its
-    # end loss (< 0.02 when only the NaNs were acted on): see BENCHMARKS.md's zoo section.
-    assert last_epoch_mean(model.losses, steps_per_epoch) < 0.1
+    assert last_epoch_mean(model.losses, steps_per_epoch) < 0.02
 
 
 def test_exploding_cnn_recovers_when_clipping_is_not_enough(tmp_path):
@@ -78,12 +76,11 @@ def test_exploding_cnn_recovers_when_clipping_is_not_enough(tmp_path):
     model, guard = exploding_cnn.run(guarded=True, epochs=20, seed=2, root=str(tmp_path), callbacks=callbacks)
     backoff, rollback = callbacks[3], callbacks[4]
     assert guard is not None and guard.incidents and guard.incidents[0].step < 10
-    # the blow-up is caught (as divergence, before or at its NaNs) and the LR backed off; a rollback is no
-    # longer needed for this start
-    assert backoff.factor_now < 1.0 and guard.incidents[0].cause == "divergence"
+    assert rollback.history and rollback.history[0]["restored_step"] == 0
+    assert backoff.factor_now < 1.0
     assert exploding_cnn.weights_finite(model)
     assert all(math.isfinite(v) for v in model.losses[-10 * steps_per_epoch :])
-    assert last_epoch_mean(model.losses, steps_per_epoch) < 0.1
+    assert last_epoch_mean(model.losses, steps_per_epoch) < 0.05
 
 
 def test_exploding_mlp_plain_diverges_and_recommended_converges(tmp_path):

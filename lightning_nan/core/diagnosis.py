@@ -180,12 +180,8 @@ def diagnose(
         trend = [detail["growth"], *trend]
     if incident.kind in ("param", "jump") and not trend:
         trend = [jump or "the weights turned non-finite"]
-    diverged = [r.step for r in earlier if r.cause == "divergence"]
-    if not trend and bisection.get("whole_batch") and diverged:  # not some samples: the weights themselves
-        trend = [
-            f"every sample of the batch fails, and the run diverged at steps {diverged[-5:]}: the weights have not "
-            "recovered from the blow-up"
-        ]
+    if not trend and bisection.get("whole_batch"):  # not some samples: the weights themselves
+        trend = _whole_batch_trend(earlier)
     if trend and not overflow:
         advice = (
             "Divergence: lower the learning rate (LRBackoff does it automatically), clip gradients "
@@ -256,6 +252,26 @@ def diagnose(
     return Diagnosis("unknown", [], incident.advice, missing)
 
 
+def _whole_batch_trend(earlier: Sequence[StepRecord]) -> list[str]:
+    """Evidence that a batch failing on every sample comes from a blow-up of the weights, not an op's corner case."""
+    diverged = [r.step for r in earlier if r.cause == "divergence"]
+    if diverged:
+        return [
+            f"every sample of the batch fails, and the run diverged at steps {diverged[-5:]}: the weights have not "
+            "recovered from the blow-up"
+        ]
+    grads = [(r.step, r.grad_norm) for r in earlier if r.grad_norm is not None and math.isfinite(r.grad_norm)]
+    if len(grads) >= 3:
+        step, peak = max(grads, key=lambda g: g[1])
+        typical = sorted(g for _, g in grads)[len(grads) // 2]
+        if peak > GROWTH * max(typical, 1e-12):
+            return [
+                f"every sample of the batch fails, after the gradient norm spiked to {peak:.3g} at step {step} "
+                f"({peak / max(typical, 1e-12):.0f}x its median of {typical:.3g}): the weights were thrown off"
+            ]
+    return []
+
+
 def _weight_jump(before: Sequence[StepRecord], step: int) -> str | None:
     """Evidence that the weights at ``step`` moved far more than the steps before moved them."""
     weights = [(r.step, r.weight_norm) for r in before if r.weight_norm is not None]
@@ -272,12 +288,12 @@ def _weight_jump(before: Sequence[StepRecord], step: int) -> str | None:
             f"the weights' total norm overflowed at step {step} (it was {prev:.3g} the step before): a value beyond "
             "~1e19 appeared in them in one step"
         )
-    moves = sorted(abs(b - a) for a, b in zip(values[:-2], values[1:-1]))
-    typical = max(moves[len(moves) // 2], 1e-12 * max(abs(prev), 1e-12))
-    if abs(last - prev) > JUMP * typical and last > 2 * prev:
+    moves = [abs(b - a) for a, b in zip(values[:-2], values[1:-1])]
+    largest = max(max(moves), 1e-12 * max(abs(prev), 1e-12))  # a run whose updates grow fast is divergence, not a jump
+    if abs(last - prev) > JUMP * largest and last > 2 * prev:
         return (
-            f"the weights' total norm jumped from {prev:.3g} to {last:.3g} in one step, {abs(last - prev) / typical:.3g}x "
-            f"the typical change per step ({typical:.3g})"
+            f"the weights' total norm jumped from {prev:.3g} to {last:.3g} in one step, {abs(last - prev) / largest:.3g}x "
+            f"the largest change per step before ({largest:.3g})"
         )
     return None
 

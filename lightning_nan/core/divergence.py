@@ -12,8 +12,8 @@ Values that are not positive switch the test off (a log-likelihood, say).
 >>> detector = GrowthDetector("loss")
 >>> [detector.update(v) for v in [4.6, 4.5, 4.4, 4.3, 9e3, 4.2, 4.1]]  # one hard batch: a spike
 [None, None, None, None, None, None, None]
->>> [detector.update(v) for v in [40.0, 900.0, 2e4]][-1] is None, detector.update(5e4)
-(True, None)
+>>> detector.update(1e4), detector.update(2e4)  # two of the last three steps up 1000x: divergence
+(None, 'the loss grew to 2e+04; its level (the median of the last 3 steps, 1e+04) is 2.25e+03x its reference 4.45 (the median of the 6 steps before)')
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ __all__ = ["GROWTH", "GrowthDetector"]
 GROWTH = 1e3
 #: The reference never drops below this fraction of the run's starting level.
 FLOOR = 0.1
-#: The recent level is the median of this many last values (so 3 of them must be high).
-LEVEL = 5
+#: The recent level is the median of this many last values (so 2 of them must be high).
+LEVEL = 3
 
 
 class GrowthDetector:

@@ -37,7 +37,7 @@ from collections import deque
 
 from lightning_nan.core.data_evidence import broken_pipeline
 from lightning_nan.core.diagnosis import TREND_STEPS, StepRecord, _weight_jump, diagnose
-from lightning_nan.core.divergence import GrowthDetector
+from lightning_nan.core.divergence import LEVEL, GrowthDetector
 from lightning_nan.core.distributed import all_reduce_max, gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import IncidentEvent, escalate, notify
@@ -84,6 +84,9 @@ ADVICE = {
 
 #: The same unsafe operation (op and line) failing on this many steps is a bug to fix, not a batch to skip.
 UNSAFE_OP_REPEATS = 3
+#: A loss that grew by orders of magnitude is divergence only if the weights' total norm moved by this
+#: fraction over the same steps (when the weights are checked).
+MOVED = 0.05
 
 # Which agreed flag names the incident when several are set (under a GradScaler a gradient overflow
 # alone is not a failure, so a collapsed scale outranks it).
@@ -363,9 +366,18 @@ class StepGuard:
         grew_grad = self.grad_growth.update(numbers[1] if grads else None)
         if jump:
             return "jump", jump
-        if grew or grew_grad:
+        if (grew or grew_grad) and self._weights_moved():
             return "divergence", grew or grew_grad or ""
         return None
+
+    def _weights_moved(self) -> bool:
+        """Whether the weights' total norm changed by :data:`MOVED` over the last steps (``True`` when
+        unknown). A diverging run drives its weights away; a saturated classifier whose loss jumps
+        between 1e-3 and 10 while its (clipped) weights stay put is not diverging."""
+        norms = [r.weight_norm for r in list(self.history)[-(LEVEL + 2) :] if r.weight_norm is not None]
+        if len(norms) < 2 or not all(math.isfinite(w) for w in norms):
+            return True
+        return abs(norms[-1] - norms[0]) > MOVED * max(abs(norms[0]), 1e-12)
 
     def _grew(
         self, growth: tuple[str, str], step: int, epoch: int | None, optimizer: torch.optim.Optimizer, params: list[Tensor],
@@ -535,8 +547,6 @@ class StepGuard:
     def _unsafe_repeats(self, incident: Incident) -> str | None:
         """The escalation message once the same unsafe operation has failed on ``unsafe_op_repeats`` steps."""
         if incident.cause != "unsafe_op" or not self.unsafe_op_repeats:
-            return None
-        if (incident.detail.get("bisection") or {}).get("whole_batch"):  # every sample fails: the weights are suspect too
             return None
         loc = incident.detail.get("localization") or {}
         op = loc.get("op") or loc.get("backward_op")
