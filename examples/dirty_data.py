@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> tuple[Result, Result]:
     print("\nNaNGuard + BatchBisection:")
     for inc in guarded.guard.incidents:
         bis = inc.detail.get("bisection", {})
-        print(f"  epoch {inc.epoch} step {inc.step}: non-finite {inc.kind}; samples {inc.samples} "
-              f"found in {bis.get('forward_passes')} forward passes")
+        found = f"dirty samples {inc.samples} quarantined" if inc.samples else f"ordinary samples {inc.triggers} trigger it"
+        print(f"  epoch {inc.epoch} step {inc.step}: non-finite {inc.kind}, cause {inc.cause}; {found} "
+              f"({bis.get('forward_passes')} forward passes)")
     first = guarded.guard.incidents[0] if guarded.guard.incidents else None
     if first is not None and "localization" in first.detail:
         print(f"  localization of the first: module {first.module!r}: {first.detail['localization'].get('summary', '')}")

@@ -7,6 +7,8 @@ processes (this file run as a script, one per rank) in which rank 1 alone re-eva
 
 from __future__ import annotations
 
+import gc
+
 import os
 import random
 import subprocess
@@ -297,6 +299,7 @@ def _counting_allreduce(state: list, bucket):
 def test_autograd_grad_on_ddp_module_is_harmless(tmp_path):
     """World size 1: evaluate(backward=True) on ddp.module starts no all-reduce and writes no .grad."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    ddp = None
     try:
         ddp = nn.parallel.DistributedDataParallel(_net())
         reduces: list[int] = []
@@ -323,6 +326,10 @@ def test_autograd_grad_on_ddp_module_is_harmless(tmp_path):
         nn.functional.mse_loss(ddp(x), y).backward()  # a second step still works
         assert len(reduces) > n
     finally:
+        # The reducer holds the process group: free it first, or a later garbage collection destroys
+        # the group's last reference after destroy_process_group and can deadlock in gloo's destructor.
+        ddp = None  # (the loss function's closure reads this same variable)
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
