@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_key
+from lightning_nan.callbacks._step_traces import StepTraces
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir
 from lightning_nan.core.errors import NonFiniteWarning
 from lightning_nan.core.events import EscalationHandler, IncidentListener
@@ -58,6 +59,12 @@ class NaNGuardBase:
             layers (BatchNorm, InstanceNorm with ``track_running_stats``) as they were before its
             forward pass; otherwise one NaN batch leaves NaN in ``running_mean``/``running_var`` and
             every later evaluation returns NaN. Costs one fused copy of those buffers per step.
+        clean_metrics: a skipped step's values leave no trace in the epoch: what its batches logged
+            with ``self.log``/``self.log_dict`` (``on_epoch=True``) is taken back out of the epoch
+            aggregates, and the ``torchmetrics`` metrics of the module are put back to their states
+            before it, so the epoch's values (and EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
+            reading them) are those of the run without those batches. Step-level values stay as
+            logged. Costs one fused copy of the metrics' tensor states per step.
 
     Logged through the trainer's loggers:
 
@@ -113,9 +120,11 @@ class NaNGuardBase:
         incidents_path: str | os.PathLike[str] | None = None,
         log_every_n_steps: int | None = None,
         restore_norm_stats: bool = True,
+        clean_metrics: bool = True,
     ) -> None:
         boolean("check_inputs", check_inputs)
         boolean("restore_norm_stats", restore_norm_stats)
+        boolean("clean_metrics", clean_metrics)
         integer("log_every_n_steps", log_every_n_steps, low=1, optional=True, hint="None: the Trainer's")
         super().__init__()
         self.guard = StepGuard(
@@ -127,6 +136,8 @@ class NaNGuardBase:
         self.incidents_path = None if incidents_path is None else os.fspath(incidents_path)
         self.log_every_n_steps = log_every_n_steps
         self.restore_norm_stats = restore_norm_stats
+        self.clean_metrics = clean_metrics
+        self._traces = StepTraces()
         self._norm_stats: list[torch.Tensor] = []
         self._norm_stats_before: list[torch.Tensor] = []
         self._path: str | None = None
@@ -156,7 +167,7 @@ class NaNGuardBase:
     def __getstate__(self) -> dict[str, Any]:
         # Lightning binds the module's `log`/`log_dict` onto every callback; they are re-bound on the next fit.
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
-        state.update(_checked=None, _norm_stats=[], _norm_stats_before=[], _trainer=None)
+        state.update(_checked=None, _norm_stats=[], _norm_stats_before=[], _trainer=None, _traces=StepTraces())
         return state
 
     # ------------------------------------------------------------------ hooks
@@ -183,6 +194,9 @@ class NaNGuardBase:
         # Here, not in setup: the strategy has moved the module to its device (new buffer tensors) by now.
         self._norm_stats = norm_running_stats(pl_module) if self.restore_norm_stats else []
         self._norm_stats_before = [t.clone() for t in self._norm_stats]
+        self._traces = StepTraces()
+        if self.clean_metrics:
+            self._traces.attach(pl_module)
         for opt in trainer.optimizers:
             if isinstance(opt, torch.optim.LBFGS):
                 raise ValueError(
@@ -191,9 +205,20 @@ class NaNGuardBase:
                 )
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._norm_stats and not self.guard._window:  # the first micro-batch of this optimizer step
-            torch._foreach_copy_(self._norm_stats_before, self._norm_stats)
+        if not self.guard._window:  # the first micro-batch of this optimizer step
+            if self._norm_stats:
+                torch._foreach_copy_(self._norm_stats_before, self._norm_stats)
+            if self.clean_metrics:
+                self._traces.save(trainer)
         self.guard.observe_batch(batch, batch_idx, check_inputs=self.check_inputs)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After training_step, manual optimization's steps and their logs included; before Lightning
+        # logs the step and before any epoch-end hook reads the epoch's values.
+        self._traces.batch_end(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._traces.epoch_end()  # runs before EarlyStopping's and ModelCheckpoint's (monitoring callbacks go last)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self.guard.observe_loss(loss)
@@ -219,6 +244,8 @@ class NaNGuardBase:
         self._checked = (key, verdict)
         if verdict.skipped and self._norm_stats:  # the failed forward pass also moved the running statistics
             torch._foreach_copy_(self._norm_stats, self._norm_stats_before)
+        if verdict.skipped and self.clean_metrics:  # its logged values and metric updates go at the batch's end
+            self._traces.mark_skipped()
         skipped = verdict.skipped or verdict.scaler_overflow
         guard = self.guard
         publish(trainer, optimizer, StepGrads(guard._last_with_grad, guard.last_grad_norms, skipped, guard.last_grad_norm_bound))
