@@ -66,6 +66,11 @@ class LoggedValues:
             for key, e in results.items()
         }
 
+    def updated(self, key: str, entry: Any) -> bool:
+        """Whether ``entry`` was logged since :meth:`save`."""
+        saved = self._saved.get(key)
+        return saved is None or saved.entry is not entry or entry._update_count != saved.update_count
+
     def restore(self, results: dict[str, Any] | None) -> list[str]:
         """Put every entry back; return the names of those whose epoch value changed."""
         names = []

@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._eval_guard import EvalGuard
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_key
 from lightning_nan.callbacks._step_traces import StepTraces
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir
 from lightning_nan.core.errors import NonFiniteWarning
-from lightning_nan.core.events import EscalationHandler, IncidentListener
+from lightning_nan.core.events import EscalationHandler, EvalIncidentListener, IncidentListener
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl
 from lightning_nan.core.quarantine import Quarantine
@@ -65,6 +66,10 @@ class NaNGuardBase:
             before it, so the epoch's values (and EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
             reading them) are those of the run without those batches. Step-level values stay as
             logged. Costs one fused copy of the metrics' tensor states per step.
+        check_eval: a validation or test batch whose loss (what its step returns) or logged values are
+            NaN/Inf is an incident (kind ``val``/``test``): its values are left out of the epoch's (with
+            BatchBisection, only those of the samples it names), so one dirty sample does not make the
+            epoch's value NaN (nor stop EarlyStopping). One fused check and one transfer per batch.
 
     Logged through the trainer's loggers:
 
@@ -121,10 +126,12 @@ class NaNGuardBase:
         log_every_n_steps: int | None = None,
         restore_norm_stats: bool = True,
         clean_metrics: bool = True,
+        check_eval: bool = True,
     ) -> None:
         boolean("check_inputs", check_inputs)
         boolean("restore_norm_stats", restore_norm_stats)
         boolean("clean_metrics", clean_metrics)
+        boolean("check_eval", check_eval)
         integer("log_every_n_steps", log_every_n_steps, low=1, optional=True, hint="None: the Trainer's")
         super().__init__()
         self.guard = StepGuard(
@@ -138,6 +145,9 @@ class NaNGuardBase:
         self.restore_norm_stats = restore_norm_stats
         self.clean_metrics = clean_metrics
         self._traces = StepTraces()
+        self.check_eval = check_eval
+        self._eval = EvalGuard()
+        self._eval_listeners: list[Any] = []
         self._norm_stats: list[torch.Tensor] = []
         self._norm_stats_before: list[torch.Tensor] = []
         self._path: str | None = None
@@ -168,11 +178,18 @@ class NaNGuardBase:
         # Lightning binds the module's `log`/`log_dict` onto every callback; they are re-bound on the next fit.
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
         state.update(_checked=None, _norm_stats=[], _norm_stats_before=[], _trainer=None, _traces=StepTraces())
+        state.update(_eval=EvalGuard(), _eval_listeners=[])
         return state
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit":
+        self._eval_listeners = sorted(
+            (cb for cb in trainer.callbacks if cb is not self and isinstance(cb, EvalIncidentListener)),
+            key=lambda cb: getattr(cb, "incident_order", DEFAULT_INCIDENT_ORDER),
+        )
+        if stage != "fit":  # validate / test: their incidents are recorded as fit's are
+            self._rank_zero, self._trainer = trainer.is_global_zero, trainer
+            self._path = self.incidents_path or os.path.join(run_dir(trainer), INCIDENTS_FILE)
             return
         self.guard.set_parameter_names(pl_module)
         self.guard.reduce = max_reducer(trainer)
@@ -228,6 +245,41 @@ class NaNGuardBase:
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if verdict.incident is not None or trainer.global_step % every == 0:
             log_metrics(trainer, self.metrics())
+
+    # ------------------------------------------------------------------ validation and test
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._eval.start(pl_module)
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        self._eval.start(pl_module)
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.check_eval:
+            self._eval.save(trainer)
+
+    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.check_eval:
+            self._eval.save(trainer)
+
+    def on_validation_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._check_eval(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, "validation")
+
+    def on_test_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._check_eval(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, "test")
+
+    def _check_eval(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+        if not self.check_eval:
+            return
+        incident = self._eval.check(
+            trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, stage, self._eval_listeners, self.guard.reduce
+        )
+        if incident is not None:
+            self.guard.incidents.append(incident)
+            self._record(incident)
 
     def ensure_checked(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> StepVerdict:
         """Check the current optimizer step once (callbacks that clip or monitor call this first)."""

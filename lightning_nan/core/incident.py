@@ -14,9 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-#: What was found non-finite. ``"scale"``: the fp16 GradScaler's loss scale fell below its floor.
-IncidentKind = Literal["loss", "grad", "param", "input", "scale"]
-KINDS: tuple[str, ...] = ("loss", "grad", "param", "input", "scale")
+#: What was found non-finite. ``"scale"``: the fp16 GradScaler's loss scale fell below its floor;
+#: ``"val"``/``"test"``: a validation/test batch's loss or logged values (no optimizer step involved).
+IncidentKind = Literal["loss", "grad", "param", "input", "scale", "val", "test"]
+KINDS: tuple[str, ...] = ("loss", "grad", "param", "input", "scale", "val", "test")
+#: The kinds found outside training: they never skip a step, back the LR off or roll back.
+EVAL_KINDS: tuple[str, ...] = ("val", "test")
 
 #: Filled in by the diagnosis; ``"unknown"`` until then.
 CAUSES: tuple[str, ...] = ("unknown", "divergence", "dirty_data", "unsafe_op", "overflow")
@@ -28,7 +31,8 @@ class Incident:
 
     Attributes:
         step: the optimizer step that was attempted (``trainer.global_step`` at the check).
-        kind: what was non-finite: ``loss``, ``grad``, ``param``, ``input`` or ``scale``.
+        kind: what was non-finite: ``loss``, ``grad``, ``param``, ``input``, ``scale``, or ``val`` /
+            ``test`` for a validation/test batch.
         cause: why (see :data:`CAUSES`); ``"unknown"`` until a diagnosis fills it.
         module: the first module whose output turned non-finite, when localization ran.
         samples: data set indices of the culprit samples, when bisection ran.
@@ -38,7 +42,8 @@ class Incident:
         ranks: the ranks that saw the fault (``[0]`` when not distributed).
         params: the first parameter names with non-finite gradients or values.
         detail: free-form facts (loss value, gradient norm, consecutive skips, ...).
-        action: ``skipped``, ``escalated``, ``raised`` or ``recovered by <Name>``.
+        action: ``skipped``, ``escalated``, ``raised``, ``recovered by <Name>``, or for ``val``/``test``
+            what was left out of the epoch's metrics.
         time: wall-clock time of the check, seconds since the epoch.
     """
 
