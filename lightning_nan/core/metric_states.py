@@ -89,8 +89,11 @@ class MetricStates:
         """Put every metric back to its states at the last :meth:`save` (a no-op before any save)."""
         if not self._saved:
             return
-        for (metric, name), saved in zip(self._tensors, self._buffers):
-            setattr(metric, name, saved.clone())  # rebound, as torchmetrics' own forward does
+        # Normal tensors even under `torch.inference_mode` (Lightning's evaluation loops): the metric may be
+        # updated in place outside it later, which an inference tensor refuses.
+        with torch.inference_mode(False), torch.no_grad():
+            for (metric, name), saved in zip(self._tensors, self._buffers):
+                setattr(metric, name, saved.clone())  # rebound, as torchmetrics' own forward does
         for metric, name, value, length in self._lists:
             del value[length:]
             setattr(metric, name, value)
