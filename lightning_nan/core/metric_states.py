@@ -30,11 +30,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:  # a declared dependency; kept optional here so that the core imports without it
-    from torchmetrics import Metric
-except ImportError:  # pragma: no cover
-    Metric = None  # type: ignore[assignment,misc]
-
 
 def find_metrics(module: torch.nn.Module) -> list[Any]:
     """The ``torchmetrics.Metric`` objects in ``module`` (those of a ``MetricCollection`` included), in
@@ -46,8 +41,8 @@ def find_metrics(module: torch.nn.Module) -> list[Any]:
     >>> [type(m).__name__ for m in find_metrics(net)]
     ['MeanMetric', 'SumMetric']
     """
-    if Metric is None:  # pragma: no cover
-        return []
+    from torchmetrics import Metric  # here: importing the core stays light
+
     return [m for m in module.modules() if isinstance(m, Metric)]
 
 
