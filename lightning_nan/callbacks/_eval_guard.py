@@ -78,6 +78,8 @@ class EvalGuard:
             detail={"nonfinite": sorted({n for names in views for n in names}), "dataloader_idx": dataloader_idx, "stage": stage},
             action="left out the batch",
         )
+        if trainer.sanity_checking:
+            incident.detail["sanity_check"] = True
         event = IncidentEvent(
             incident=incident,
             batches=[(batch_idx, batch)],

@@ -36,6 +36,8 @@ class BatchBisectionBase:
     no progress counter touched. Forward only (``no_grad``) for a non-finite loss; with
     ``torch.autograd.grad`` (no ``.grad`` write, no DDP collective) when only the gradients were.
     Adaptive splitting isolates ``d`` culprits among ``n`` samples in about ``d*log2(n)`` passes.
+    Validation/test incidents (kinds ``val``/``test``) are bisected with ``validation_step``/``test_step``;
+    their records carry ``split`` and never leave a training sample out.
 
     The culprits' **data set indices** (read off the train loader's batch sampler, so any sampler,
     shuffled or distributed, any ``num_workers``) go to ``incident.samples`` and, one record per
