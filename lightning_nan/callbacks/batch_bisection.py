@@ -37,6 +37,8 @@ class BatchBisectionBase:
     non-finite loss; with ``torch.autograd.grad`` (no ``.grad`` write, no DDP collective) when only
     the gradients were. Adaptive splitting isolates ``d`` culprits among ``n`` samples in about
     ``d*log2(n)`` passes.
+    Validation/test incidents (kinds ``val``/``test``) are bisected with ``validation_step``/``test_step``;
+    their records carry ``split`` and never leave a training sample out.
 
     **Confirmation.** A culprit counts only if, under a fresh random state, it fails again alone and
     among the clean rest of the batch, and that rest passes without it (``2d + 1`` more passes). So
@@ -192,7 +194,7 @@ class BatchBisectionBase:
             )
         self._rank_zero = trainer.is_global_zero
         self._quarantine = Quarantine(self.quarantine_path or os.path.join(run_dir(trainer), QUARANTINE_FILE))
-        self._excluded = self._quarantine.indices() if self.exclude_quarantined else set()
+        self._excluded = self._quarantine.indices("train") if self.exclude_quarantined else set()
         self._localized = self._dumped = False
         self._watch_train_loader(trainer)
 
@@ -279,6 +281,13 @@ class BatchBisectionBase:
             local = {"error": f"{type(err).__name__}: {err}", "records": [], "batches": [], "localization": None}
         views = gather_objects(local)  # a collective: every rank reaches it once per incident
         self._merge(trainer, incident, views, locate)
+
+    def on_nan_eval_incident(self, event: IncidentEvent) -> None:
+        """A validation/test incident: name its samples, quarantine them with their ``split``, and hand
+        NaNGuard the batch without them (see :mod:`lightning_nan.callbacks._eval_bisection`)."""
+        from lightning_nan.callbacks._eval_bisection import bisect_eval
+
+        bisect_eval(self, event)
 
     def _search_local(self, trainer: Any, pl_module: Any, event: IncidentEvent, locate: bool) -> dict[str, Any]:
         incident = event.incident

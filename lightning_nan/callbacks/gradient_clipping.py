@@ -8,7 +8,7 @@ import torch
 
 from lightning_nan.callbacks._shared_grads import step_grads
 from lightning_nan.callbacks._trainer import log_metrics, partitions_state, strategy_is
-from lightning_nan.core.clipping import GradientClipper, agc_refused, final_layer_parameters
+from lightning_nan.core.clipping import DEFAULT, GradientClipper, DefaultType, agc_refused, final_layer_parameters
 from lightning_nan.core.sharding import is_sharded
 from lightning_nan.core.validate import boolean, integer
 
@@ -20,7 +20,8 @@ class GradientClippingBase:
     ``Trainer(gradient_clip_val=max_norm)`` for float32 gradients), ``"value"`` (``clip_value``), ``"autoclip"``
     (``percentile=10``, ``window=1000``), ``"agc"`` (``clip_factor=0.01``, ``eps=1e-3``;
     ``exclude_final_layer=True`` leaves the last ``nn.Linear`` unclipped, as the paper does) or
-    ``"zclip"`` (``alpha=0.97``, ``z_thresh=2.5``, ``warmup=25``, optional ``max_norm`` cap).
+    ``"zclip"`` (``alpha=0.97``, ``z_thresh=2.5``, ``warmup=25``, ``max_norm=1.0`` caps every step, the
+    warm-up's included, as the reference ``zclip`` package's ``max_grad_norm``; ``None``: no cap).
 
     Runs in ``on_before_optimizer_step``: after AMP unscaling, after the guard's decision (a
     skipped step is not clipped and never enters AutoClip's or ZClip's statistics), in automatic and
@@ -72,7 +73,7 @@ class GradientClippingBase:
         self,
         method: str = "norm",
         *,
-        max_norm: float | None = None,
+        max_norm: float | None | DefaultType = DEFAULT,
         norm_type: float = 2.0,
         clip_value: float | None = None,
         percentile: float = 10.0,

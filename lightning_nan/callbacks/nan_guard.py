@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._eval_guard import EvalGuard
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_key
+from lightning_nan.callbacks._step_traces import StepTraces
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir
 from lightning_nan.core.errors import NonFiniteWarning
-from lightning_nan.core.events import EscalationHandler, IncidentListener
+from lightning_nan.core.events import EscalationHandler, EvalIncidentListener, IncidentListener
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl
 from lightning_nan.core.quarantine import Quarantine
@@ -65,6 +67,16 @@ class NaNGuardBase:
         unsafe_op_repeats: raise :class:`~lightning_nan.core.errors.NonFiniteError` once the same unsafe
             operation (op and line, named by BatchBisection's localization) has failed on this many
             steps (0: never): skipping would hide a model bug.
+        clean_metrics: a skipped step's values leave no trace in the epoch: what its batches logged
+            with ``self.log``/``self.log_dict`` (``on_epoch=True``) is taken back out of the epoch
+            aggregates, and the ``torchmetrics`` metrics of the module are put back to their states
+            before it, so the epoch's values (and EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
+            reading them) are those of the run without those batches. Step-level values stay as
+            logged. Costs one fused copy of the metrics' tensor states per step.
+        check_eval: a validation or test batch whose loss (what its step returns) or logged values are
+            NaN/Inf is an incident (kind ``val``/``test``): its values are left out of the epoch's (with
+            BatchBisection, only those of the samples it names), so one dirty sample does not make the
+            epoch's value NaN (nor stop EarlyStopping). One fused check and one transfer per batch.
 
     Logged through the trainer's loggers:
 
@@ -122,9 +134,13 @@ class NaNGuardBase:
         restore_norm_stats: bool = True,
         detect_divergence: bool = True,
         unsafe_op_repeats: int = UNSAFE_OP_REPEATS,
+        clean_metrics: bool = True,
+        check_eval: bool = True,
     ) -> None:
         boolean("check_inputs", check_inputs)
         boolean("restore_norm_stats", restore_norm_stats)
+        boolean("clean_metrics", clean_metrics)
+        boolean("check_eval", check_eval)
         integer("log_every_n_steps", log_every_n_steps, low=1, optional=True, hint="None: the Trainer's")
         super().__init__()
         self.guard = StepGuard(
@@ -138,6 +154,11 @@ class NaNGuardBase:
         self.incidents_path = None if incidents_path is None else os.fspath(incidents_path)
         self.log_every_n_steps = log_every_n_steps
         self.restore_norm_stats = restore_norm_stats
+        self.clean_metrics = clean_metrics
+        self._traces = StepTraces()
+        self.check_eval = check_eval
+        self._eval = EvalGuard()
+        self._eval_listeners: list[Any] = []
         self._norm_stats: list[torch.Tensor] = []
         self._norm_stats_before: list[torch.Tensor] = []
         self._path: str | None = None
@@ -167,12 +188,19 @@ class NaNGuardBase:
     def __getstate__(self) -> dict[str, Any]:
         # Lightning binds the module's `log`/`log_dict` onto every callback; they are re-bound on the next fit.
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
-        state.update(_checked=None, _norm_stats=[], _norm_stats_before=[], _trainer=None)
+        state.update(_checked=None, _norm_stats=[], _norm_stats_before=[], _trainer=None, _traces=StepTraces())
+        state.update(_eval=EvalGuard(), _eval_listeners=[])
         return state
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit":
+        self._eval_listeners = sorted(
+            (cb for cb in trainer.callbacks if cb is not self and isinstance(cb, EvalIncidentListener)),
+            key=lambda cb: getattr(cb, "incident_order", DEFAULT_INCIDENT_ORDER),
+        )
+        if stage != "fit":  # validate / test: their incidents are recorded as fit's are
+            self._rank_zero, self._trainer = trainer.is_global_zero, trainer
+            self._path = self.incidents_path or os.path.join(run_dir(trainer), INCIDENTS_FILE)
             return
         self.guard.set_parameter_names(pl_module)
         self.guard.reduce = max_reducer(trainer)
@@ -194,6 +222,9 @@ class NaNGuardBase:
         # Here, not in setup: the strategy has moved the module to its device (new buffer tensors) by now.
         self._norm_stats = norm_running_stats(pl_module) if self.restore_norm_stats else []
         self._norm_stats_before = [t.clone() for t in self._norm_stats]
+        self._traces = StepTraces()
+        if self.clean_metrics:
+            self._traces.attach(pl_module)
         for opt in trainer.optimizers:
             if isinstance(opt, torch.optim.LBFGS):
                 raise ValueError(
@@ -202,9 +233,20 @@ class NaNGuardBase:
                 )
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._norm_stats and not self.guard._window:  # the first micro-batch of this optimizer step
-            torch._foreach_copy_(self._norm_stats_before, self._norm_stats)
+        if not self.guard._window:  # the first micro-batch of this optimizer step
+            if self._norm_stats:
+                torch._foreach_copy_(self._norm_stats_before, self._norm_stats)
+            if self.clean_metrics:
+                self._traces.save(trainer)
         self.guard.observe_batch(batch, batch_idx, check_inputs=self.check_inputs)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After training_step, manual optimization's steps and their logs included; before Lightning
+        # logs the step and before any epoch-end hook reads the epoch's values.
+        self._traces.batch_end(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._traces.epoch_end()  # runs before EarlyStopping's and ModelCheckpoint's (monitoring callbacks go last)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self.guard.observe_loss(loss)
@@ -214,6 +256,41 @@ class NaNGuardBase:
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if verdict.incident is not None or trainer.global_step % every == 0:
             log_metrics(trainer, self.metrics())
+
+    # ------------------------------------------------------------------ validation and test
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._eval.start(pl_module)
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        self._eval.start(pl_module)
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.check_eval:
+            self._eval.save(trainer)
+
+    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.check_eval:
+            self._eval.save(trainer)
+
+    def on_validation_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._check_eval(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, "validation")
+
+    def on_test_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._check_eval(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, "test")
+
+    def _check_eval(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+        if not self.check_eval:
+            return
+        incident = self._eval.check(
+            trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, stage, self._eval_listeners, self.guard.reduce
+        )
+        if incident is not None:
+            self.guard.incidents.append(incident)
+            self._record(incident)
 
     def ensure_checked(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> StepVerdict:
         """Check the current optimizer step once (callbacks that clip or monitor call this first)."""
@@ -230,6 +307,8 @@ class NaNGuardBase:
         self._checked = (key, verdict)
         if verdict.skipped and self._norm_stats:  # the failed forward pass also moved the running statistics
             torch._foreach_copy_(self._norm_stats, self._norm_stats_before)
+        if verdict.skipped and self.clean_metrics:  # its logged values and metric updates go at the batch's end
+            self._traces.mark_skipped()
         skipped = verdict.skipped or verdict.scaler_overflow
         guard = self.guard
         publish(trainer, optimizer, StepGrads(guard._last_with_grad, guard.last_grad_norms, skipped, guard.last_grad_norm_bound))

@@ -17,6 +17,7 @@ from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl, read_jsonl
 from lightning_nan.core.localize import Localization, localize
 from lightning_nan.core.lr_backoff import LRBackoffController
+from lightning_nan.core.metric_states import MetricStates, find_metrics
 from lightning_nan.core.norms import any_nonfinite, iter_tensors, tensor_norms, total_norm
 from lightning_nan.core.quarantine import Quarantine
 from lightning_nan.core.reevaluate import preserved
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_MAX_CONSECUTIVE",
     "EscalationHandler",
     "find_culprits",
+    "find_metrics",
     "fingerprint",
     "GradientClipper",
     "Incident",
@@ -50,6 +52,7 @@ __all__ = [
     "localize",
     "LossSpikeDetector",
     "LRBackoffController",
+    "MetricStates",
     "NonFiniteError",
     "NonFiniteWarning",
     "preserved",

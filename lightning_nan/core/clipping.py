@@ -20,6 +20,7 @@ tensor(1.)
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,23 @@ from lightning_nan.core.sharding import copies_per_tensor, local_parts, norms_ov
 from lightning_nan.core.validate import choice, integer, number
 
 METHODS = ("norm", "value", "autoclip", "agc", "zclip")
+#: ZClip's cap on every step's norm unless told otherwise: the reference ``zclip`` package's
+#: ``max_grad_norm=1.0``, which is what lets a model that blows up in its first (warm-up) steps survive.
+ZCLIP_MAX_NORM = 1.0
+
+
+class DefaultType(enum.Enum):
+    """The type of :data:`DEFAULT`."""
+
+    TOKEN = "default"
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: ``max_norm=DEFAULT``: the method's own default (:data:`ZCLIP_MAX_NORM` for ``zclip``, none for the
+#: others); ``None`` means no cap (``inf`` too).
+DEFAULT = DefaultType.TOKEN
 #: ``norm`` skips a coefficient of exactly 1 when the host's norm plus torch's 1e-6, times this, is under
 #: ``max_norm``: a margin far beyond the float32 rounding of the device's norm, its 1e-6 and its division.
 _MARGIN = 1.001
@@ -130,12 +148,22 @@ class ZClip:
     The first ``warmup`` finite norms initialise the mean and variance (clipping only to
     ``max_norm`` meanwhile). Then a norm whose z-score exceeds ``z_thresh`` is clipped to
     ``mean + z_thresh * std / (z / z_thresh)`` (the paper's adaptive scaling), the EMA is updated
-    with the clipped value, and ``max_norm``, when given, caps every threshold. Matches the reference
-    ``zclip`` package (mode "zscore", clip_option "adaptive_scaling"), without its host syncs.
+    with the clipped value, and ``max_norm`` (1.0 by default, as the reference's ``max_grad_norm``;
+    ``None``: no cap) caps every threshold. Matches the reference ``zclip`` package (mode "zscore",
+    clip_option "adaptive_scaling") for the same arguments, without its host syncs.
+
+    >>> rule = ZClip(warmup=2)
+    >>> [float(rule.threshold(torch.tensor(n))) for n in (0.5, 40.0)]  # warm-up: only the cap applies
+    [0.5, 1.0]
     """
 
     def __init__(
-        self, alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25, max_norm: float | None = None, eps: float = 1e-6
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup: int = 25,
+        max_norm: float | None = ZCLIP_MAX_NORM,
+        eps: float = 1e-6,
     ) -> None:
         self.alpha = number("alpha", alpha, low=0, high=1, low_open=True, high_open=True)
         self.z_thresh = number("z_thresh", z_thresh, low=0, low_open=True)
@@ -235,7 +263,7 @@ class GradientClipper:
     :func:`torch.nn.utils.clip_grad_value_`; ``autoclip`` (``percentile``, ``window``) clips to a
     percentile of past norms (:class:`AutoClip`); ``agc`` (``clip_factor``, ``eps``) is unit-wise
     adaptive clipping (:func:`adaptive_clip_`); ``zclip`` (``alpha``, ``z_thresh``, ``warmup``,
-    ``max_norm``) is z-score clipping (:class:`ZClip`).
+    ``max_norm``, which defaults to 1.0 there) is z-score clipping (:class:`ZClip`).
 
     >>> model = torch.nn.Linear(3, 1)
     >>> model(torch.ones(1, 3)).sum().mul(100).backward()
@@ -248,7 +276,7 @@ class GradientClipper:
         self,
         method: str = "norm",
         *,
-        max_norm: float | None = None,
+        max_norm: float | None | DefaultType = DEFAULT,
         norm_type: float = 2.0,
         clip_value: float | None = None,
         percentile: float = 10.0,
@@ -260,6 +288,8 @@ class GradientClipper:
         warmup: int = 25,
     ) -> None:
         self.method = choice("method", method, METHODS)
+        if max_norm is DEFAULT:
+            max_norm = ZCLIP_MAX_NORM if method == "zclip" else None
         positive = {"low": 0, "low_open": True}
         needs = {"norm": "max_norm", "value": "clip_value"}.get(method)
         hint = f"method={method!r} needs it"

@@ -18,6 +18,11 @@ order of ``callbacks``.
     checks that they do. When no handler returns ``True`` the guard raises
     :class:`~lightning_nan.core.errors.NonFiniteError`.
 
+``on_nan_eval_incident(event) -> None``
+    Called once per validation/test incident (kind ``val`` or ``test``), on every rank. No step was
+    skipped and nothing trains: only fact finders take part (BatchBisection names the samples and may
+    put the batch without them in ``event.extra["clean_batch"]``); LR backoff and rollback do not hear of it.
+
 >>> from lightning_nan.core.incident import Incident
 >>> class Printer:
 ...     def on_nan_incident(self, event):
@@ -77,6 +82,20 @@ class EscalationHandler(Protocol):
     """Tries to recover when skipping cannot help (rollback); returns ``True`` if it did."""
 
     def on_nan_escalation(self, event: IncidentEvent) -> bool: ...
+
+
+@runtime_checkable
+class EvalIncidentListener(Protocol):
+    """Establishes facts about a validation/test incident (bisection)."""
+
+    def on_nan_eval_incident(self, event: IncidentEvent) -> None: ...
+
+
+def notify_eval(listeners: Iterable[Any], event: IncidentEvent) -> None:
+    """Call ``on_nan_eval_incident`` on every listener that has it, in order."""
+    for listener in listeners:
+        if isinstance(listener, EvalIncidentListener):
+            listener.on_nan_eval_incident(event)
 
 
 def notify(listeners: Iterable[Any], event: IncidentEvent) -> None:

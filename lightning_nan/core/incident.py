@@ -16,9 +16,12 @@ from typing import Any, Literal
 
 #: What was found wrong. ``"scale"``: the fp16 GradScaler's loss scale fell below its floor;
 #: ``"divergence"``: a finite loss or gradient norm grew by orders of magnitude (caught before the first
-#: NaN); ``"jump"``: finite weights moved far more in one step than an update moves them.
-IncidentKind = Literal["loss", "grad", "param", "input", "scale", "divergence", "jump"]
-KINDS: tuple[str, ...] = ("loss", "grad", "param", "input", "scale", "divergence", "jump")
+#: NaN); ``"jump"``: finite weights moved far more in one step than an update moves them;
+#: ``"val"``/``"test"``: a validation/test batch's loss or logged values (no optimizer step involved).
+IncidentKind = Literal["loss", "grad", "param", "input", "scale", "divergence", "jump", "val", "test"]
+KINDS: tuple[str, ...] = ("loss", "grad", "param", "input", "scale", "divergence", "jump", "val", "test")
+#: The kinds found outside training: they never skip a step, back the LR off or roll back.
+EVAL_KINDS: tuple[str, ...] = ("val", "test")
 
 #: Filled in by the diagnosis; ``"unknown"`` until then.
 CAUSES: tuple[str, ...] = ("unknown", "divergence", "dirty_data", "unsafe_op", "overflow", "corruption", "broken_pipeline")
@@ -32,7 +35,8 @@ class Incident:
 
     Attributes:
         step: the optimizer step that was attempted (``trainer.global_step`` at the check).
-        kind: what was non-finite: ``loss``, ``grad``, ``param``, ``input`` or ``scale``.
+        kind: what was non-finite: ``loss``, ``grad``, ``param``, ``input``, ``scale``, or ``val`` /
+            ``test`` for a validation/test batch.
         cause: why (see :data:`CAUSES`); ``"unknown"`` until a diagnosis fills it.
         module: the first module whose output turned non-finite, when localization ran.
         samples: data set indices of the samples shown to be dirty (their own input is non-finite,
@@ -45,7 +49,8 @@ class Incident:
         ranks: the ranks that saw the fault (``[0]`` when not distributed).
         params: the first parameter names with non-finite gradients or values.
         detail: free-form facts (loss value, gradient norm, consecutive skips, ...).
-        action: ``skipped``, ``escalated``, ``raised`` or ``recovered by <Name>``.
+        action: ``skipped``, ``escalated``, ``raised``, ``recovered by <Name>``, or for ``val``/``test``
+            what was left out of the epoch's metrics.
         time: wall-clock time of the check, seconds since the epoch.
     """
 

@@ -78,9 +78,22 @@ class Quarantine:
             )
         return records
 
-    def indices(self) -> set[int]:
-        """The dataset indices in quarantine (records whose ``index`` is an int)."""
-        return {r["index"] for r in self.records() if _is_index(r.get("index"))}
+    def indices(self, split: str | None = None) -> set[int]:
+        """The dataset indices in quarantine (records whose ``index`` is an int); with ``split``, only
+        those of that data set (``"train"``, ``"val"``, ``"test"``; a record without one is ``"train"``).
+
+        >>> import tempfile, os
+        >>> q = Quarantine(os.path.join(tempfile.mkdtemp(), "q.jsonl"))
+        >>> _ = q.add([make_record(index=3, position=0, epoch=0, step=1, batch_idx=0, reason="r", fingerprint="a"),
+        ...            make_record(index=5, position=1, epoch=0, step=1, batch_idx=0, reason="r", fingerprint="b", split="val")])
+        >>> sorted(q.indices()), q.indices("train"), q.indices("val")
+        ([3, 5], {3}, {5})
+        """
+        return {
+            r["index"]
+            for r in self.records()
+            if _is_index(r.get("index")) and (split is None or r.get("split", "train") == split)
+        }
 
     def add(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Append, in one atomic write, the ``records`` not already present; return those appended.

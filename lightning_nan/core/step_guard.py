@@ -574,6 +574,7 @@ class StepGuard:
             found.cause == "unknown"
             and previous is not None
             and previous.cause != "unknown"
+            and incident.detail.get("batch_key") is not None
             and previous.detail.get("batch_key") == incident.detail.get("batch_key")
         ):  # the very same samples again, from the same weights: the same failure
             found.cause, found.advice = previous.cause, previous.advice

@@ -26,6 +26,8 @@ CASES = [
     (lambda: ln.NaNGuard(log_every_n_steps=True), "Expected `log_every_n_steps` to be None or an int >= 1"),
     (lambda: ln.NaNGuard(min_loss_scale=True), "Expected `min_loss_scale` to be a number > 0"),
     (lambda: ln.NaNGuard(check_params_every_n_steps=-1), "\\(0 disables it\\)"),
+    (lambda: ln.NaNGuard(clean_metrics="yes"), "Expected `clean_metrics` to be a bool"),
+    (lambda: ln.NaNGuard(check_eval=None), "Expected `check_eval` to be a bool"),
     (lambda: ln.NormMonitor(histograms="yes"), "Expected `histograms` to be a bool"),
     (lambda: ln.NormMonitor(eps=math.nan), "Expected `eps` to be a number >= 0"),
     (lambda: ln.NormMonitor(group_by=["module"]), "Expected `group_by` in \\('parameter', 'module'\\)"),

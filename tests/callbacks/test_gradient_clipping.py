@@ -24,13 +24,13 @@ class Scaled(torch.nn.Module):
     pass
 
 
-def big_grads_model(ns, **kwargs):
+def big_grads_model(ns, scale=50.0, **kwargs):
     """The faulty test model with a loss scaled up, so that clipping at 0.5 really clips."""
     base = model_class(ns.pl)
 
     class Big(base):
         def _loss(self, batch, batch_idx):
-            return super()._loss(batch, batch_idx) * 50.0
+            return super()._loss(batch, batch_idx) * scale
 
     return Big(**kwargs)
 
@@ -209,3 +209,31 @@ def test_agc_excludes_the_final_layer_by_default(ns, tmp_path):
     assert torch.equal(first_clipped["head.weight"], first_plain["head.weight"])  # the classifier: not clipped
     assert not torch.equal(first_clipped["body.0.weight"], first_plain["body.0.weight"])
     assert float(clip.last["clipped_units"]) > 0
+
+
+def test_zclip_defaults_cap_the_warm_up_as_the_reference_package_does(ns, tmp_path):
+    """A model that blows up in its first steps (all inside ZClip's 25-step warm-up): the reference
+    ``zclip`` package with its defaults caps every step at 1.0 and the run trains; GradientClipping('zclip')
+    with its defaults makes the same weights, step by step. Without a cap the same run skips step after step."""
+    zclip = pytest.importorskip("zclip")
+
+    class Reference(ns.pl.Callback):
+        def __init__(self):
+            self.rule = zclip.ZClip()  # its defaults: max_grad_norm=1.0, warmup_steps=25
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.rule.step(pl_module)
+
+    def run(name, callbacks):
+        guard = ns.NaNGuard()
+        _, recorder = fit(ns, tmp_path / name, [guard, *callbacks], model=big_grads_model(ns, scale=100.0), max_epochs=2)
+        return guard, recorder.snaps
+
+    ref_guard, reference = run("reference", [Reference()])
+    our_guard, ours = run("ours", [ns.lib.GradientClipping("zclip")])
+    assert ref_guard.skipped_steps == our_guard.skipped_steps == 0 and len(ours) == len(reference) == 17
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a["params"], b["params"], rtol=1e-5, atol=1e-7)
+    uncapped_guard, uncapped = run("uncapped", [ns.lib.GradientClipping("zclip", max_norm=None)])
+    assert uncapped_guard.skipped_steps >= 5  # the blow-up: non-finite gradients, step after step
+    assert max(float(p.abs().max()) for p in uncapped[-1]["params"].values()) > 1e4

@@ -214,14 +214,17 @@ def test_agc_leaves_a_non_finite_unit_alone_and_the_excluded_layer_untouched():
     assert not torch.equal(model[2].weight.grad, before[id(model[2].weight)])
 
 
-@pytest.mark.parametrize("max_norm", [None, 2.5])
+@pytest.mark.parametrize("max_norm", [None, 2.5, "defaults"])
 def test_zclip_matches_the_reference_package(max_norm):
     zclip = pytest.importorskip("zclip")
     g = torch.Generator().manual_seed(0)
     norms = (torch.rand(90, generator=g) * 2 + 1).tolist()
     norms[40], norms[41], norms[70] = 30.0, 12.0, 9.0  # spikes
-    reference = zclip.ZClip(alpha=0.97, z_thresh=2.5, max_grad_norm=max_norm, warmup_steps=25)
-    ours = GradientClipper("zclip", max_norm=max_norm)
+    if max_norm == "defaults":  # both packages' own defaults: every step capped at 1.0, the warm-up's too
+        reference, ours = zclip.ZClip(), GradientClipper("zclip")
+    else:
+        reference = zclip.ZClip(alpha=0.97, z_thresh=2.5, max_grad_norm=max_norm, warmup_steps=25)
+        ours = GradientClipper("zclip", max_norm=max_norm)
     ref_model = torch.nn.Linear(1, 2, bias=False)
     our_param = torch.nn.Parameter(torch.zeros(2, 1))
     inserted = 0

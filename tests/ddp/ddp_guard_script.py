@@ -21,12 +21,14 @@ checks the processes whose ids the ranks wrote to ``OUTDIR/pid{r}``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 from ddp_common import finish, load_namespace, write_pid
 
-SCENARIOS = ("loss", "grad", "grad_hook", "escalate", "clip", "norm_ours", "norm_lightning")
+SCENARIOS = ("loss", "grad", "grad_hook", "escalate", "clip", "norm_ours", "norm_lightning", "metrics", "metrics_ref")
+# metrics: "loss" with values logged (sync_dist); metrics_ref: no guard, no fault, the fault step's batches never there
 CLIP_NORM = 1.0  # norm_*: the guard with GradientClipping("norm") or with gradient_clip_val; some steps clip, some not
 FAULT_BATCH = 3
 ESCALATE_FROM = 2
@@ -88,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             x, y = batch
             loss = torch.nn.functional.mse_loss(self.net(x), y)
             if self.global_rank == 1:
-                if scenario in ("loss", "clip") and batch_idx == FAULT_BATCH:
+                if scenario in ("loss", "clip", "metrics") and batch_idx == FAULT_BATCH:
                     loss = loss * float("nan")
                 if scenario == "escalate" and batch_idx >= ESCALATE_FROM:
                     loss = loss * float("nan")
+            if scenario.startswith("metrics"):
+                self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist=True)
+                self.log("loss_max", loss, on_epoch=True, reduce_fx="max", sync_dist=True)
+                self.log("loss_sum", loss, on_epoch=True, reduce_fx="sum", sync_dist=True)
             return loss
 
         def on_after_backward(self) -> None:
@@ -132,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     pl.seed_everything(1234, workers=True)
     x, y = make_data()
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH_SIZE, shuffle=False)
+    if scenario.startswith("metrics"):  # each rank's batches written out (Lightning's sampler would shuffle)
+        rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning's launcher for rank 1
+        steps = [k for k in range(N_SAMPLES // 4) if scenario == "metrics" or k != FAULT_BATCH]
+        loader = DataLoader(TensorDataset(x, y), batch_sampler=[[4 * k + rank, 4 * k + 2 + rank] for k in steps])
 
     guard = NaNGuard(max_consecutive=ESCALATE_MAX_CONSECUTIVE) if scenario == "escalate" else NaNGuard()
     recorder = Recorder()
@@ -148,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         clipping.scale_grads_ = lambda grads, coef: (scale_calls.append(1), scale(grads, coef))[1]
     trainer = pl.Trainer(
         gradient_clip_val=CLIP_NORM if scenario == "norm_lightning" else None,
+        use_distributed_sampler=not scenario.startswith("metrics"),
         accelerator="cpu",
         devices=2,
         strategy="ddp",
         max_epochs=1,
-        callbacks=[*extra, guard, recorder],
+        callbacks=[*extra, guard, recorder] if scenario != "metrics_ref" else [recorder],
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
@@ -184,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "clip_last": {k: v.tolist() for k, v in extra[0].last.items()} if extra else None,
         "clip_coefs": recorder.coefs,
         "scale_calls": len(scale_calls),
+        "epoch_metrics": {k: v.clone() for k, v in trainer.callback_metrics.items()},
         "raised": error is not None,
         "error_type": type(error).__name__ if error is not None else None,
         "error_message": str(error) if error is not None else None,

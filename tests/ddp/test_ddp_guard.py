@@ -301,3 +301,19 @@ def test_norm_clipping_beside_the_guard_matches_lightnings_gradient_clip_val(tmp
     clipped = sum(c < 1.0 for c in coefs)
     assert 0 < clipped < STEPS_PER_RANK  # both kinds of step happened
     assert clipped <= ours.ranks[0]["scale_calls"] < STEPS_PER_RANK  # and a multiplication by 1 was skipped
+
+
+def test_epoch_metrics_with_sync_dist_are_those_of_the_run_without_the_step(tmp_path_factory):
+    """A NaN loss on rank 1 at one step: the epoch's mean, max and sum over both ranks (sync_dist=True) are bit
+    for bit those of a DDP run whose loader never held that step's batches on either rank, and so are the weights."""
+    ours, theirs = _run(tmp_path_factory, "pytorch_lightning", "metrics"), _run(tmp_path_factory, "pytorch_lightning", "metrics_ref")
+    _ok(ours)
+    _ok(theirs)
+    for rank in (0, 1):
+        a, b = ours.ranks[rank], theirs.ranks[rank]
+        assert [i["step"] for i in a["incidents"]] == [FAULT] and b["incidents"] == []
+        epoch = {k: v for k, v in a["epoch_metrics"].items() if not k.endswith("_step")}
+        reference = {k: v for k, v in b["epoch_metrics"].items() if not k.endswith("_step")}
+        assert {"loss_max", "loss_sum", "train_loss"} <= epoch.keys()
+        assert epoch.keys() == reference.keys() and all(torch.equal(epoch[k], reference[k]) for k in epoch), (epoch, reference)
+        assert _equal(a["state_dict"], b["state_dict"])
