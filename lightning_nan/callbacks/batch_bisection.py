@@ -19,7 +19,7 @@ from lightning_nan.core.events import IncidentEvent
 from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record
 from lightning_nan.core.sampling import TrackingBatchSampler, track, untrack
 from lightning_nan.core.sharding import is_sharded
-from lightning_nan.core.validate import boolean, choice, integer
+from lightning_nan.core.validate import boolean, choice, fs_path, integer
 
 #: Incident kinds a re-evaluation of the batch can explain (weights and loss scale are not the data).
 BISECTED_KINDS = ("loss", "input", "grad")
@@ -131,15 +131,17 @@ class BatchBisectionBase:
             raise ValueError(f"Expected `sizer` to be a function batch -> int, got {sizer!r}")
         integer("min_size", min_size, low=1, optional=True)
         integer("max_tests", max_tests, low=1, optional=True)
+        quarantine_path = fs_path("quarantine_path", quarantine_path, optional=True, hint=f"None: {QUARANTINE_FILE} in the log dir")
+        dump_dir = fs_path("dump_dir", dump_dir, optional=True, kind="folder", hint="None: no dump")
         super().__init__()
-        self.quarantine_path = None if quarantine_path is None else os.fspath(quarantine_path)
+        self.quarantine_path = quarantine_path
         self.exclude_quarantined = exclude_quarantined
         self.localize = localize
         self.splitter = splitter
         self.sizer = sizer
         self.min_size = min_size
         self.max_tests = max_tests
-        self.dump_dir = None if dump_dir is None else os.fspath(dump_dir)
+        self.dump_dir = dump_dir
         self.ddp = ddp
         #: Every report so far: one dict per incident bisected (primitives; saved in checkpoints).
         self.reports: list[dict[str, Any]] = []

@@ -19,7 +19,7 @@ from lightning_nan.callbacks._checkpoint_saves import (
 )
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_grads
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, partitions_state
-from lightning_nan.core.validate import choice, integer, number
+from lightning_nan.core.validate import choice, fs_path, integer, number
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.incident import Incident
@@ -192,6 +192,8 @@ class CheckpointRollbackBase:
             )
         number("max_norm_growth", max_norm_growth, low=1, low_open=True, infinite=True, hint="inf: no growth test")
         choice("source", source, SOURCES)
+        dirpath = fs_path("dirpath", dirpath, optional=True, kind="folder", hint="None: snapshots in memory only")
+        number("spike_threshold", spike_threshold, low=0, low_open=True, optional=True, infinite=True, hint="None: no loss tests")
         if dirpath is not None and source != "memory":
             raise ValueError(f"`dirpath` stores snapshots, which source={source!r} does not take: remove `dirpath`")
         super().__init__()

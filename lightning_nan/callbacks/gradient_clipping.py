@@ -8,7 +8,7 @@ import torch
 
 from lightning_nan.callbacks._shared_grads import step_grads
 from lightning_nan.callbacks._trainer import log_metrics, partitions_state, strategy_is
-from lightning_nan.core.clipping import GradientClipper, agc_refused, final_layer_parameters
+from lightning_nan.core.clipping import GradientClipper, agc_refused, final_layer_parameters, refuse_other_methods
 from lightning_nan.core.sharding import is_sharded
 from lightning_nan.core.validate import boolean, integer
 
@@ -101,6 +101,8 @@ class GradientClippingBase:
             z_thresh=z_thresh,
             warmup=warmup,
         )
+        if method != "agc":
+            refuse_other_methods(method, {"exclude_final_layer": exclude_final_layer}, {"exclude_final_layer": True})
         self.exclude_final_layer = exclude_final_layer
         self.log_every_n_steps = log_every_n_steps
         #: The device tensors of the last clipping step (``total_norm``, ``threshold``, ``coef``, ...).

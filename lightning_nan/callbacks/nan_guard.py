@@ -16,7 +16,7 @@ from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl
 from lightning_nan.core.quarantine import Quarantine
 from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, StepVerdict
-from lightning_nan.core.validate import boolean, integer
+from lightning_nan.core.validate import boolean, fs_path, integer
 
 INCIDENTS_FILE = "nan_incidents.jsonl"
 #: Listeners are called in increasing ``incident_order`` (a class attribute; this when absent), then
@@ -117,6 +117,7 @@ class NaNGuardBase:
         boolean("check_inputs", check_inputs)
         boolean("restore_norm_stats", restore_norm_stats)
         integer("log_every_n_steps", log_every_n_steps, low=1, optional=True, hint="None: the Trainer's")
+        incidents_path = fs_path("incidents_path", incidents_path, optional=True, hint=f"None: {INCIDENTS_FILE} in the log dir")
         super().__init__()
         self.guard = StepGuard(
             max_consecutive=max_consecutive,
@@ -124,7 +125,7 @@ class NaNGuardBase:
             min_loss_scale=min_loss_scale,
         )
         self.check_inputs = check_inputs
-        self.incidents_path = None if incidents_path is None else os.fspath(incidents_path)
+        self.incidents_path = incidents_path
         self.log_every_n_steps = log_every_n_steps
         self.restore_norm_stats = restore_norm_stats
         self._norm_stats: list[torch.Tensor] = []
