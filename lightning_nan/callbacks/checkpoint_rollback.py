@@ -234,6 +234,7 @@ class CheckpointRollbackBase:
         self._dropped_in_batch = False
         self._deferred: Any = None  # the rest of a rollback started inside an optimizer step
         self._checked_step = -1
+        self._start_not_finite: int | None = None  # the step training started from, when its weights were not finite
         if getattr(self, "detector", None) is not None:
             self.detector = LossSpikeDetector(self.detector.window, self.detector.threshold)
 
@@ -288,6 +289,8 @@ class CheckpointRollbackBase:
                 if not self._agree_any(trainer, not math.isfinite(float(norm)), norm.device):
                     self.store.promote()
                     log_metrics(trainer, {"rollback/snapshot_step": float(snapshot.step)})
+                else:
+                    self._start_not_finite = step
         self._resume_good = []
         self._next_snapshot_step = (step // self.every_n_steps + 1) * self.every_n_steps
 
@@ -567,6 +570,15 @@ class CheckpointRollbackBase:
 
         else:
             snap = self._choose()
+            if snap is None and self._start_not_finite is not None:
+                start = self._start_not_finite
+                return False, (
+                    f"CheckpointRollback has nothing to go back to: the weights training started from (step {start}) "
+                    "were already not finite, before any update. "
+                    + ("Check the model's initialisation (and any weights loaded into it) before `fit`"
+                       if start == 0 else "The checkpoint resumed from holds non-finite weights: resume from an earlier one")
+                    + ", e.g. all(bool(p.isfinite().all()) for p in model.parameters())."
+                )
             if snap is None:
                 first = self.store.pending.step if self.store.pending is not None else None
                 return False, (
