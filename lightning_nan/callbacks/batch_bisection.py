@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lightning_nan.callbacks._trainer import log_metrics, run_dir, shards_parameters
+from lightning_nan.callbacks._trainer import log_metrics, run_dir, shards_parameters, starts_afresh
 from lightning_nan.core.batches import BatchSplitError, batch_size, select
 from lightning_nan.core.culprits import CulpritReport, find_culprits
 from lightning_nan.core.distributed import gather_objects, world
@@ -179,6 +179,8 @@ class BatchBisectionBase:
                 "BatchBisection reacts to NaNGuard's incidents, but the Trainer has no NaNGuard: "
                 "use Trainer(callbacks=[NaNGuard(), BatchBisection(...)])."
             )
+        if starts_afresh(trainer):  # a new run's reports (a resume loads its own after setup)
+            self.reports, self.forward_passes = [], 0
         self._rank_zero = trainer.is_global_zero
         self._quarantine = Quarantine(self.quarantine_path or os.path.join(run_dir(trainer), QUARANTINE_FILE))
         self._excluded = self._quarantine.indices() if self.exclude_quarantined else set()

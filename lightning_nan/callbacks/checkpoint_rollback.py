@@ -18,7 +18,7 @@ from lightning_nan.callbacks._checkpoint_saves import (
     restore_param_group_settings,
 )
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_grads
-from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, partitions_state
+from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, partitions_state, starts_afresh
 from lightning_nan.core.validate import choice, fs_path, integer, number
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
@@ -258,6 +258,9 @@ class CheckpointRollbackBase:
             )
         self._reset()
         self.store.clear()  # snapshots of an earlier fit belong to another run
+        if starts_afresh(trainer):  # so do its rollbacks (against max_rollbacks) and warnings; a resume loads its own
+            self.history, self._warned, self._resume_good = [], set(), []
+            self.rejected.clear()
         self._trainer = trainer
         self._rank_zero = trainer.is_global_zero
         if self._guard(trainer) is None:

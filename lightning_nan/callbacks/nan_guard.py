@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_key
-from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir
+from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir, starts_afresh
 from lightning_nan.core.errors import NonFiniteWarning
 from lightning_nan.core.events import EscalationHandler, IncidentListener
 from lightning_nan.core.incident import Incident
@@ -164,6 +164,9 @@ class NaNGuardBase:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        if starts_afresh(trainer):  # a new run starts with no incidents (a resume loads its own after setup)
+            self.guard.load_state_dict({"checks": 0, "skipped_steps": 0, "consecutive_skips": 0, "scaler_overflows": 0, "incidents": []})
+            self.guard.history.clear()
         self.guard.set_parameter_names(pl_module)
         self.guard.reduce = max_reducer(trainer)
         # Listeners that establish facts (BatchBisection: the samples) hear of an incident before those

@@ -119,6 +119,10 @@ class AutoClip:
         self.history = torch.where(torch.isfinite(norm), shifted, self.history)
         return torch.nanquantile(self.history, self.percentile / 100.0)
 
+    def reset(self) -> None:
+        """Forget the norms seen (a new run)."""
+        self.history = None
+
     def state_dict(self) -> dict[str, Any]:
         """The recorded norms, oldest first (empty slots are not stored)."""
         if self.history is None:
@@ -154,6 +158,10 @@ class ZClip:
         self.mean: Tensor | None = None
         self.var: Tensor | None = None
         self.seen: Tensor | None = None  # finite norms seen (a device counter)
+
+    def reset(self) -> None:
+        """Forget the statistics (a new run): the next norms warm up again."""
+        self.buffer = self.mean = self.var = self.seen = None
 
     def _init(self, device: torch.device) -> None:
         self.buffer = torch.full((self.warmup,), math.nan, device=device)
@@ -353,6 +361,11 @@ class GradientClipper:
         if cache is None or cache[0] != key:
             self._constant_cache = (key, (torch.full_like(like, max_norm), torch.ones_like(like)))
         return self._constant_cache[1]
+
+    def reset(self) -> None:
+        """Forget AutoClip's or ZClip's statistics (a new run)."""
+        if self.rule is not None:
+            self.rule.reset()
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.rule is None else self.rule.state_dict()
