@@ -61,9 +61,12 @@ class BatchBisectionBase:
         min_size: the smallest sub-batch the model accepts; default 2 with BatchNorm in training
             mode, else 1 (smaller sets are padded with samples already shown to be clean).
         max_tests: at most this many forward passes per micro-batch.
-        dump_dir: if set, the first failing samples and the model (pickled, with ``torch.save``) go to
+        dump_dir: if set, the first failing samples and the model go to
             ``<dump_dir>/nan_dump_step<step>_rank<r>.pt``; ``lightning-nan replay FILE`` reproduces the
-            failure offline and prints the localization. The model class must be importable there.
+            failure offline and prints the localization. The model is pickled (replayed with its own
+            code where its class can be imported) and its failing loss exported with ``torch.export``
+            (replayed without the source code, e.g. for a class defined in the training script); a
+            dump that neither way can replay elsewhere is written with a warning.
         ddp: bisect under DDP (world size > 1). ``False`` for a ``training_step`` that communicates
             (see below): every rank then skips the search alike.
 
@@ -351,11 +354,11 @@ class BatchBisectionBase:
             )
             if self.dump_dir is not None and not self._dumped and report.groups:
                 try:
-                    self._dump(pl_module, batch, batch_idx, report, incident, backward, manual, indices)
+                    self._dump(pl_module, batch, batch_idx, report, incident, backward, manual, indices, loss_fn_for(batch_idx))
                 except Exception as err:  # noqa: BLE001 - a dump is a bonus: never lose the search for it
                     incident.detail["dump_error"] = (
-                        f"{type(err).__name__}: {err}. A dump pickles the model: its class must be importable "
-                        "(defined at module level, not inside a function)."
+                        f"{type(err).__name__}: {err}. A dump pickles the model (its class must be importable) and "
+                        "exports its loss with torch.export."
                     )
         return {"error": None, "records": records, "batches": batches, "localization": localization}
 
@@ -415,7 +418,7 @@ class BatchBisectionBase:
 
     def _dump(
         self, pl_module: Any, batch: Any, batch_idx: int, report: CulpritReport, incident: Any, backward: bool, manual: bool,
-        indices: list[int] | None,
+        indices: list[int] | None, loss_fn: Callable[[Any], Any],
     ) -> None:
         from lightning_nan.core.dump import write_dump
 
@@ -432,6 +435,7 @@ class BatchBisectionBase:
             positions=positions,
             indices=[indices[p] for p in positions] if indices is not None else None,
             incident=incident.to_dict(),
+            loss_fn=loss_fn,
         )
         self._dumped = True
         incident.detail["dump"] = path
