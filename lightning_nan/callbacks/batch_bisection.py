@@ -65,8 +65,9 @@ class BatchBisectionBase:
             ``<dump_dir>/nan_dump_step<step>_rank<r>.pt``; ``lightning-nan replay FILE`` reproduces the
             failure offline and prints the localization. The model is pickled (replayed with its own
             code where its class can be imported) and its failing loss exported with ``torch.export``
-            (replayed without the source code, e.g. for a class defined in the training script); a
-            dump that neither way can replay elsewhere is written with a warning.
+            (replayed without the source code, e.g. for a class defined in the training script; the
+            export runs once, for the one dump, and takes seconds for a large model); a dump that
+            neither way can replay elsewhere is written with a warning.
         ddp: bisect under DDP (world size > 1). ``False`` for a ``training_step`` that communicates
             (see below): every rank then skips the search alike.
 

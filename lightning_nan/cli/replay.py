@@ -36,7 +36,13 @@ def replay(path: str, *, exported: bool = False) -> dict[str, Any]:
     elif dump.get("exported") is not None:
         from lightning_nan.core.exported import load_program, replay_program
 
-        fails, where = replay_program(load_program(dump["exported"]), batch, backward=dump["backward"])
+        try:
+            fails, where = replay_program(load_program(dump["exported"]), batch, backward=dump["backward"])
+        except Exception as err:  # noqa: BLE001 - e.g. another torch version, or an operation this machine lacks
+            raise ValueError(
+                f"{path}: the exported program could not run here ({type(err).__name__}: {err}); it was written with "
+                f"torch {dump.get('torch')}, this is torch {_torch_version()}. Replay it where the model's class can be imported."
+            ) from None
         replayed_with = "the exported program (no source code needed)"
     else:
         why = dump.get("module_error") if module is None else "--exported was asked for"
@@ -56,6 +62,12 @@ def replay(path: str, *, exported: bool = False) -> dict[str, Any]:
         "localization": where.to_dict(),
         "summary": where.summary(),
     }
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def _replay_module(module: Any, batch: Any, dump: dict[str, Any]) -> tuple[bool, Any]:

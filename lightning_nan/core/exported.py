@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.export.passes
 import torch.fx.traceback
 from torch import Tensor
 from torch.utils import _pytree as pytree
@@ -59,13 +60,15 @@ def export_loss(module: torch.nn.Module, loss_fn: Callable[[Any], Any], batch: A
 
     ``loss_fn(batch)`` must run ``module`` and return the loss. Traced with fake tensors
     (``strict=False``): nothing is computed, and ``module`` (buffers, gradients, train/eval flags,
-    random state) is left as it was.
+    random state) is left as it was. The program is saved for the CPU (weights, buffers and the
+    devices named in the graph), to be replayed by :func:`replay_program` on a CPU batch.
     """
     try:
         _keep_frames_of(module)
         with preserved(module), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.export.export(_Loss(module, loss_fn), (batch,), strict=False)
+            program = torch.export.passes.move_to_device_pass(program, "cpu")  # replayed where there is no GPU
             buffer = io.BytesIO()
             torch.export.save(program, buffer)
         return buffer.getvalue(), None
