@@ -111,7 +111,8 @@ class LRBackoffController:
     ``lr`` written *inside* ``optimizer.step()`` (by the closure, or by Lightning's
     ``on_before_optimizer_step`` under automatic optimization: both run after the pre-hook) is used
     **unscaled** for that step and kept; set warm-up or hand-made LRs before the step (a scheduler,
-    ``on_train_batch_start``) for the backoff to apply to them.
+    ``on_train_batch_start``) for the backoff to apply to them. A group without a numeric ``lr`` (none,
+    or ``lr=None``: an optimizer that sets its own step size) is left alone (:func:`has_numeric_lr`).
 
     Cost: the hooks do nothing but record the factor while it is 1; otherwise they rescale the
     ``lr`` of each group twice per step (a float, or an in-place op on a tensor ``lr``; no host sync).
