@@ -234,7 +234,8 @@ class CheckpointRollbackBase:
         self._dropped_in_batch = False
         self._deferred: Any = None  # the rest of a rollback started inside an optimizer step
         self._checked_step = -1
-        self._start_not_finite: int | None = None  # the step training started from, when its weights were not finite
+        self._start_step = 0  # the step this fit started from
+        self._start_not_finite: int | None = None  # the same, when its weights were not finite
         if getattr(self, "detector", None) is not None:
             self.detector = LossSpikeDetector(self.detector.window, self.detector.threshold)
 
@@ -272,7 +273,7 @@ class CheckpointRollbackBase:
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         step = trainer.global_step
-        self._flushed_step = step
+        self._flushed_step = self._start_step = step
         if self.source == "memory":
             if self._resume_good and self.store.dirpath is not None:
                 found = self.store.reload(
@@ -556,6 +557,8 @@ class CheckpointRollbackBase:
             return False, f"CheckpointRollback: max_rollbacks={self.max_rollbacks} reached ({self._listing()})."
         if self.source == "checkpoint":
             ckpt, why = self._find_checkpoint(trainer)
+            if ckpt is None and reason == "non-finite weights" and step == self._start_step:  # no update yet
+                return False, self._not_finite_at_start(step)
             if ckpt is None:
                 return False, why
             restored = int(ckpt.get("global_step", -1))
@@ -574,14 +577,7 @@ class CheckpointRollbackBase:
         else:
             snap = self._choose()
             if snap is None and self._start_not_finite is not None:
-                start = self._start_not_finite
-                return False, (
-                    f"CheckpointRollback has nothing to go back to: the weights training started from (step {start}) "
-                    "were already not finite, before any update. "
-                    + ("Check the model's initialisation (and any weights loaded into it) before `fit`"
-                       if start == 0 else "The checkpoint resumed from holds non-finite weights: resume from an earlier one")
-                    + ", e.g. all(bool(p.isfinite().all()) for p in model.parameters())."
-                )
+                return False, self._not_finite_at_start(self._start_not_finite)
             if snap is None:
                 first = self.store.pending.step if self.store.pending is not None else None
                 return False, (
@@ -633,6 +629,16 @@ class CheckpointRollbackBase:
                 "blow-up may recur: add LRBackoff() to the Trainer's callbacks.",
             )
         return True, ""
+
+    @staticmethod
+    def _not_finite_at_start(start: int) -> str:
+        return (
+            f"CheckpointRollback has nothing to go back to: the weights training started from (step {start}) "
+            "were already not finite, before any update. "
+            + ("Check the model's initialisation (and any weights loaded into it) before `fit`"
+               if start == 0 else "The checkpoint resumed from holds non-finite weights: resume from an earlier one")
+            + ", e.g. all(bool(p.isfinite().all()) for p in model.parameters())."
+        )
 
     def _choose(self) -> Snapshot | None:
         """The newest good snapshot; one restored before that failed again gives way to the one before it."""

@@ -351,6 +351,11 @@ def test_non_finite_start_is_not_trusted_and_the_guard_raises_saying_so(ns, tmp_
     message = str(info.value)
     assert "Check the model's initialisation" in message and rollback.history == []
     assert "pending" not in message and "every_n_steps" not in message  # advice that cannot help
+    # restoring ModelCheckpoint saves: not "save checkpoints more often" either
+    rollback = ns.lib.CheckpointRollback(source="checkpoint")
+    with pytest.raises(NonFiniteError, match=r"the weights training started from \(step 0\) were already not finite") as info:
+        fit(ns, tmp_path / "ckpt", rollback, model=model)
+    assert "more often" not in str(info.value)
 
 
 def test_persistent_loss_spike_triggers_a_rollback(ns, tmp_path):
