@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -119,3 +120,21 @@ def test_an_importable_model_replays_with_its_code_or_the_exported_program(tmp_p
     assert result["reproduced"] is True
     assert result["replayed_with"].startswith("the exported program" if exported else "the model's code (Sequential")
     assert result["localization"]["module"] == "0" and result["localization"]["module_type"] == "Linear"
+
+
+def test_the_readme_replay_of_the_dirty_data_example(tmp_path, capsys, monkeypatch):
+    """README: ``python examples/dirty_data.py`` writes a dump of its first failure; ``lightning-nan replay`` on it
+    (here without the example's code, as from another folder) reproduces the 0/0 of the all-zero image."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    import dirty_data
+
+    result = dirty_data.train(True, str(tmp_path), epochs=1, workers=0, dump_dir=str(tmp_path / "dumps"))
+    first = result.guard.incidents[0]
+    assert first.samples == [1777] and first.detail["dump"].endswith("nan_dump_step26_rank0.pt")
+    capsys.readouterr()
+    assert main(["replay", first.detail["dump"], "--exported"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("nan_dump_step26_rank0.pt: step 26, non-finite loss; data set indices [1777]")
+    assert lines[1] == "reproduced: yes, with the exported program (no source code needed)"
+    assert lines[2].startswith("localization: first non-finite value from div at ") and "dirty_data.py:95 in forward" in lines[2]
+    assert lines[2].endswith("(inputs finite: min 0, max 0 — 0/0?), 64 non-finite elements, inside <root> (Net)")
