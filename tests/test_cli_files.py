@@ -35,7 +35,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(x.rsplit("/", 1)[-1] for x in a) for a, _ in CASES])
+@pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(x.rsplit("/", 1)[-1] for x in a).replace("{run}", "RUN") for a, _ in CASES])
 def test_the_wrong_file_is_refused_with_a_message(run, capsys, argv, message):
     assert main([a.format(run=run) for a in argv]) == 2
     out, err = capsys.readouterr()
