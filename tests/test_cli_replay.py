@@ -138,3 +138,30 @@ def test_the_readme_replay_of_the_dirty_data_example(tmp_path, capsys, monkeypat
     assert lines[1] == "reproduced: yes, with the exported program (no source code needed)"
     assert lines[2].startswith("localization: first non-finite value from div at ") and "dirty_data.py:95 in forward" in lines[2]
     assert lines[2].endswith("(inputs finite: min 0, max 0 — 0/0?), 64 non-finite elements, inside <root> (Net)")
+
+
+def test_the_models_own_code_is_found_from_any_folder(tmp_path, capsys, monkeypatch):
+    """A model class in a module of the project: replay imports it from the folder its source was in, wherever it runs."""
+    from lightning_nan.core.dump import write_dump
+
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    (project / "models" / "__init__.py").write_text("")
+    (project / "models" / "net.py").write_text(
+        "import torch\n\nclass Net(torch.nn.Module):\n    def forward(self, x):\n        return torch.log(x).sum()\n"
+    )
+    with monkeypatch.context() as m:
+        m.syspath_prepend(str(project))
+        from models.net import Net
+
+        write_dump(tmp_path / "dump.pt", module=Net(), batch=torch.tensor([1.0, -1.0]), batch_idx=0)
+    for name in ("models.net", "models"):
+        sys.modules.pop(name, None)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["replay", str(tmp_path / "dump.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "reproduced: yes, with the model's code (Net from models.net)" in out and "log(<0)?" in out
+    assert str(project) not in sys.path  # not left behind
+    for name in ("models.net", "models"):
+        sys.modules.pop(name, None)
