@@ -80,12 +80,15 @@ def export_loss(module: torch.nn.Module, loss_fn: Callable[[Any], Any], batch: A
 def _keep_frames_of(module: torch.nn.Module) -> None:
     """Have the exporter record the lines of the model's own methods (``training_step``, helpers), not
     only of ``forward``s, in each operation's stack trace (:func:`torch.fx.traceback.annotate_fn`)."""
+    annotate_fn = getattr(torch.fx.traceback, "annotate_fn", None)  # torch marks it not backward compatible
+    if annotate_fn is None:  # then only the lines of forward()s are recorded
+        return
     for cls in type(module).__mro__:
         if cls.__module__.split(".")[0] in _LIBRARIES:
             continue
         for fn in vars(cls).values():
             if inspect.isfunction(fn) and fn.__name__ != "forward":
-                torch.fx.traceback.annotate_fn({})(fn)  # registers the function's frames as worth recording
+                annotate_fn({})(fn)  # registers the function's frames as worth recording
 
 
 _LIBRARIES = {"builtins", "torch", "pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics", "lightning_nan"}
