@@ -11,7 +11,9 @@ turns the whole batch's loss NaN. Shuffled, two loader workers.
   quarantined samples are left out and not a single loss is non-finite.
 
 Run ``python examples/dirty_data.py`` (about half a minute on a laptop CPU), then
-``lightning-nan quarantine list <the printed path>``.
+``lightning-nan quarantine list <the printed path>``, and ``lightning-nan replay <the printed dump>``
+to reproduce the first failure offline, from any folder (``Net`` is defined in this script: the dump
+holds the failing loss exported with ``torch.export``).
 """
 
 from __future__ import annotations
@@ -133,12 +135,14 @@ def loader(n: int, batch_size: int, workers: int) -> DataLoader:
     )
 
 
-def train(guarded: bool, root: str, *, n: int = 2048, epochs: int = 2, batch_size: int = 64, workers: int = 2) -> Result:
+def train(
+    guarded: bool, root: str, *, n: int = 2048, epochs: int = 2, batch_size: int = 64, workers: int = 2, dump_dir: str | None = None
+) -> Result:
     import time
 
     recorder = LossRecorder()
     guard = NaNGuard() if guarded else None
-    bisection = BatchBisection(quarantine_path=os.path.join(root, "quarantine.jsonl")) if guarded else None
+    bisection = BatchBisection(quarantine_path=os.path.join(root, "quarantine.jsonl"), dump_dir=dump_dir) if guarded else None
     callbacks = [recorder] + ([guard, bisection] if guarded else [])
     trainer = pl.Trainer(
         max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> tuple[Result, Result]:
     print(f"plain: first non-finite loss at step {plain.first_nan_step}; {nonfinite} of "
           f"{sum(map(len, plain.losses.values()))} losses non-finite; weights finite: {plain.weights_finite}")
 
-    guarded = train(True, os.path.join(root, "guarded"), workers=args.workers)
+    guarded = train(True, os.path.join(root, "guarded"), workers=args.workers, dump_dir=os.path.join(root, "guarded", "dumps"))
     assert guarded.guard is not None and guarded.bisection is not None
     print("\nNaNGuard + BatchBisection:")
     for inc in guarded.guard.incidents:
@@ -185,6 +189,8 @@ def main(argv: list[str] | None = None) -> tuple[Result, Result]:
     print(f"  quarantine: {guarded.bisection.quarantine_file} -> {sorted(guarded.bisection.quarantined)}")
     print(f"  weights finite: {guarded.weights_finite}")
     print(f"\nlightning-nan quarantine list {guarded.bisection.quarantine_file}")
+    if first is not None and "dump" in first.detail:
+        print(f"lightning-nan replay {first.detail['dump']}")
     return plain, guarded
 
 

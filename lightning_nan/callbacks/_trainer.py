@@ -17,6 +17,13 @@ def run_dir(trainer: Any) -> str:
     return trainer.log_dir or trainer.default_root_dir or os.getcwd()
 
 
+def starts_afresh(trainer: Any) -> bool:
+    """Whether this fit starts a new run: no step taken yet. Call it in ``setup``: a fit that resumes from a
+    checkpoint starts afresh there too, and Lightning then hands each callback its saved state
+    (``load_state_dict``, after ``setup``); a second ``fit`` of the same Trainer continues its run."""
+    return getattr(trainer, "global_step", 0) == 0
+
+
 def strategy_is(trainer: Any, *kinds: str) -> bool:
     """Whether the trainer's strategy class name holds one of ``kinds`` (lower case: ``"fsdp"``, ``"deepspeed"``)."""
     name = type(trainer.strategy).__name__.lower()

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lightning_nan.callbacks._trainer import log_metrics, run_dir, shards_parameters
+from lightning_nan.callbacks._trainer import log_metrics, run_dir, shards_parameters, starts_afresh
 from lightning_nan.core.batches import BatchSplitError, batch_size, select
 from lightning_nan.core.culprits import CulpritReport, find_culprits
 from lightning_nan.core.distributed import gather_objects, world
@@ -19,7 +19,7 @@ from lightning_nan.core.events import IncidentEvent
 from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record
 from lightning_nan.core.sampling import TrackingBatchSampler, track, untrack
 from lightning_nan.core.sharding import is_sharded
-from lightning_nan.core.validate import boolean, choice, integer
+from lightning_nan.core.validate import boolean, choice, fs_path, integer
 
 #: Incident kinds a re-evaluation of the batch can explain (weights and loss scale are not the data).
 BISECTED_KINDS = ("loss", "input", "grad")
@@ -76,9 +76,13 @@ class BatchBisectionBase:
         min_size: the smallest sub-batch the model accepts; default 2 with BatchNorm in training
             mode, else 1 (smaller sets are padded with samples already shown to be clean).
         max_tests: at most this many forward passes per micro-batch.
-        dump_dir: if set, the first failing samples and the model (pickled, with ``torch.save``) go to
+        dump_dir: if set, the first failing samples and the model go to
             ``<dump_dir>/nan_dump_step<step>_rank<r>.pt``; ``lightning-nan replay FILE`` reproduces the
-            failure offline and prints the localization. The model class must be importable there.
+            failure offline and prints the localization. The model is pickled (replayed with its own
+            code where its class can be imported) and its failing loss exported with ``torch.export``
+            (replayed without the source code, e.g. for a class defined in the training script; the
+            export runs once, for the one dump, and takes seconds for a large model); a dump that
+            neither way can replay elsewhere is written with a warning.
         ddp: bisect under DDP (world size > 1). ``False`` for a ``training_step`` that communicates
             (see below): every rank then skips the search alike.
 
@@ -146,15 +150,17 @@ class BatchBisectionBase:
             raise ValueError(f"Expected `sizer` to be a function batch -> int, got {sizer!r}")
         integer("min_size", min_size, low=1, optional=True)
         integer("max_tests", max_tests, low=1, optional=True)
+        quarantine_path = fs_path("quarantine_path", quarantine_path, optional=True, hint=f"None: {QUARANTINE_FILE} in the log dir")
+        dump_dir = fs_path("dump_dir", dump_dir, optional=True, kind="folder", hint="None: no dump")
         super().__init__()
-        self.quarantine_path = None if quarantine_path is None else os.fspath(quarantine_path)
+        self.quarantine_path = quarantine_path
         self.exclude_quarantined = exclude_quarantined
         self.localize = localize
         self.splitter = splitter
         self.sizer = sizer
         self.min_size = min_size
         self.max_tests = max_tests
-        self.dump_dir = None if dump_dir is None else os.fspath(dump_dir)
+        self.dump_dir = dump_dir
         self.ddp = ddp
         #: Every report so far: one dict per incident bisected (primitives; saved in checkpoints).
         self.reports: list[dict[str, Any]] = []
@@ -192,6 +198,8 @@ class BatchBisectionBase:
                 "BatchBisection reacts to NaNGuard's incidents, but the Trainer has no NaNGuard: "
                 "use Trainer(callbacks=[NaNGuard(), BatchBisection(...)])."
             )
+        if starts_afresh(trainer):  # a new run's reports (a resume loads its own after setup)
+            self.reports, self.forward_passes = [], 0
         self._rank_zero = trainer.is_global_zero
         self._quarantine = Quarantine(self.quarantine_path or os.path.join(run_dir(trainer), QUARANTINE_FILE))
         self._excluded = self._quarantine.indices("train") if self.exclude_quarantined else set()
@@ -375,11 +383,11 @@ class BatchBisectionBase:
             )
             if self.dump_dir is not None and not self._dumped and report.groups:
                 try:
-                    self._dump(pl_module, batch, batch_idx, report, incident, backward, manual, indices)
+                    self._dump(pl_module, batch, batch_idx, report, incident, backward, manual, indices, loss_fn_for(batch_idx))
                 except Exception as err:  # noqa: BLE001 - a dump is a bonus: never lose the search for it
                     incident.detail["dump_error"] = (
-                        f"{type(err).__name__}: {err}. A dump pickles the model: its class must be importable "
-                        "(defined at module level, not inside a function)."
+                        f"{type(err).__name__}: {err}. A dump pickles the model (its class must be importable) and "
+                        "exports its loss with torch.export."
                     )
         return {"error": None, "records": records, "batches": batches, "localization": localization}
 
@@ -456,7 +464,7 @@ class BatchBisectionBase:
 
     def _dump(
         self, pl_module: Any, batch: Any, batch_idx: int, report: CulpritReport, incident: Any, backward: bool, manual: bool,
-        indices: list[int] | None,
+        indices: list[int] | None, loss_fn: Callable[[Any], Any],
     ) -> None:
         from lightning_nan.core.dump import write_dump
 
@@ -473,6 +481,7 @@ class BatchBisectionBase:
             positions=positions,
             indices=[indices[p] for p in positions] if indices is not None else None,
             incident=incident.to_dict(),
+            loss_fn=loss_fn,
         )
         self._dumped = True
         incident.detail["dump"] = path

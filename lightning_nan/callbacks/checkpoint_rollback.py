@@ -18,8 +18,8 @@ from lightning_nan.callbacks._checkpoint_saves import (
     restore_param_group_settings,
 )
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_grads
-from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, partitions_state
-from lightning_nan.core.validate import choice, integer, number
+from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, partitions_state, starts_afresh
+from lightning_nan.core.validate import choice, fs_path, integer, number
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.incident import Incident
@@ -196,6 +196,8 @@ class CheckpointRollbackBase:
             )
         number("max_norm_growth", max_norm_growth, low=1, low_open=True, infinite=True, hint="inf: no growth test")
         choice("source", source, SOURCES)
+        dirpath = fs_path("dirpath", dirpath, optional=True, kind="folder", hint="None: snapshots in memory only")
+        number("spike_threshold", spike_threshold, low=0, low_open=True, optional=True, infinite=True, hint="None: no loss tests")
         if dirpath is not None and source != "memory":
             raise ValueError(f"`dirpath` stores snapshots, which source={source!r} does not take: remove `dirpath`")
         super().__init__()
@@ -236,6 +238,8 @@ class CheckpointRollbackBase:
         self._dropped_in_batch = False
         self._deferred: Any = None  # the rest of a rollback started inside an optimizer step
         self._checked_step = -1
+        self._start_step = 0  # the step this fit started from
+        self._start_not_finite: int | None = None  # the same, when its weights were not finite
         if getattr(self, "detector", None) is not None:
             self.detector = LossSpikeDetector(self.detector.window, self.detector.threshold)
 
@@ -259,6 +263,9 @@ class CheckpointRollbackBase:
             )
         self._reset()
         self.store.clear()  # snapshots of an earlier fit belong to another run
+        if starts_afresh(trainer):  # so do its rollbacks (against max_rollbacks) and warnings; a resume loads its own
+            self.history, self._warned, self._resume_good = [], set(), []
+            self.rejected.clear()
         self._trainer = trainer
         self._rank_zero = trainer.is_global_zero
         if self._guard(trainer) is None:
@@ -270,7 +277,7 @@ class CheckpointRollbackBase:
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         step = trainer.global_step
-        self._flushed_step = step
+        self._flushed_step = self._start_step = step
         if self.source == "memory":
             if self._resume_good and self.store.dirpath is not None:
                 found = self.store.reload(
@@ -290,6 +297,8 @@ class CheckpointRollbackBase:
                 if not self._agree_any(trainer, not math.isfinite(float(norm)), norm.device):
                     self.store.promote()
                     log_metrics(trainer, {"rollback/snapshot_step": float(snapshot.step)})
+                else:
+                    self._start_not_finite = step
         self._resume_good = []
         self._next_snapshot_step = (step // self.every_n_steps + 1) * self.every_n_steps
 
@@ -564,6 +573,8 @@ class CheckpointRollbackBase:
             return False, f"CheckpointRollback: max_rollbacks={self.max_rollbacks} reached ({self._listing()})."
         if self.source == "checkpoint":
             ckpt, why = self._find_checkpoint(trainer)
+            if ckpt is None and reason == "non-finite weights" and step == self._start_step:  # no update yet
+                return False, self._not_finite_at_start(step)
             if ckpt is None:
                 return False, why
             restored = int(ckpt.get("global_step", -1))
@@ -581,6 +592,8 @@ class CheckpointRollbackBase:
 
         else:
             snap = self._choose()
+            if snap is None and self._start_not_finite is not None:
+                return False, self._not_finite_at_start(self._start_not_finite)
             if snap is None:
                 first = self.store.pending.step if self.store.pending is not None else None
                 return False, (
@@ -634,6 +647,16 @@ class CheckpointRollbackBase:
                 "blow-up may recur: add LRBackoff() to the Trainer's callbacks.",
             )
         return True, ""
+
+    @staticmethod
+    def _not_finite_at_start(start: int) -> str:
+        return (
+            f"CheckpointRollback has nothing to go back to: the weights training started from (step {start}) "
+            "were already not finite, before any update. "
+            + ("Check the model's initialisation (and any weights loaded into it) before `fit`"
+               if start == 0 else "The checkpoint resumed from holds non-finite weights: resume from an earlier one")
+            + ", e.g. all(bool(p.isfinite().all()) for p in model.parameters())."
+        )
 
     def _choose(self) -> Snapshot | None:
         """The newest good snapshot; one restored before that failed again gives way to the one before it."""

@@ -7,8 +7,15 @@ from typing import Any
 import torch
 
 from lightning_nan.callbacks._shared_grads import step_grads
-from lightning_nan.callbacks._trainer import log_metrics, partitions_state, strategy_is
-from lightning_nan.core.clipping import DEFAULT, GradientClipper, DefaultType, agc_refused, final_layer_parameters
+from lightning_nan.callbacks._trainer import log_metrics, partitions_state, starts_afresh, strategy_is
+from lightning_nan.core.clipping import (
+    DEFAULT,
+    DefaultType,
+    GradientClipper,
+    agc_refused,
+    final_layer_parameters,
+    refuse_other_methods,
+)
 from lightning_nan.core.sharding import is_sharded
 from lightning_nan.core.validate import boolean, integer
 
@@ -102,6 +109,8 @@ class GradientClippingBase:
             z_thresh=z_thresh,
             warmup=warmup,
         )
+        if method != "agc":
+            refuse_other_methods(method, {"exclude_final_layer": exclude_final_layer}, {"exclude_final_layer": True})
         self.exclude_final_layer = exclude_final_layer
         self.log_every_n_steps = log_every_n_steps
         #: The device tensors of the last clipping step (``total_norm``, ``threshold``, ``coef``, ...).
@@ -120,6 +129,9 @@ class GradientClippingBase:
                 f"GradientClipping({self.method!r}) replaces Trainer(gradient_clip_val={trainer.gradient_clip_val}): "
                 "remove `gradient_clip_val` (and `gradient_clip_algorithm`) from the Trainer, or remove the callback."
             )
+        if starts_afresh(trainer):  # a new run: an earlier fit's norms are not this model's (a resume loads its own)
+            self.clipper.reset()
+            self.last = {}
         excluded = final_layer_parameters(pl_module) if self.method == "agc" and self.exclude_final_layer else []
         self.clipper.exclude = {id(p) for p in excluded}
         self.clipper.sharded = strategy_is(trainer, "fsdp")  # FSDP1: flat shards

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
-from lightning_nan.callbacks._trainer import log_metrics, max_reducer
-from lightning_nan.core.lr_backoff import LRBackoffController
+from lightning_nan.callbacks._trainer import log_metrics, max_reducer, starts_afresh
+from lightning_nan.core.lr_backoff import LRBackoffController, has_numeric_lr
 from lightning_nan.core.validate import boolean, integer
 
 
@@ -48,9 +49,9 @@ class LRBackoffBase:
     diagnoses an incident, with BatchBisection's findings, before LRBackoff hears of it, whatever
     their order in ``callbacks``.
 
-    The factor, the ceiling and the history belong to the run: they carry over to a later ``fit``
-    with the same callback object, as they do when a run resumes from a checkpoint. Use a new
-    ``LRBackoff`` for an independent run.
+    The factor, the ceiling and the history belong to the run: a run resumed from a checkpoint gets
+    them back, and a second ``fit`` of the same Trainer continues with them; a new run (a fit that
+    starts at step 0) starts at factor 1, even with the same callback object.
 
     Args:
         factor: multiplier at each back-off, in (0, 1).
@@ -154,7 +155,7 @@ class LRBackoffBase:
         if not controller.history:
             return None
         opts = controller.optimizers
-        lr = controller.effective_lrs(opts[0])[0] if opts and controller.effective_lrs(opts[0]) else None
+        lr = next((v for v in controller.effective_lrs(opts[0]) if v is not None), None) if opts else None
         text = f"LRBackoff has the learning rate at {controller.factor_now:.3g}x the schedule"
         text += f" ({lr:.3g} for the first param group)" if lr is not None else ""
         if controller.ceiling < 1.0:
@@ -182,10 +183,32 @@ class LRBackoffBase:
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit":
-            self.controller.reduce = max_reducer(trainer)
+        if stage != "fit":
+            return
+        if starts_afresh(trainer):  # a new run starts at factor 1 (a resume loads its factor after setup)
+            c = self.controller
+            c.detach()
+            self.controller = LRBackoffController(
+                c.factor, min_factor=c.min_factor, patience=c.patience, growth=c.growth, spike_zscore=c.spike_zscore,
+                window=c.window, min_history=c.min_history, growth_trial=c.growth_trial,
+            )
+        self.controller.reduce = max_reducer(trainer)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        unscalable = [
+            f"optimizer {i} ({type(opt).__name__}) param group {g} (lr={group.get('lr', '<none>')!r})"
+            for i, opt in enumerate(trainer.optimizers)
+            for g, group in enumerate(opt.param_groups)
+            if not has_numeric_lr(group)
+        ]
+        if unscalable and trainer.is_global_zero:
+            warnings.warn(
+                f"LRBackoff scales each param group's numeric `lr`, which {'; '.join(unscalable)} lacks: its steps are "
+                "not backed off (nor logged). Give that group an explicit learning rate to back it off (e.g. "
+                "Adafactor(..., lr=1e-3, relative_step=False)), or leave LRBackoff out.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.controller.detach()  # a previous fit's optimizers
         self.controller.attach(trainer.optimizers)
         self._loss, self._dirty, self._logged = None, False, {}
@@ -209,7 +232,7 @@ class LRBackoffBase:
         lrs = self.controller.effective_lrs(optimizer)
         several = len(optimizers) > 1 or len(lrs) > 1
         metrics = {"lr_backoff/factor": factor}
-        metrics.update({(f"lr_backoff/lr-{index}-{g}" if several else "lr_backoff/lr"): lr for g, lr in enumerate(lrs)})
+        metrics.update({(f"lr_backoff/lr-{index}-{g}" if several else "lr_backoff/lr"): lr for g, lr in enumerate(lrs) if lr is not None})
         log_metrics(trainer, metrics)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -11,14 +11,14 @@ import torch
 from lightning_nan.callbacks._eval_guard import EvalGuard
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_key
 from lightning_nan.callbacks._step_traces import StepTraces
-from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir
+from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir, starts_afresh
 from lightning_nan.core.errors import NonFiniteWarning
 from lightning_nan.core.events import EscalationHandler, EvalIncidentListener, IncidentListener
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl
 from lightning_nan.core.quarantine import Quarantine
 from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, UNSAFE_OP_REPEATS, StepGuard, StepVerdict
-from lightning_nan.core.validate import boolean, integer
+from lightning_nan.core.validate import boolean, fs_path, integer
 
 INCIDENTS_FILE = "nan_incidents.jsonl"
 #: Listeners are called in increasing ``incident_order`` (a class attribute; this when absent), then
@@ -142,6 +142,7 @@ class NaNGuardBase:
         boolean("clean_metrics", clean_metrics)
         boolean("check_eval", check_eval)
         integer("log_every_n_steps", log_every_n_steps, low=1, optional=True, hint="None: the Trainer's")
+        incidents_path = fs_path("incidents_path", incidents_path, optional=True, hint=f"None: {INCIDENTS_FILE} in the log dir")
         super().__init__()
         self.guard = StepGuard(
             max_consecutive=max_consecutive,
@@ -151,7 +152,7 @@ class NaNGuardBase:
             unsafe_op_repeats=unsafe_op_repeats,
         )
         self.check_inputs = check_inputs
-        self.incidents_path = None if incidents_path is None else os.fspath(incidents_path)
+        self.incidents_path = incidents_path
         self.log_every_n_steps = log_every_n_steps
         self.restore_norm_stats = restore_norm_stats
         self.clean_metrics = clean_metrics
@@ -202,6 +203,8 @@ class NaNGuardBase:
             self._rank_zero, self._trainer = trainer.is_global_zero, trainer
             self._path = self.incidents_path or os.path.join(run_dir(trainer), INCIDENTS_FILE)
             return
+        if starts_afresh(trainer):  # a new run starts with no incidents (a resume loads its own after setup)
+            self.guard.reset()
         self.guard.set_parameter_names(pl_module)
         self.guard.reduce = max_reducer(trainer)
         # Listeners that establish facts (BatchBisection: the samples) hear of an incident before those

@@ -15,7 +15,7 @@ from lightning_nan.callbacks._tensorboard import ScalarBatch, prefixed, tensorbo
 from lightning_nan.callbacks._trainer import strategy_is
 from lightning_nan.core.norms import tensor_norms
 from lightning_nan.core.sharding import copies_per_tensor, local_parts, norms_over_ranks
-from lightning_nan.core.validate import boolean, choice, integer, number
+from lightning_nan.core.validate import boolean, choice, integer, number, regex
 
 #: The TensorBoard custom-scalars page: one multi-line chart per quantity, one line per layer.
 LAYOUT = {
@@ -96,12 +96,8 @@ class NormMonitorBase:
         number("eps", eps, low=0)
         choice("group_by", group_by, ("parameter", "module"))
         boolean("histograms", histograms)
-        for arg, pattern in (("include", include), ("exclude", exclude)):
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise ValueError(f"`{arg}`={pattern!r} is not a valid regular expression: {err}") from None
+        regex("include", include, optional=True)
+        regex("exclude", exclude, optional=True)
         super().__init__()
         self.every_n_steps = every_n_steps
         self.group_by = group_by

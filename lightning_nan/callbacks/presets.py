@@ -29,7 +29,7 @@ def recommended_for(namespace: str, **overrides: Any) -> list[Any]:
     """
     unknown = sorted(set(overrides) - set(PARTS))
     if unknown:
-        raise ValueError(f"Expected parts among {sorted(PARTS)}, got {unknown}: pass e.g. clipping={{'max_norm': 0.5}} or norms=False")
+        raise ValueError(f"Expected parts among {sorted(PARTS)}, got {unknown}: pass e.g. clipping={{'percentile': 25}} or norms=False")
     module = importlib.import_module(namespace)
     callbacks = []
     for part, (name, defaults) in PARTS.items():
@@ -40,5 +40,7 @@ def recommended_for(namespace: str, **overrides: Any) -> list[Any]:
             choice = {}
         if not isinstance(choice, dict):
             raise ValueError(f"Expected `{part}` to be a dict of arguments for {name}, or False, got {choice!r}")
+        if "method" in choice and choice["method"] != defaults.get("method", choice["method"]):
+            defaults = {}  # another method: the default's own arguments (AutoClip's percentile) do not apply
         callbacks.append(getattr(module, name)(**{**defaults, **choice}))
     return callbacks

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,12 +49,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             _top_parser().print_help(sys.stderr)
             return 2
-        return _dispatch(args.command, args.args)
+        code = _dispatch(args.command, args.args)
+        sys.stdout.flush()  # here, so a closed pipe is caught below rather than at exit
+        return code
+    except BrokenPipeError:  # the reader went away (`... | head -1`): stop quietly, as other tools do
+        _silence_stdout()
+        return 1
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2), message already printed
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     except CLIError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at ``os.devnull``, so the interpreter's final flush finds no broken pipe either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a captured stream): nothing to silence
+        pass
 
 
 def _dispatch(command: str, rest: list[str]) -> int:

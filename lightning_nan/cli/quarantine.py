@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from lightning_nan.cli import CLIError
+from lightning_nan.cli._kinds import not_quarantine
 from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine
 
 COLUMNS = ("index", "epoch", "step", "batch_idx", "reason", "fingerprint")
@@ -38,16 +39,14 @@ def run(args: argparse.Namespace) -> int:
     """Carry out ``args.action`` on ``args.path``."""
     quarantine = Quarantine(_resolve(args.path))
     if args.action == "clear":
+        _refuse_another_file(quarantine, strict=False)
         try:
             backup = quarantine.clear()
         except OSError as err:
             raise CLIError(f"could not move {quarantine.path} aside: {err.strerror}; check the folder's permissions") from None
         print(f"moved {quarantine.path} to {backup} (delete that backup yourself if you no longer need it)")
         return 0
-    try:
-        records = quarantine.records()
-    except (ValueError, OSError) as err:
-        raise CLIError(f"{err}") from None
+    records = _refuse_another_file(quarantine, strict=True)
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
@@ -75,6 +74,23 @@ def _cell(record: dict[str, Any], column: str) -> str:
     if column == "index" and value is None and record.get("position") is not None:
         return f"? (pos {record['position']})"  # iterable dataset: the index is unknown
     return "-" if value is None else str(value)
+
+
+def _refuse_another_file(quarantine: Quarantine, *, strict: bool) -> list[dict[str, Any]]:
+    """The records, after refusing a file of another kind (an incidents file, ``{"a": 1}``).
+
+    ``strict=False`` (``clear``): a file that cannot be read is no reason to refuse moving it aside.
+    """
+    try:
+        records = quarantine.records()
+    except (ValueError, OSError) as err:
+        if not strict:
+            return []
+        raise CLIError(f"{err}") from None
+    wrong = not_quarantine(quarantine.path, records)
+    if wrong is not None:
+        raise CLIError(wrong)
+    return records
 
 
 def _resolve(path: str) -> str:

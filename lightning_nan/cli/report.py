@@ -23,6 +23,7 @@ from typing import Any
 
 from lightning_nan.callbacks.nan_guard import INCIDENTS_FILE
 from lightning_nan.cli import CLIError
+from lightning_nan.cli._kinds import not_incidents, not_quarantine
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import read_jsonl
 from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
             records = Quarantine(quarantine_path).records()
         except (ValueError, OSError) as err:
             raise CLIError(f"{err}") from None
+        wrong = not_quarantine(quarantine_path, records)
+        if wrong is not None:
+            raise CLIError(f"--quarantine: {wrong}")
     if args.json:
         out = {"incidents_file": path, "quarantine_file": quarantine_path, **summary_json(incidents, records)}
         print(json.dumps(out, indent=2))
@@ -117,6 +121,9 @@ def read_incidents(path: str) -> list[Incident]:
         raise CLIError(f"{path}: not UTF-8 text; expected the {INCIDENTS_FILE} that NaNGuard writes") from None
     except (ValueError, OSError) as err:
         raise CLIError(f"{err}") from None
+    wrong = not_incidents(path, records)
+    if wrong is not None:
+        raise CLIError(wrong)
     incidents = []
     for n, record in enumerate(records, 1):
         try:

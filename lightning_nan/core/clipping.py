@@ -51,6 +51,16 @@ class DefaultType(enum.Enum):
 #: ``max_norm=DEFAULT``: the method's own default (:data:`ZCLIP_MAX_NORM` for ``zclip``, none for the
 #: others); ``None`` means no cap (``inf`` too).
 DEFAULT = DefaultType.TOKEN
+
+
+#: The arguments each method takes (``norm_type``, the norm of ``total_norm``, is every method's).
+ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "norm": ("max_norm",),
+    "value": ("clip_value",),
+    "autoclip": ("percentile", "window"),
+    "agc": ("clip_factor", "eps"),
+    "zclip": ("alpha", "z_thresh", "warmup", "max_norm"),
+}
 #: ``norm`` skips a coefficient of exactly 1 when the host's norm plus torch's 1e-6, times this, is under
 #: ``max_norm``: a margin far beyond the float32 rounding of the device's norm, its 1e-6 and its division.
 _MARGIN = 1.001
@@ -129,6 +139,10 @@ class AutoClip:
         self.history = torch.where(torch.isfinite(norm), shifted, self.history)
         return torch.nanquantile(self.history, self.percentile / 100.0)
 
+    def reset(self) -> None:
+        """Forget the norms seen (a new run)."""
+        self.history = None
+
     def state_dict(self) -> dict[str, Any]:
         """The recorded norms, oldest first (empty slots are not stored)."""
         if self.history is None:
@@ -174,6 +188,10 @@ class ZClip:
         self.mean: Tensor | None = None
         self.var: Tensor | None = None
         self.seen: Tensor | None = None  # finite norms seen (a device counter)
+
+    def reset(self) -> None:
+        """Forget the statistics (a new run): the next norms warm up again."""
+        self.buffer = self.mean = self.var = self.seen = None
 
     def _init(self, device: torch.device) -> None:
         self.buffer = torch.full((self.warmup,), math.nan, device=device)
@@ -288,6 +306,11 @@ class GradientClipper:
         warmup: int = 25,
     ) -> None:
         self.method = choice("method", method, METHODS)
+        given = dict(
+            max_norm=None if max_norm is DEFAULT else max_norm, clip_value=clip_value, percentile=percentile, window=window,
+            clip_factor=clip_factor,
+        )
+        refuse_other_methods(method, given | dict(eps=eps, alpha=alpha, z_thresh=z_thresh, warmup=warmup), _DEFAULTS)
         if max_norm is DEFAULT:
             max_norm = ZCLIP_MAX_NORM if method == "zclip" else None
         positive = {"low": 0, "low_open": True}
@@ -374,12 +397,52 @@ class GradientClipper:
             self._constant_cache = (key, (torch.full_like(like, max_norm), torch.ones_like(like)))
         return self._constant_cache[1]
 
+    def reset(self) -> None:
+        """Forget AutoClip's or ZClip's statistics (a new run)."""
+        if self.rule is not None:
+            self.rule.reset()
+
     def state_dict(self) -> dict[str, Any]:
         return {} if self.rule is None else self.rule.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.rule is not None:
             self.rule.load_state_dict(state)
+
+
+_DEFAULTS: dict[str, Any] = {
+    "max_norm": None, "clip_value": None, "percentile": 10.0, "window": 1000, "clip_factor": 0.01, "eps": 1e-3,
+    "alpha": 0.97, "z_thresh": 2.5, "warmup": 25, "exclude_final_layer": True,
+}
+
+
+def refuse_other_methods(method: str, arguments: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Raise ``ValueError`` when an argument of another method than ``method`` differs from its default.
+
+    >>> refuse_other_methods("norm", {"percentile": 500}, {"percentile": 10.0})
+    Traceback (most recent call last):
+    ...
+    ValueError: `percentile` is an argument of method='autoclip', not of method='norm' (which takes max_norm, norm_type): remove `percentile`, or use method='autoclip'
+    """
+    for name, value in arguments.items():
+        owners = [m for m, names in ARGUMENTS.items() if name in names] or ["agc"]  # exclude_final_layer: agc's
+        if method in owners or _same(value, defaults[name]):
+            continue
+        takes = ", ".join(ARGUMENTS[method] + ("norm_type",) + (("exclude_final_layer",) if method == "agc" else ()))
+        of = " or ".join(f"method={m!r}" for m in owners)
+        raise ValueError(
+            f"`{name}` is an argument of {of}, not of method={method!r} (which takes {takes}): "
+            f"remove `{name}`, or use {of}"
+        )
+
+
+def _same(value: Any, default: Any) -> bool:
+    if value is None or default is None or isinstance(default, bool) or isinstance(value, bool):
+        return value is default
+    try:
+        return bool(value == default)
+    except (TypeError, ValueError, RuntimeError):  # a tensor of several elements, say
+        return False
 
 
 def agc_refused(splitter: str) -> ValueError:

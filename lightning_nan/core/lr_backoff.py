@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -110,7 +111,8 @@ class LRBackoffController:
     ``lr`` written *inside* ``optimizer.step()`` (by the closure, or by Lightning's
     ``on_before_optimizer_step`` under automatic optimization: both run after the pre-hook) is used
     **unscaled** for that step and kept; set warm-up or hand-made LRs before the step (a scheduler,
-    ``on_train_batch_start``) for the backoff to apply to them.
+    ``on_train_batch_start``) for the backoff to apply to them. A group without a numeric ``lr`` (none,
+    or ``lr=None``: an optimizer that sets its own step size) is left alone (:func:`has_numeric_lr`).
 
     Cost: the hooks do nothing but record the factor while it is 1; otherwise they rescale the
     ``lr`` of each group twice per step (a float, or an in-place op on a tensor ``lr``; no host sync).
@@ -227,17 +229,18 @@ class LRBackoffController:
         entry = self._inside.get(id(_unwrap(optimizer)))
         return self._factor if entry is None else entry[0]
 
-    def effective_lrs(self, optimizer: torch.optim.Optimizer) -> list[float]:
-        """Each group's ``scheduled lr x factor`` for the step in progress or, outside a step, the next one.
+    def effective_lrs(self, optimizer: torch.optim.Optimizer) -> list[float | None]:
+        """Each group's ``scheduled lr x factor`` for the step in progress or, outside a step, the next one
+        (``None`` for a group without a numeric ``lr``, which is left alone).
 
         Reads tensor learning rates back to the host: call it on logging steps only.
         """
         optimizer = _unwrap(optimizer)
         entry = self._inside.get(id(optimizer))
         if entry is not None and entry[1] is not None:
-            return [float(lr) * entry[0] for _, lr, _ in entry[1]]
+            return [None if written is _UNSCALED else float(lr) * entry[0] for _, lr, written in entry[1]]
         f = self._factor if entry is None else entry[0]
-        return [float(group["lr"]) * f for group in optimizer.param_groups]
+        return [float(group["lr"]) * f if has_numeric_lr(group) else None for group in optimizer.param_groups]
 
     def back_off(self, step: int, reason: str = "incident") -> float:
         """Lower the factor by ``factor`` (down to ``min_factor``); returns the new factor.
@@ -436,8 +439,10 @@ class LRBackoffController:
         groups: list[tuple[dict, Any, Any]] = []  # (group, its scheduled lr, the float written; None: tensor)
         tensors: dict[int, list[Any]] = {}  # id -> [tensor lr, its scheduled value, the value written]
         for group in optimizer.param_groups:
-            lr = group["lr"]
-            if isinstance(lr, Tensor):
+            lr = group.get("lr")
+            if not has_numeric_lr(group):  # no learning rate to scale (an optimizer that sets its own step size)
+                groups.append((group, lr, _UNSCALED))
+            elif isinstance(lr, Tensor):
                 entry = tensors.get(id(lr))
                 if entry is None:
                     entry = tensors[id(lr)] = [lr, lr.clone(), None]
@@ -445,7 +450,7 @@ class LRBackoffController:
             else:
                 groups.append((group, lr, lr * f))
         for group, _, written in groups:
-            if written is not None:
+            if written is not None and written is not _UNSCALED:
                 group["lr"] = written
         for entry in tensors.values():
             entry[0].mul_(f)
@@ -468,7 +473,9 @@ class LRBackoffController:
         for group, (scaled, lr, written) in zip(optimizer.param_groups, groups):
             if group is not scaled:  # `optimizer.load_state_dict` ran inside the step (a rollback): keep its values
                 continue
-            current = group["lr"]
+            current = group.get("lr")
+            if written is _UNSCALED:
+                continue
             if written is None:
                 if isinstance(current, Tensor):
                     held.add(id(current))
@@ -640,3 +647,16 @@ def _read(flag: Any) -> bool:
 def _unwrap(optimizer: Any) -> Any:
     """The torch optimizer behind a wrapper such as Lightning's ``LightningOptimizer``."""
     return getattr(optimizer, "_optimizer", optimizer)
+
+
+_UNSCALED = object()  # the pre-hook's mark of a group without a numeric lr (left alone)
+
+
+def has_numeric_lr(group: dict[str, Any]) -> bool:
+    """Whether a param group has an ``lr`` the backoff can scale: a number (not a bool) or a tensor.
+
+    >>> has_numeric_lr({"lr": 0.1}), has_numeric_lr({"lr": None}), has_numeric_lr({"step_size": 0.1})
+    (True, False, False)
+    """
+    lr = group.get("lr")
+    return isinstance(lr, Tensor) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool))

@@ -506,6 +506,15 @@ class StepGuard:
             "unsafe_ops": {k: list(v) for k, v in self._unsafe_ops.items()},
         }
 
+    def reset(self) -> None:
+        """Forget the run: counters, incidents, history, the divergence detectors' levels (a new run)."""
+        self.checks = self.skipped_steps = self.consecutive_skips = self.scaler_overflows = 0
+        self.incidents = []
+        self.history.clear()
+        self.loss_growth = GrowthDetector("loss")
+        self.grad_growth = GrowthDetector("gradient norm")
+        self._unsafe_ops = {}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; missing keys keep their defaults."""
         self.checks = int(state.get("checks", self.checks))

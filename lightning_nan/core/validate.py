@@ -23,12 +23,22 @@ ValueError: Expected `max_norm` to be None or a number > 0, got '1.0'
 Traceback (most recent call last):
 ...
 ValueError: Expected `group_by` in ('parameter', 'module'), got 'layer'
+>>> fs_path("incidents_path", 123, optional=True)
+Traceback (most recent call last):
+...
+ValueError: Expected `incidents_path` to be None or a file path (a str or pathlib.Path), got 123
+>>> regex("include", "(", optional=True)
+Traceback (most recent call last):
+...
+ValueError: Expected `include` to be None or a regular expression (a str), got '(': missing ), unterminated subpattern at position 0
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
+import re
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -131,3 +141,29 @@ def choice(name: str, value: T, choices: Sequence[T]) -> T:
     except TypeError:  # an unhashable or incomparable value: not one of them
         pass
     raise ValueError(f"Expected `{name}` in {tuple(choices)}, got {value!r}")
+
+
+def fs_path(name: str, value: Any, *, optional: bool = False, kind: str = "file", hint: str = "") -> Any:
+    """``os.fspath(value)`` if it is a non-empty ``str`` or ``os.PathLike`` naming a text path (``None`` when ``optional``)."""
+    if optional and value is None:
+        return None
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if isinstance(text, str) and text:
+        return text
+    what = f"None or a {kind} path" if optional else f"a {kind} path"
+    raise ValueError(f"Expected `{name}` to be {what} (a str or pathlib.Path){_hint(hint)}, got {value!r}")
+
+
+def regex(name: str, value: Any, *, optional: bool = False) -> Any:
+    """``value`` if it is a ``str`` that compiles as a regular expression (``None`` when ``optional``)."""
+    if optional and value is None:
+        return None
+    why = ""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+            return value
+        except re.error as err:
+            why = f": {err}"
+    what = "None or a regular expression" if optional else "a regular expression"
+    raise ValueError(f"Expected `{name}` to be {what} (a str), got {value!r}{why}")

@@ -38,6 +38,24 @@ CASES = [
     (lambda: ln.LRBackoff(window=10, min_history=11), "Expected `min_history` to be an int in \\[3, 10\\]"),
     (lambda: ln.BatchBisection(max_tests=0), "Expected `max_tests` to be None or an int >= 1"),
     (lambda: ln.BatchBisection(localize="yes"), "Expected `localize` in"),
+    # issue 16: the argument's own name, paths and regexes of the wrong type, arguments of another method
+    (lambda: ln.CheckpointRollback(spike_threshold=0), "Expected `spike_threshold` to be None or a number > 0"),
+    (lambda: ln.NaNGuard(incidents_path=123), "Expected `incidents_path` to be None or a file path \\(a str or pathlib.Path\\)"),
+    (lambda: ln.BatchBisection(dump_dir=3.5), "Expected `dump_dir` to be None or a folder path .*, got 3.5"),
+    (lambda: ln.BatchBisection(quarantine_path=b"q.jsonl"), "Expected `quarantine_path` to be None or a file path"),
+    (lambda: ln.CheckpointRollback(dirpath=""), "Expected `dirpath` to be None or a folder path"),
+    (lambda: ln.NormMonitor(include=123), "Expected `include` to be None or a regular expression \\(a str\\), got 123"),
+    (lambda: ln.NormMonitor(exclude="(bias"), "Expected `exclude` to be None or a regular expression .*: missing \\)"),
+    (
+        lambda: ln.GradientClipping("norm", max_norm=1.0, percentile=500),
+        "`percentile` is an argument of method='autoclip', not of method='norm' .*: remove `percentile`",
+    ),
+    (
+        lambda: ln.GradientClipping("autoclip", max_norm=1.0),
+        "`max_norm` is an argument of method='norm' or method='zclip', not of method='autoclip'",
+    ),
+    (lambda: ln.GradientClipping("zclip", clip_value=0.5), "`clip_value` is an argument of method='value'"),
+    (lambda: ln.GradientClipping("autoclip", exclude_final_layer=False), "`exclude_final_layer` is an argument of method='agc'"),
 ]
 
 
@@ -63,6 +81,16 @@ def test_the_defaults_are_valid():
     ln.GradientClipping("norm", max_norm=math.inf)
     ln.GradientClipping("autoclip", percentile=numpy.float32(10), window=numpy.int64(100))
     ln.CheckpointRollback(max_norm_growth=math.inf)
+    # a method's own arguments, and another method's at their defaults, are taken
+    import pathlib
+
+    ln.GradientClipping("autoclip", percentile=50, window=10, norm_type=1.0)
+    ln.GradientClipping("norm", max_norm=1.0, percentile=10.0, exclude_final_layer=True)
+    ln.NaNGuard(incidents_path=pathlib.Path("runs") / "x.jsonl")
+    assert ln.BatchBisection(dump_dir=pathlib.Path("dumps")).dump_dir == "dumps"
+    # recommended(): another clipping method drops AutoClip's preset percentile
+    clip = ln.recommended(clipping={"method": "norm", "max_norm": 2.0})[1]
+    assert (clip.method, clip.clipper.max_norm) == ("norm", 2.0)
 
 
 def test_fsdp1_is_recognised_by_the_strategy_name():

@@ -343,10 +343,14 @@ def test_first_incident_is_localized_and_the_dump_replays(ns, tmp_path, capsys):
     assert "reproduced: yes" in out and str(first.samples) in out
     assert "non-finite input" in out  # the localization: the NaN was in the data
 
-    local = module_class(ns.pl)()  # a class defined in a function cannot be pickled: the search still stands
+    # A class defined in a function cannot be pickled: the dump replays with the exported program (issue 16).
+    local = module_class(ns.pl)()
     guard, _, _ = fit(ns, tmp_path / "local", local, Indexed(poison={70: "nan"}), epochs=1, dump_dir=tmp_path / "d2")
     (incident,) = guard.incidents
-    assert incident.samples == [70] and "importable" in incident.detail["dump_error"]
+    assert incident.samples == [70] and "dump_error" not in incident.detail
+    assert main(["replay", incident.detail["dump"]]) == 0
+    out = capsys.readouterr().out
+    assert "reproduced: yes, with the exported program" in out and "[70]" in out and "non-finite input" in out
 
 
 def test_needs_a_guard_and_validates_arguments(ns, tmp_path):

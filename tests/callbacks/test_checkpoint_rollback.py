@@ -347,13 +347,21 @@ def test_a_failure_before_the_first_interval_rolls_back_to_the_start(ns, tmp_pat
 
 
 def test_non_finite_start_is_not_trusted_and_the_guard_raises_saying_so(ns, tmp_path):
+    """NaN already in the initial weights: the error says so, not that a snapshot was pending (issue 16)."""
     rollback = ns.lib.CheckpointRollback(every_n_steps=10, confirm_steps=3)
     model = net_class(ns.pl)()
     with torch.no_grad():
         model.head.weight[0, 1] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"no known-good snapshot yet") as info:
+    with pytest.raises(NonFiniteError, match=r"the weights training started from \(step 0\) were already not finite") as info:
         fit(ns, tmp_path, rollback, model=model)
-    assert "smaller `every_n_steps`" in str(info.value) and rollback.history == []
+    message = str(info.value)
+    assert "Check the model's initialisation" in message and rollback.history == []
+    assert "pending" not in message and "every_n_steps" not in message  # advice that cannot help
+    # restoring ModelCheckpoint saves: not "save checkpoints more often" either
+    rollback = ns.lib.CheckpointRollback(source="checkpoint")
+    with pytest.raises(NonFiniteError, match=r"the weights training started from \(step 0\) were already not finite") as info:
+        fit(ns, tmp_path / "ckpt", rollback, model=model)
+    assert "more often" not in str(info.value)
 
 
 def test_persistent_loss_spike_triggers_a_rollback(ns, tmp_path):

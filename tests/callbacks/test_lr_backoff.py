@@ -293,12 +293,69 @@ def test_hooks_are_gone_after_fit_and_a_second_fit_reattaches(tmp_path):
     opt.step()
     torch.testing.assert_close(before - w.detach(), torch.full_like(w, LR), rtol=1e-12, atol=0)
 
-    # the same instance in a second fit: its factor carries over and applies to the new optimizer
+    # the same instance in a second fit of the same Trainer continues the run: its factor applies to the new optimizer
+    probe = probe_class(pl)()
+    trainer.callbacks.append(probe)
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model_class(pl)(), loader())
+    assert_trajectory(probe.records, [LR] * 2 * BATCHES, [0.5] * BATCHES, first=BATCHES)
+    assert len(trainer.optimizers[0]._optimizer_step_pre_hooks) == 0
+    # in a new Trainer it starts a new run, at factor 1 (issue 16)
     probe = probe_class(pl)()
     trainer = pl.Trainer(callbacks=[backoff, probe], **trainer_kwargs(tmp_path / "again", max_epochs=1))
     trainer.fit(model_class(pl)(), loader())
-    assert_trajectory(probe.records, [LR] * BATCHES, [0.5] * BATCHES)
-    assert len(trainer.optimizers[0]._optimizer_step_pre_hooks) == 0
+    assert_trajectory(probe.records, [LR] * BATCHES, [1.0] * BATCHES)
+    assert backoff.history == [] and len(trainer.optimizers[0]._optimizer_step_pre_hooks) == 0
+
+
+class StepSize(torch.optim.Optimizer):
+    """Plain SGD whose groups give either ``lr`` or, instead, a ``step_size`` (no numeric ``lr``)."""
+
+    def __init__(self, groups):
+        super().__init__(groups, {})
+
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        with torch.no_grad():
+            self._update()
+        return loss
+
+    def _update(self):
+        for group in self.param_groups:
+            rate = group.get("lr") or group["step_size"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-rate)
+
+
+def test_param_groups_without_a_numeric_lr_are_left_alone_with_one_warning(tmp_path):
+    """Issue 16: a group without a numeric ``lr`` (none at all, or ``lr=None``) was a bare KeyError at step 0."""
+
+    class Model(model_class(pl)):
+        def training_step(self, batch, batch_idx):
+            return self._loss(self.a, batch) + self._loss(self.b, batch)
+
+        def configure_optimizers(self):
+            return StepSize([
+                {"params": [self.a.weight], "lr": LR},
+                {"params": [self.a.bias], "step_size": LR},
+                {"params": list(self.b.parameters()), "lr": None, "step_size": LR},
+            ])
+
+    backoff, probe, logger = LRBackoff(patience=100), probe_class(pl)(), memory_logger_class(pl)()
+    trainer = pl.Trainer(
+        callbacks=[planter_class(pl)([1]), backoff, probe], **trainer_kwargs(tmp_path, max_epochs=1, logger=logger, log_every_n_steps=1)
+    )
+    with pytest.warns(UserWarning, match=r"LRBackoff scales each param group's numeric `lr`, which optimizer 0 \(StepSize\) "
+                      r"param group 1 \(lr='<none>'\); optimizer 0 \(StepSize\) param group 2 \(lr=None\) lacks"):
+        trainer.fit(Model(), loader())
+    assert backoff.factor_now == 0.5 and probe.records[1] == SKIPPED
+    for step in (2, 3):  # after the back-off: the weight's update at half the LR, the bias's at its own step size
+        lrs = probe.records[step]
+        torch.testing.assert_close(lrs, torch.tensor([LR / 2] * 3 + [LR] * 5, dtype=lrs.dtype), rtol=1e-9, atol=0)
+    groups = trainer.optimizers[0].param_groups
+    assert groups[0]["lr"] == LR and "lr" not in groups[1] and groups[2]["lr"] is None  # untouched between steps
+    assert {k for _, m in logged(logger) for k in m} == {"lr_backoff/factor", "lr_backoff/lr-0-0"}
 
 
 def test_manual_optimization_two_optimizers_both_get_the_factor(tmp_path):
