@@ -1,0 +1,96 @@
+"""Resume from a checkpoint, in a new log dir or the same one: the quarantine comes along.
+
+Epoch 0 quarantines samples 5 and 30 (two incidents); a checkpoint is saved at its end. The resumed
+run must train exactly as the uninterrupted one: the same batches, no new incident, the same weights
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from reliability_common import POISON, Model, assert_bit_equal, bisection_of, guard_of, loader, trainer, weights
+
+from lightning_nan import BatchBisection, NaNGuard
+from lightning_nan.cli import main
+from lightning_nan.core.files import FileWarning
+from lightning_nan.core.quarantine import Quarantine
+
+
+def interrupted(root, callbacks=None):
+    """Epoch 0 with the default logger (``lightning_logs/version_0``); returns the trainer and its checkpoint."""
+    first = trainer(root, max_epochs=1, callbacks=callbacks)
+    first.fit(Model(), loader())
+    ckpt = first.checkpoint_callback.best_model_path  # version_0/checkpoints/epoch=0-step=6.ckpt
+    assert ckpt.endswith("epoch=0-step=6.ckpt")
+    return first, ckpt
+
+
+def resume(root, ckpt, **kwargs):
+    model = Model()
+    second = trainer(root, max_epochs=3, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FileWarning)
+        second.fit(model, loader(), ckpt_path=ckpt)
+    return second, model, [w for w in caught if issubclass(w.category, FileWarning)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    model = Model()
+    t = trainer(tmp_path_factory.mktemp("whole"), max_epochs=3)
+    t.fit(model, loader())
+    assert [i.samples for i in guard_of(t).incidents] == [[5], [30]]
+    return model
+
+
+def test_resume_in_a_new_log_dir_excludes_every_sample_quarantined_before(tmp_path, uninterrupted, capsys):
+    first, ckpt = interrupted(tmp_path)
+    old_file = bisection_of(first).quarantine_file
+    assert old_file == str(tmp_path / "lightning_logs" / "version_0" / "quarantine.jsonl")
+    state = torch.load(ckpt, weights_only=False)["callbacks"]["BatchBisection"]
+    assert state["quarantine_file"] == old_file  # where it was, and what it held, travel in the checkpoint
+    assert sorted(r["index"] for r in state["quarantine"]) == list(POISON)
+
+    second, model, file_warnings = resume(tmp_path, ckpt)
+    new_file = bisection_of(second).quarantine_file
+    assert new_file == str(tmp_path / "lightning_logs" / "version_1" / "quarantine.jsonl")
+    assert file_warnings == []  # the old file is intact: nothing to report
+    assert bisection_of(second).quarantined == set(POISON)
+    assert not set().union(*map(set, model.seen)) & set(POISON)  # epochs 1 and 2 never saw them
+    assert len(guard_of(second).incidents) == 2  # the two of epoch 0, restored; none new
+    assert_bit_equal(weights(model), weights(uninterrupted))
+    # the new run's file holds the whole quarantine, and the CLI says the same as training
+    assert Quarantine(new_file).records() == Quarantine(old_file).records()  # the same records, each once
+    capsys.readouterr()
+    assert main(["quarantine", "list", os.path.dirname(new_file)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"2 quarantined sample(s) in {new_file} (2 with a dataset index)"
+
+
+@pytest.mark.parametrize("where", ["new_dir", "same_file"])
+@pytest.mark.parametrize("change", ["deleted", "lost_a_record"])
+def test_a_missing_or_changed_file_is_reported_and_the_checkpoint_wins(tmp_path, uninterrupted, change, where):
+    path = tmp_path / "q.jsonl"
+    make = (lambda: None) if where == "new_dir" else (lambda: [NaNGuard(), BatchBisection(quarantine_path=path)])
+    first, ckpt = interrupted(tmp_path, make())
+    old_file = bisection_of(first).quarantine_file
+    if change == "deleted":
+        os.remove(old_file)
+    else:  # a hand edit dropped sample 30
+        lines = open(old_file).read().splitlines(keepends=True)
+        open(old_file, "w").writelines(line for line in lines if '"index": 30' not in line)
+    second, model, file_warnings = resume(tmp_path, ckpt, callbacks=make())
+    new_file = bisection_of(second).quarantine_file
+    assert (new_file == old_file) == (where == "same_file")
+    (warning,) = file_warnings
+    message = str(warning.message)
+    assert old_file in message and new_file in message
+    assert ("is missing" in message) if change == "deleted" else ("no longer holds 1 of its 2 record(s)" in message)
+    assert ("[5, 30]" in message) if change == "deleted" else ("[30]" in message)
+    assert "exclude_quarantined=False" in message  # the way to train on them again
+    assert bisection_of(second).quarantined == set(POISON)
+    assert sorted(r["index"] for r in Quarantine(new_file).records()) == list(POISON)  # each once
+    assert_bit_equal(weights(model), weights(uninterrupted))
