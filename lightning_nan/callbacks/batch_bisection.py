@@ -202,10 +202,13 @@ class BatchBisectionBase:
             )
         self._rank_zero = trainer.is_global_zero
         self._quarantine = Quarantine(self.quarantine_path or os.path.join(run_dir(trainer), QUARANTINE_FILE))
-        self._records = self._quarantine.records()
+        try:
+            self._records = self._quarantine.records()
+        except OSError:  # a folder at its path, no permission: nothing to read; the check below warns
+            self._records = []
         self._unwritten.reset()
         if self._rank_zero:
-            problems = self._quarantine.problems()
+            problems = self._quarantine.problems() if self._records else []
             if problems:
                 warnings.warn(
                     f"BatchBisection: {self._quarantine.path} holds {len(problems)} record(s) that name no sample it can"
