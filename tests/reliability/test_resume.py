@@ -38,15 +38,6 @@ def resume(root, ckpt, **kwargs):
     return second, model, [w for w in caught if issubclass(w.category, FileWarning)]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    model = Model()
-    t = trainer(tmp_path_factory.mktemp("whole"), max_epochs=3)
-    t.fit(model, loader())
-    assert [i.samples for i in guard_of(t).incidents] == [[5], [30]]
-    return model
-
-
 def test_resume_in_a_new_log_dir_excludes_every_sample_quarantined_before(tmp_path, uninterrupted, capsys):
     first, ckpt = interrupted(tmp_path)
     old_file = bisection_of(first).quarantine_file
