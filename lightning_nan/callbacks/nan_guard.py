@@ -13,7 +13,7 @@ from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reduc
 from lightning_nan.core.errors import NonFiniteWarning
 from lightning_nan.core.events import EscalationHandler, IncidentListener
 from lightning_nan.core.incident import Incident
-from lightning_nan.core.jsonl import append_jsonl
+from lightning_nan.core.jsonl import append_jsonl, missing_from
 from lightning_nan.core.pending import PendingRecords
 from lightning_nan.core.quarantine import Quarantine
 from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, StepVerdict
@@ -54,7 +54,8 @@ class NaNGuardBase:
         incidents_path: where to append incidents as JSON lines; default
             ``<trainer.log_dir>/nan_incidents.jsonl`` (or ``default_root_dir`` without a logger).
             Checked at setup: if it cannot be written, training goes on (incidents stay in
-            ``incidents`` and in checkpoints, retried at each write) after one warning.
+            ``incidents`` and in checkpoints, retried at each write) after one warning. A run resumed
+            from a checkpoint in a new log dir starts the file with the checkpoint's incidents.
         log_every_n_steps: how often to log the counters; default: the trainer's ``log_every_n_steps``.
             Steps with an incident are always logged.
         restore_norm_stats: a skipped step also leaves the running statistics of normalisation
@@ -267,6 +268,17 @@ class NaNGuardBase:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.guard.load_state_dict(state_dict)
+        if self._path is not None and self._rank_zero:  # Trainer.fit(ckpt_path=...), maybe in a new log dir
+            self._write_restored()
+
+    def _write_restored(self) -> None:
+        """Append the checkpoint's incidents that this run's incidents file lacks (a new ``version_N``)."""
+        restored = [i.to_dict() for i in self.guard.incidents]
+        try:
+            missing = missing_from(self._path, restored, ("step", "kind", "time"))
+        except (OSError, ValueError):  # unreadable: leave it as it is; the incidents stay in the checkpoint
+            return
+        self._write(missing)
 
     # ------------------------------------------------------------------ output
     def metrics(self) -> dict[str, float]:

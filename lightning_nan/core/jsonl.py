@@ -105,6 +105,25 @@ def read_jsonl_lines(path: str | os.PathLike[str]) -> tuple[list[tuple[int, Any]
     return records, torn
 
 
+def missing_from(path: str | os.PathLike[str], records: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The ``records`` that ``path`` does not hold, matched on ``keys`` (all of them, for a missing file).
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "r.jsonl")
+    >>> missing_from(path, [{"step": 1, "t": 0.5}], ("step", "t"))
+    [{'step': 1, 't': 0.5}]
+    >>> append_jsonl(path, [{"step": 1, "t": 0.5, "more": True}])
+    >>> missing_from(path, [{"step": 1, "t": 0.5}, {"step": 2, "t": 0.7}], ("step", "t"))
+    [{'step': 2, 't': 0.7}]
+    """
+    try:
+        held = read_jsonl(path)
+    except FileNotFoundError:
+        held = []
+    have = {tuple(r.get(k) for k in keys) for r in held if isinstance(r, dict)}
+    return [r for r in records if tuple(r.get(k) for k in keys) not in have]
+
+
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)

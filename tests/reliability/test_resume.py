@@ -17,6 +17,7 @@ from reliability_common import POISON, Model, assert_bit_equal, bisection_of, gu
 from lightning_nan import BatchBisection, NaNGuard
 from lightning_nan.cli import main
 from lightning_nan.core.files import FileWarning
+from lightning_nan.core.jsonl import read_jsonl
 from lightning_nan.core.quarantine import Quarantine
 
 
@@ -56,6 +57,10 @@ def test_resume_in_a_new_log_dir_excludes_every_sample_quarantined_before(tmp_pa
     assert_bit_equal(weights(model), weights(uninterrupted))
     # the new run's file holds the whole quarantine, and the CLI says the same as training
     assert Quarantine(new_file).records() == Quarantine(old_file).records()  # the same records, each once
+    # and its incidents file starts with the checkpoint's incidents: the whole run in one place
+    old_incidents = read_jsonl(os.path.join(os.path.dirname(old_file), "nan_incidents.jsonl"))
+    assert read_jsonl(os.path.join(os.path.dirname(new_file), "nan_incidents.jsonl")) == old_incidents
+    assert [r["samples"] for r in old_incidents] == [[5], [30]]
     capsys.readouterr()
     assert main(["quarantine", "list", os.path.dirname(new_file)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"2 quarantined sample(s) in {new_file} (2 with a dataset index)"
@@ -65,7 +70,8 @@ def test_resume_in_a_new_log_dir_excludes_every_sample_quarantined_before(tmp_pa
 @pytest.mark.parametrize("change", ["deleted", "lost_a_record"])
 def test_a_missing_or_changed_file_is_reported_and_the_checkpoint_wins(tmp_path, uninterrupted, change, where):
     path = tmp_path / "q.jsonl"
-    make = (lambda: None) if where == "new_dir" else (lambda: [NaNGuard(), BatchBisection(quarantine_path=path)])
+    incidents = tmp_path / "i.jsonl"
+    make = (lambda: None) if where == "new_dir" else (lambda: [NaNGuard(incidents_path=incidents), BatchBisection(quarantine_path=path)])
     first, ckpt = interrupted(tmp_path, make())
     old_file = bisection_of(first).quarantine_file
     if change == "deleted":
@@ -84,4 +90,6 @@ def test_a_missing_or_changed_file_is_reported_and_the_checkpoint_wins(tmp_path,
     assert "exclude_quarantined=False" in message  # the way to train on them again
     assert bisection_of(second).quarantined == set(POISON)
     assert sorted(r["index"] for r in Quarantine(new_file).records()) == list(POISON)  # each once
+    if where == "same_file":
+        assert [r["samples"] for r in read_jsonl(incidents)] == [[5], [30]]  # each once
     assert_bit_equal(weights(model), weights(uninterrupted))
