@@ -21,6 +21,7 @@ from lightning_nan.core.quarantine import Quarantine, make_record
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
+
 def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")]))
 
@@ -45,7 +46,7 @@ def test_kill_9_during_appends_loses_no_whole_record_and_deletes_no_byte(tmp_pat
     q_path, i_path = tmp_path / "quarantine.jsonl", tmp_path / "nan_incidents.jsonl"
     fork = multiprocessing.get_context("fork")
     rng = random.Random(0)
-    start, tears = 0, 0
+    start, tears = 0, 0  # tears: kills that landed inside a write (it varies; test_files checks that path deterministically)
     for _ in range(12):
         ready = fork.Event()
         child = fork.Process(target=_append_forever, args=(str(q_path), str(i_path), start, ready))
@@ -60,7 +61,7 @@ def test_kill_9_during_appends_loses_no_whole_record_and_deletes_no_byte(tmp_pat
             size = path.stat().st_size
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", FileWarning)
-                append_jsonl(path, [{"index": n, "step": n} for n in range(len(whole), len(whole) + 1)])
+                append_jsonl(path, [{"index": len(whole), "step": len(whole)}])
             if torn is not None:  # what a kill tore is moved aside byte for byte, and said where
                 tears += 1
                 aside = sorted(tmp_path.glob(f"{path.name}.torn-*"))[-1]
@@ -75,7 +76,6 @@ def test_kill_9_during_appends_loses_no_whole_record_and_deletes_no_byte(tmp_pat
         for path in (q_path, i_path):  # both files continue at the same index
             have = len(_whole_and_torn(path)[0])
             append_jsonl(path, [{"index": n, "step": n} for n in range(have, start)])
-    # how many kills landed inside a write varies (``tears``); test_files checks that path deterministically
 
 
 TRAINER = """
