@@ -14,9 +14,14 @@ readers return it and the next append ends it with a newline first.
 ...     _ = f.write('{"step": 99, "tor')  # a crash mid-write
 >>> [r["step"] for r in read_jsonl(path)]
 [1, 2]
->>> append_jsonl(path, [{"step": 3}])
->>> [r["step"] for r in read_jsonl(path)]
-[1, 2, 3]
+>>> import warnings
+>>> with warnings.catch_warnings(record=True) as caught:
+...     warnings.simplefilter("always")
+...     append_jsonl(path, [{"step": 3}])
+>>> [r["step"] for r in read_jsonl(path)], "moved to" in str(caught[0].message)
+([1, 2, 3], True)
+>>> [open(os.path.join(os.path.dirname(path), name)).read() for name in os.listdir(os.path.dirname(path)) if ".torn-" in name]
+['{"step": 99, "tor']
 >>> with open(path, "a") as f:
 ...     _ = f.write('{"step": 4}')  # written by hand, without the final newline
 >>> append_jsonl(path, [{"step": 5}])
