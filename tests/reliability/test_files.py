@@ -52,6 +52,9 @@ def test_cli_and_training_agree_on_a_hand_written_quarantine(tmp_path, capsys):
     text = path.read_text()
     assert text.startswith(BY_HAND + "\n")
     assert [r.get("index") for r in read_jsonl(path)] == ["9", 17.0, "abc", None, 4, 30]
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0  # the run's report reads the indices the same way
+    assert "6 samples quarantined: indices [4, 9, 17, 30] (1 without a data set index)" in capsys.readouterr().out
 
 
 def test_a_found_sample_written_as_a_string_by_hand_is_not_recorded_twice(tmp_path):
