@@ -158,6 +158,7 @@ class BatchBisectionBase:
         self._quarantine: Quarantine | None = None
         self._records: list[dict[str, Any]] = []  # the whole quarantine as this run knows it (file, found, restored)
         self._restored: tuple[str | None, list[dict[str, Any]]] | None = None  # from a checkpoint, applied in setup
+        self._fitting = False  # between setup("fit") and teardown: a checkpoint's quarantine applies at once
         self._unwritten = PendingRecords(
             "BatchBisection", "the quarantine file", fix="make its folder writable, or pass BatchBisection(quarantine_path=...) a writable file",
             errors=(OSError, ValueError),  # ValueError: the file was made unreadable while training
@@ -219,6 +220,7 @@ class BatchBisectionBase:
                 )
             self._unwritten.check(self._quarantine.path)
         self._update_excluded()
+        self._fitting = True
         if self._restored is not None:  # load_state_dict came first (outside Trainer.fit's own order)
             self._apply_restored()
         self._localized = self._dumped = False
@@ -226,9 +228,12 @@ class BatchBisectionBase:
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._restore(trainer)
+        if stage == "fit":
+            self._fitting = False
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._restore(trainer)  # Lightning calls no `teardown` hook when fit raises
+        self._fitting = False
 
     def _restore(self, trainer: Any) -> None:
         """Undo :meth:`_watch_train_loader`: the strategy's own method, the loaders' own batch samplers."""
@@ -288,7 +293,7 @@ class BatchBisectionBase:
         self._localized = bool(state_dict.get("localized", self._localized))
         if "quarantine" in state_dict:  # checkpoints from before it was saved have none
             self._restored = (state_dict.get("quarantine_file"), [dict(r) for r in state_dict["quarantine"]])
-            if self._quarantine is not None:  # Trainer.fit(ckpt_path=...): setup has run
+            if self._fitting and self._quarantine is not None:  # Trainer.fit(ckpt_path=...): setup has run
                 self._apply_restored()
 
     def _apply_restored(self) -> None:

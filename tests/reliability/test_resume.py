@@ -93,3 +93,15 @@ def test_a_missing_or_changed_file_is_reported_and_the_checkpoint_wins(tmp_path,
     if where == "same_file":
         assert [r["samples"] for r in read_jsonl(incidents)] == [[5], [30]]  # each once
     assert_bit_equal(weights(model), weights(uninterrupted))
+
+
+def test_a_state_loaded_by_hand_before_fit_applies_to_that_fit(tmp_path):
+    first, ckpt = interrupted(tmp_path)
+    bisection = bisection_of(first)  # the same object, used again: its state loaded before the next fit
+    bisection.load_state_dict(torch.load(ckpt, weights_only=False)["callbacks"]["BatchBisection"])
+    model = Model()
+    t = trainer(tmp_path / "again", max_epochs=1, logger=False, callbacks=[NaNGuard(), bisection])
+    t.fit(model, loader())
+    assert bisection.quarantine_file == str(tmp_path / "again" / "quarantine.jsonl")
+    assert bisection.quarantined == set(POISON) and not set().union(*map(set, model.seen)) & set(POISON)
+    assert Quarantine(bisection.quarantine_file).indices() == set(POISON)
