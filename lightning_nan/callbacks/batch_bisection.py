@@ -305,17 +305,17 @@ class BatchBisectionBase:
         self._restored = None
         path = self._quarantine.path
         same = old_path is not None and os.path.abspath(old_path) == os.path.abspath(path)
-        problem = None
         on_disk: list[dict[str, Any]] = self._records if same else []
-        if old_path is not None and not os.path.exists(old_path):
-            problem = "is missing"
-        elif old_path is not None and not same:
+        problem = "is missing" if old_path is not None and not os.path.exists(old_path) else None
+        if problem is None and old_path is not None and not same:
             try:
                 on_disk = Quarantine(old_path).records()
             except (ValueError, OSError) as err:
                 problem = f"cannot be read ({err})"
         lost = [r for r in saved if record_key(r) not in {record_key(d) for d in on_disk}]
-        if problem is None and lost:
+        if not lost:  # a file never written (no record yet) is not missing anything
+            problem = None
+        elif problem is None:
             problem = f"no longer holds {len(lost)} of its {len(saved)} record(s)"
         known = {record_key(r) for r in self._records}
         new = []

@@ -30,12 +30,12 @@ def interrupted(root, callbacks=None):
     return first, ckpt
 
 
-def resume(root, ckpt, **kwargs):
+def resume(root, ckpt, poison=POISON, **kwargs):
     model = Model()
     second = trainer(root, max_epochs=3, **kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FileWarning)
-        second.fit(model, loader(), ckpt_path=ckpt)
+        second.fit(model, loader(poison), ckpt_path=ckpt)
     return second, model, [w for w in caught if issubclass(w.category, FileWarning)]
 
 
@@ -105,3 +105,10 @@ def test_a_state_loaded_by_hand_before_fit_applies_to_that_fit(tmp_path):
     assert bisection.quarantine_file == str(tmp_path / "again" / "quarantine.jsonl")
     assert bisection.quarantined == set(POISON) and not set().union(*map(set, model.seen)) & set(POISON)
     assert Quarantine(bisection.quarantine_file).indices() == set(POISON)
+
+
+def test_a_quarantine_that_never_had_a_record_is_not_reported_missing(tmp_path):
+    first = trainer(tmp_path, max_epochs=1)
+    first.fit(Model(), loader(poison=()))  # no incident: no quarantine file was ever written
+    second, model, file_warnings = resume(tmp_path, first.checkpoint_callback.best_model_path, poison=())
+    assert file_warnings == [] and bisection_of(second).quarantined == set()
