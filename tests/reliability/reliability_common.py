@@ -1,6 +1,6 @@
 """What the fault-matrix tests share: a data set whose samples say their index, a tiny model, a Trainer.
 
-Run the matrix alone with ``python -m pytest tests/reliability -q`` (about half a minute on one core).
+Run the matrix alone with ``python -m pytest tests/reliability -q`` (about 10 s on one core).
 """
 
 from __future__ import annotations
