@@ -25,7 +25,7 @@ from lightning_nan.core.culprits import find_culprits
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.events import IncidentEvent
 from lightning_nan.core.norms import iter_tensors
-from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record
+from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record, record_key
 
 
 def bisect_eval(bisection: Any, event: IncidentEvent) -> None:
@@ -102,13 +102,15 @@ def bisect_eval(bisection: Any, event: IncidentEvent) -> None:
             f"Dirty {stage} data: {where} of the {stage} set are quarantined with split '{incident.kind}' "
             "(`lightning-nan quarantine list`); fix or drop them."
         )
-        if bisection._rank_zero:
-            quarantine = bisection._quarantine
-            if quarantine is None:
-                path = bisection.quarantine_path or os.path.join(trainer.default_root_dir or os.getcwd(), QUARANTINE_FILE)
-                quarantine = Quarantine(path)
-            quarantine.add(records)
-            summary["quarantine"] = quarantine.path
+        if bisection._quarantine is not None:  # during fit: kept with the run's records (checkpoints, unwritable files)
+            known = {record_key(r) for r in bisection._records}
+            bisection._records.extend(r for r in records if record_key(r) not in known)
+            bisection._write(records)
+            summary["quarantine"] = bisection._quarantine.path
+        elif bisection._rank_zero:  # trainer.validate / test alone
+            path = bisection.quarantine_path or os.path.join(trainer.default_root_dir or os.getcwd(), QUARANTINE_FILE)
+            Quarantine(path).add(records)
+            summary["quarantine"] = path
     incident.detail["bisection"] = summary
     bisection.reports.append(dict(summary, samples=incident.samples or []))
     if not whole and clean is not None:

@@ -16,7 +16,9 @@ from lightning_nan.core.culprits import CulpritReport, find_culprits
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.errors import NonFiniteWarning
 from lightning_nan.core.events import IncidentEvent
-from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record
+from lightning_nan.core.files import FileWarning
+from lightning_nan.core.pending import PendingRecords
+from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record, record_key, usable_indices
 from lightning_nan.core.sampling import TrackingBatchSampler, track, untrack
 from lightning_nan.core.sharding import is_sharded
 from lightning_nan.core.validate import boolean, choice, fs_path, integer
@@ -66,6 +68,15 @@ class BatchBisectionBase:
     operation and source line, and the state and range of its inputs; for gradient faults also the
     first parameter whose gradient does and, replayed once under anomaly mode, the backward
     operation. Nothing runs while training is healthy, except popping one list of indices per batch.
+
+    The quarantine travels in checkpoints (its records and where the file was): a run resumed with
+    ``ckpt_path``, in the same log dir or a new ``version_N``, leaves out every sample quarantined
+    before, and the checkpoint's records missing from the new run's file are appended to it. A
+    warning says so when the file the checkpoint names is gone or lost some of its records (to train
+    on those samples again, resume with ``exclude_quarantined=False``). If the file cannot be written
+    (checked at setup), training goes on: the records stay in memory and in the checkpoint, are
+    retried at each write, and one warning names the file and the fix. Records that name no usable
+    sample (written by hand or by another tool) are kept in the file and reported once.
 
     Args:
         quarantine_path: the JSON Lines file; default ``<log dir>/quarantine.jsonl``.
@@ -166,6 +177,13 @@ class BatchBisectionBase:
         self.reports: list[dict[str, Any]] = []
         self.forward_passes = 0
         self._quarantine: Quarantine | None = None
+        self._records: list[dict[str, Any]] = []  # the whole quarantine as this run knows it (file, found, restored)
+        self._restored: tuple[str | None, list[dict[str, Any]]] | None = None  # from a checkpoint, applied in setup
+        self._fitting = False  # between setup("fit") and teardown: a checkpoint's quarantine applies at once
+        self._unwritten = PendingRecords(
+            "BatchBisection", "the quarantine file", fix="make its folder writable, or pass BatchBisection(quarantine_path=...) a writable file",
+            errors=(OSError, ValueError),  # ValueError: the file was made unreadable while training
+        )
         self._excluded: set[int] = set()
         self._tracker: TrackingBatchSampler | None = None
         self._tracked_loaders: list[torch.utils.data.DataLoader] = []  # to give their batch samplers back
@@ -178,6 +196,12 @@ class BatchBisectionBase:
     def quarantine_file(self) -> str | None:
         """The quarantine file of the current run (known once ``fit`` has started)."""
         return None if self._quarantine is None else self._quarantine.path
+
+    @property
+    def quarantine_records(self) -> list[dict[str, Any]]:
+        """Every quarantine record this run knows (its file, those found, those restored from a checkpoint),
+        written to the file or not."""
+        return [dict(r) for r in self._records]
 
     @property
     def quarantined(self) -> set[int]:
@@ -202,15 +226,37 @@ class BatchBisectionBase:
             self.reports, self.forward_passes = [], 0
         self._rank_zero = trainer.is_global_zero
         self._quarantine = Quarantine(self.quarantine_path or os.path.join(run_dir(trainer), QUARANTINE_FILE))
-        self._excluded = self._quarantine.indices("train") if self.exclude_quarantined else set()
+        try:
+            self._records = self._quarantine.records()
+        except OSError:  # a folder at its path, no permission: nothing to read; the check below warns
+            self._records = []
+        self._unwritten.reset()
+        if self._rank_zero:
+            problems = self._quarantine.problems() if self._records else []
+            if problems:
+                warnings.warn(
+                    f"BatchBisection: {self._quarantine.path} holds {len(problems)} record(s) that name no sample it can"
+                    f" leave out; they stay in the file: {'; '.join(problems)}. Fix those lines (an index is an integer"
+                    " >= 0) to leave their samples out.",
+                    FileWarning,
+                    stacklevel=2,
+                )
+            self._unwritten.check(self._quarantine.path)
+        self._update_excluded()
+        self._fitting = True
+        if self._restored is not None:  # load_state_dict came first (outside Trainer.fit's own order)
+            self._apply_restored()
         self._localized = self._dumped = False
         self._watch_train_loader(trainer)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._restore(trainer)
+        if stage == "fit":
+            self._fitting = False
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._restore(trainer)  # Lightning calls no `teardown` hook when fit raises
+        self._fitting = False
 
     def _restore(self, trainer: Any) -> None:
         """Undo :meth:`_watch_train_loader`: the strategy's own method, the loaders' own batch samplers."""
@@ -253,14 +299,79 @@ class BatchBisectionBase:
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._indices = {}
+        self._write([])  # records a write could not take: one more try
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reports": list(self.reports), "forward_passes": self.forward_passes, "localized": self._localized}
+        return {
+            "reports": list(self.reports),
+            "forward_passes": self.forward_passes,
+            "localized": self._localized,
+            "quarantine_file": None if self._quarantine is None else os.path.abspath(self._quarantine.path),
+            "quarantine": [dict(r) for r in self._records],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reports = list(state_dict.get("reports", self.reports))
         self.forward_passes = int(state_dict.get("forward_passes", self.forward_passes))
         self._localized = bool(state_dict.get("localized", self._localized))
+        if "quarantine" in state_dict:  # checkpoints from before it was saved have none
+            self._restored = (state_dict.get("quarantine_file"), [dict(r) for r in state_dict["quarantine"]])
+            if self._fitting and self._quarantine is not None:  # Trainer.fit(ckpt_path=...): setup has run
+                self._apply_restored()
+
+    def _apply_restored(self) -> None:
+        """Merge a checkpoint's quarantine into this run's: its records, and those its file gained since
+        (an interrupted run appends after its last checkpoint); append the missing ones to this run's file;
+        report a file the checkpoint names that is gone or lost records."""
+        assert self._restored is not None and self._quarantine is not None
+        old_path, saved = self._restored
+        self._restored = None
+        path = self._quarantine.path
+        same = old_path is not None and os.path.abspath(old_path) == os.path.abspath(path)
+        on_disk: list[dict[str, Any]] = self._records if same else []
+        problem = "is missing" if old_path is not None and not os.path.exists(old_path) else None
+        if problem is None and old_path is not None and not same:
+            try:
+                on_disk = Quarantine(old_path).records()
+            except (ValueError, OSError) as err:
+                problem = f"cannot be read ({err})"
+        lost = [r for r in saved if record_key(r) not in {record_key(d) for d in on_disk}]
+        if not lost:  # a file never written (no record yet) is not missing anything
+            problem = None
+        elif problem is None:
+            problem = f"no longer holds {len(lost)} of its {len(saved)} record(s)"
+        known = {record_key(r) for r in self._records}
+        new = []
+        for record in saved + on_disk:
+            key = record_key(record)
+            if key not in known:
+                known.add(key)
+                new.append(record)
+        self._records.extend(new)
+        self._update_excluded()
+        if not self._rank_zero:
+            return
+        if new:
+            self._write(new)
+        if problem is not None:
+            indices = sorted(usable_indices(lost))
+            warnings.warn(
+                f"BatchBisection: the quarantine file of the checkpoint, {old_path}, {problem}; the checkpoint's"
+                f" {len(lost)} record(s) (data set indices {indices}) are kept from the checkpoint, in {path}, and"
+                " left out of training. To train on them again, resume with"
+                " BatchBisection(exclude_quarantined=False).",
+                FileWarning,
+                stacklevel=2,
+            )
+
+    def _update_excluded(self) -> None:
+        train = [r for r in self._records if r.get("split", "train") == "train"]  # a validation index is not a training one
+        self._excluded = usable_indices(train) if self.exclude_quarantined else set()
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        """Append ``records`` (and any a write could not take before) to the quarantine file, rank zero only."""
+        if self._rank_zero and self._quarantine is not None:
+            self._unwritten.write(self._quarantine.path, records, self._quarantine.add)
 
     def _exclude(self) -> Callable[[], set[int]]:
         return lambda: self._excluded if self.exclude_quarantined else set()
@@ -449,10 +560,15 @@ class BatchBisectionBase:
             incident.module = name
         elif locate and summary["reproduced"]:
             self._localized = True
+        known = {record_key(r) for r in self._records}
+        for record in records:
+            if record_key(record) not in known:
+                known.add(record_key(record))
+                self._records.append(record)
         if self.exclude_quarantined:
             self._excluded.update(found)
-        if self._rank_zero and records and self._quarantine is not None:
-            self._quarantine.add(records)
+        if records:
+            self._write(records)
         self.reports.append({k: v for k, v in summary.items() if k != "batches"} | {"samples": found})
         log_metrics(
             trainer,

@@ -15,7 +15,8 @@ from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reduc
 from lightning_nan.core.errors import NonFiniteWarning
 from lightning_nan.core.events import EscalationHandler, EvalIncidentListener, IncidentListener
 from lightning_nan.core.incident import Incident
-from lightning_nan.core.jsonl import append_jsonl
+from lightning_nan.core.jsonl import append_jsonl, missing_from
+from lightning_nan.core.pending import PendingRecords
 from lightning_nan.core.quarantine import Quarantine
 from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, UNSAFE_OP_REPEATS, StepGuard, StepVerdict
 from lightning_nan.core.validate import boolean, fs_path, integer
@@ -54,6 +55,9 @@ class NaNGuardBase:
         min_loss_scale: fp16 loss scale below which a step counts as failed.
         incidents_path: where to append incidents as JSON lines; default
             ``<trainer.log_dir>/nan_incidents.jsonl`` (or ``default_root_dir`` without a logger).
+            Checked at setup: if it cannot be written, training goes on (incidents stay in
+            ``incidents`` and in checkpoints, retried at each write) after one warning. A run resumed
+            from a checkpoint in a new log dir starts the file with the checkpoint's incidents.
         log_every_n_steps: how often to log the counters; default: the trainer's ``log_every_n_steps``.
             Steps with an incident are always logged.
         restore_norm_stats: a skipped step also leaves the running statistics of normalisation
@@ -163,6 +167,9 @@ class NaNGuardBase:
         self._norm_stats: list[torch.Tensor] = []
         self._norm_stats_before: list[torch.Tensor] = []
         self._path: str | None = None
+        self._unwritten = PendingRecords(
+            "NaNGuard", "the incidents file", fix="make its folder writable, or pass NaNGuard(incidents_path=...) a writable file"
+        )
         self._rank_zero = True
         self._checked: tuple[tuple[int, int], StepVerdict] | None = None
         self._trainer: Any = None
@@ -216,6 +223,9 @@ class NaNGuardBase:
         self.guard.on_record = self._record
         self._rank_zero = trainer.is_global_zero
         self._path = self.incidents_path or os.path.join(run_dir(trainer), INCIDENTS_FILE)
+        self._unwritten.reset()
+        if self._rank_zero:
+            self._unwritten.check(self._path)
         self._checked = None
         self._trainer = trainer
         self._incidents_at_start = len(self.guard.incidents)
@@ -325,6 +335,7 @@ class NaNGuardBase:
                 epoch=trainer.current_epoch,
                 extra={"trainer": trainer, "pl_module": pl_module},
             )
+        self._write([])  # incidents a write could not take: one more try
         self._print_summary(trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -339,7 +350,9 @@ class NaNGuardBase:
 
         quarantine = next((cb for cb in trainer.callbacks if hasattr(cb, "quarantine_file")), None)
         path = getattr(quarantine, "quarantine_file", None)
-        records = Quarantine(path).records() if path and os.path.exists(path) else []
+        records = getattr(quarantine, "quarantine_records", None)  # written or not (an unwritable file)
+        if records is None:
+            records = Quarantine(path).records() if path and os.path.exists(path) else []
         print(summary_table(incidents, records, quarantine_path=path, max_rows=SUMMARY_ROWS))
         self._incidents_at_start = len(self.guard.incidents)
 
@@ -348,6 +361,17 @@ class NaNGuardBase:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.guard.load_state_dict(state_dict)
+        if self._path is not None and self._rank_zero:  # Trainer.fit(ckpt_path=...), maybe in a new log dir
+            self._write_restored()
+
+    def _write_restored(self) -> None:
+        """Append the checkpoint's incidents that this run's incidents file lacks (a new ``version_N``)."""
+        restored = [i.to_dict() for i in self.guard.incidents]
+        try:
+            missing = missing_from(self._path, restored, ("step", "kind", "time"))
+        except (OSError, ValueError):  # unreadable: leave it as it is; the incidents stay in the checkpoint
+            return
+        self._write(missing)
 
     # ------------------------------------------------------------------ output
     def metrics(self) -> dict[str, float]:
@@ -362,13 +386,18 @@ class NaNGuardBase:
     def _record(self, incident: Incident) -> None:
         if not self._rank_zero:
             return
-        if self._path is not None:
-            append_jsonl(self._path, [incident.to_dict()])
+        self._write([incident.to_dict()])
         for logger in getattr(self._trainer, "loggers", None) or []:
             add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
             if type(logger).__name__ == "TensorBoardLogger" and add_text is not None:
                 add_text("nan_guard/incidents", incident_markdown(incident), incident.step)
         warnings.warn(f"NaNGuard: {incident.summary()}", NonFiniteWarning, stacklevel=2)
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        """Append to the incidents file; never raises (see :class:`~lightning_nan.core.pending.PendingRecords`)."""
+        path = self._path
+        if path is not None and self._rank_zero:
+            self._unwritten.write(path, records, lambda batch: append_jsonl(path, batch))
 
 
 def norm_running_stats(module: torch.nn.Module) -> list[torch.Tensor]:

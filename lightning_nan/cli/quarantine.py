@@ -1,7 +1,9 @@
 """``lightning-nan quarantine list|clear PATH``: show or set aside the quarantined samples of a run.
 
 ``PATH`` is the quarantine file, or a folder holding ``quarantine.jsonl`` (a run's log dir).
-``clear`` never deletes: it renames the file to a timestamped ``.bak`` next to it.
+``clear`` never deletes: it renames the file to a timestamped ``.bak`` next to it. ``list`` reads the
+indices as training does (``"9"`` and ``17.0`` are indices 9 and 17) and reports, on stderr, every
+record training cannot use (it stays in the file).
 
 >>> import argparse
 >>> parser = argparse.ArgumentParser()
@@ -15,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 from lightning_nan.cli import CLIError
 from lightning_nan.cli._kinds import not_quarantine
-from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine
+from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, record_index
 
 COLUMNS = ("index", "epoch", "step", "batch_idx", "reason", "fingerprint")
 
@@ -47,13 +50,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"moved {quarantine.path} to {backup} (delete that backup yourself if you no longer need it)")
         return 0
     records = _refuse_another_file(quarantine, strict=True)
+    try:
+        problems = quarantine.problems()
+    except (ValueError, OSError) as err:
+        raise CLIError(f"{err}") from None
+    for problem in problems:  # kept in the file, left out of nothing: say so
+        print(f"lightning-nan: warning: {quarantine.path}, {problem}", file=sys.stderr)
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
     if records:
         print(format_table(records))
-    n_idx = len({r.get("index") for r in records if r.get("index") is not None})
-    print(f"{len(records)} quarantined sample(s) in {quarantine.path} ({n_idx} with a dataset index)")
+    n_idx = len(quarantine.indices())  # what training leaves out
+    unusable = f"; {len(problems)} problem(s) on stderr" if problems else ""
+    print(f"{len(records)} quarantined sample(s) in {quarantine.path} ({n_idx} with a dataset index{unusable})")
     return 0
 
 
@@ -71,6 +81,11 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 def _cell(record: dict[str, Any], column: str) -> str:
     value = record.get(column)
+    if column == "index":
+        try:
+            value = record_index(record)  # as training reads it
+        except ValueError:
+            return f"{value!r} (unusable)"
     if column == "index" and value is None and record.get("position") is not None:
         return f"? (pos {record['position']})"  # iterable dataset: the index is unknown
     return "-" if value is None else str(value)

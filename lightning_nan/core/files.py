@@ -71,3 +71,50 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class FileWarning(UserWarning):
+    """A file of the run could not be written, or held something unusable: the message names it, says
+    where its contents are kept instead and how to fix it. Nothing was lost."""
+
+
+def unwritable(path: str | os.PathLike[str]) -> str | None:
+    """Why records cannot be appended to ``path``, or ``None`` when they can; creates and changes nothing.
+
+    An existing file is opened for appending (and closed); for a new one, the nearest existing folder
+    above it gets a probe file, created and removed at once (so permissions, read-only mounts and a
+    file standing where a folder should be all show, as root too).
+
+    >>> import os, tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> unwritable(os.path.join(root, "new", "records.jsonl")) is None
+    True
+    >>> os.listdir(root)
+    []
+    >>> unwritable(root)
+    'it is a folder'
+    >>> open(os.path.join(root, "file"), "w").close()
+    >>> print(unwritable(os.path.join(root, "file", "records.jsonl")))
+    /.../file is a file, not a folder
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        return "it is a folder"
+    if os.path.lexists(path):
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        except OSError as err:
+            return err.strerror or str(err)
+        return None
+    folder = os.path.dirname(path)
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    probe = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}.probe")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError as err:
+        return f"cannot create files in {folder}: {err.strerror or err}"
+    os.remove(probe)
+    return None

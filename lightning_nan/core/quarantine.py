@@ -6,7 +6,10 @@ file to a timestamped backup instead of deleting it. Writing on rank zero only i
 
 A record identifies a sample by its dataset ``index``; when that cannot be known (an iterable
 dataset) ``index`` is ``None`` and ``position`` (its place in the batch) plus ``fingerprint`` (a hash
-of its content) identify it instead.
+of its content) identify it instead. Files written by hand or by other tools are read the same way
+by training and by ``lightning-nan quarantine list`` (:func:`record_index`): an index written as
+``"9"`` or ``17.0`` is index 9 or 17; a record whose index is no data set index (``"abc"``, ``-1``,
+``2.5``) or that names no sample at all is kept in the file and reported (:meth:`Quarantine.problems`).
 
 >>> import tempfile, os
 >>> q = Quarantine(os.path.join(tempfile.mkdtemp(), QUARANTINE_FILE))
@@ -22,6 +25,7 @@ of its content) identify it instead.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -31,7 +35,7 @@ from typing import Any
 import torch
 
 from lightning_nan.core.files import fsync_dir
-from lightning_nan.core.jsonl import append_jsonl, locked, read_jsonl
+from lightning_nan.core.jsonl import append_jsonl, locked, read_jsonl_lines
 
 QUARANTINE_FILE = "quarantine.jsonl"
 
@@ -60,27 +64,31 @@ class Quarantine:
 
         Raises ``ValueError`` naming the file and line when the file is not a quarantine file.
         """
+        return [record for _, record in self._lines()[0]]
+
+    def _lines(self) -> tuple[list[tuple[int, dict[str, Any]]], str | None]:
         try:
-            records = read_jsonl(self.path)
+            lines, torn = read_jsonl_lines(self.path)
         except FileNotFoundError:
-            return []
+            return [], None
         except UnicodeDecodeError as err:
             with open(self.path, "rb") as f:
                 lineno = f.read(err.start).count(b"\n") + 1
             raise ValueError(f"{self.path}, line {lineno}: not UTF-8 text; {_EXPECTED}.") from None
         except ValueError as err:
             raise ValueError(f"{err} ({_EXPECTED})") from None
-        bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+        bad = next(((n, r) for n, r in lines if not isinstance(r, dict)), None)
         if bad is not None:
             raise ValueError(
-                f"{self.path}, line {_line_of_record(self.path, bad)}: expected a JSON object (one record per"
-                f" line), got a JSON {type(records[bad]).__name__}; {_EXPECTED}."
+                f"{self.path}, line {bad[0]}: expected a JSON object (one record per"
+                f" line), got a JSON {type(bad[1]).__name__}; {_EXPECTED}."
             )
-        return records
+        return lines, torn
 
     def indices(self, split: str | None = None) -> set[int]:
-        """The dataset indices in quarantine (records whose ``index`` is an int); with ``split``, only
-        those of that data set (``"train"``, ``"val"``, ``"test"``; a record without one is ``"train"``).
+        """The dataset indices in quarantine: every record's :func:`record_index` that is usable; with
+        ``split``, only those of that data set (``"train"``, ``"val"``, ``"test"``; a record without one is
+        ``"train"``).
 
         >>> import tempfile, os
         >>> q = Quarantine(os.path.join(tempfile.mkdtemp(), "q.jsonl"))
@@ -89,11 +97,44 @@ class Quarantine:
         >>> sorted(q.indices()), q.indices("train"), q.indices("val")
         ([3, 5], {3}, {5})
         """
-        return {
-            r["index"]
-            for r in self.records()
-            if _is_index(r.get("index")) and (split is None or r.get("split", "train") == split)
-        }
+        records = self.records()
+        if split is not None:
+            records = [r for r in records if r.get("split", "train") == split]
+        return usable_indices(records)
+
+    def problems(self) -> list[str]:
+        r"""What in the file names no sample that training can leave out, one line each (``[]``: nothing).
+
+        Such records are kept in the file (never dropped); training warns about them once and
+        ``lightning-nan quarantine list`` shows them.
+
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "q.jsonl")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write('{"index": "9"}\n{"index": 17.0}\n{"index": "abc"}\n{"reason": "nan"}\n{"index": 4')
+        >>> sorted(Quarantine(path).indices())
+        [9, 17]
+        >>> for problem in Quarantine(path).problems():
+        ...     print(problem)
+        line 3: index 'abc' is not a data set index (an integer >= 0)
+        line 4: no index and no fingerprint: it names no sample
+        line 5: not a whole JSON record (an append cut short, or a line without its end): skipped
+        """
+        lines, torn = self._lines()
+        found = []
+        for lineno, record in lines:
+            try:
+                index = record_index(record)
+            except ValueError as err:
+                found.append(f"line {lineno}: {err}")
+                continue
+            if index is None and not isinstance(record.get("fingerprint"), str):
+                found.append(f"line {lineno}: no index and no fingerprint: it names no sample")
+        if torn is not None:
+            with open(self.path, encoding="utf-8") as f:
+                n = f.read().count("\n") + 1
+            found.append(f"line {n}: not a whole JSON record (an append cut short, or a line without its end): skipped")
+        return found
 
     def add(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Append, in one atomic write, the ``records`` not already present; return those appended.
@@ -115,20 +156,13 @@ class Quarantine:
             return self._add_unlocked(records)
 
     def _add_unlocked(self, records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        known = self.records()
-        seen_index = {r["index"] for r in known if _is_index(r.get("index"))}
-        seen_fp = {r.get("fingerprint") for r in known if r.get("index") is None}
+        seen = {record_key(r) for r in self.records()}
         new: list[dict[str, Any]] = []
         for record in records:
-            index = record.get("index")
-            if index is not None:
-                if index in seen_index:
-                    continue
-                seen_index.add(index)
-            else:
-                if record.get("fingerprint") in seen_fp:
-                    continue
-                seen_fp.add(record.get("fingerprint"))
+            key = record_key(record)
+            if key in seen:
+                continue
+            seen.add(key)
             new.append(dict(record))
         append_jsonl(self.path, new, lock=False)
         return new
@@ -236,12 +270,71 @@ def _hash_into(h: Any, obj: Any, path: str) -> None:
         h.update(f"{path}|{obj!r}|".encode())
 
 
+def record_index(record: Mapping[str, Any]) -> int | None:
+    """The data set index a record names, read as training and the CLI both read it.
+
+    An integer >= 0, also when written as a string (``"9"``) or an integral number (``17.0``);
+    ``None`` when ``index`` is null or absent (a record of an iterable data set, named by its
+    ``fingerprint``). Raises ``ValueError`` saying why for anything else.
+
+    >>> [record_index({"index": v}) for v in (3, "9", " 12 ", 17.0, None)], record_index({})
+    ([3, 9, 12, 17, None], None)
+    >>> record_index({"index": 2.5})
+    Traceback (most recent call last):
+    ValueError: index 2.5 is not a data set index (an integer >= 0)
+    """
+    value = record.get("index")
+    if value is None:
+        return None
+    index: Any = None
+    if _is_index(value):
+        index = value
+    elif isinstance(value, float) and value.is_integer():
+        index = int(value)
+    elif isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        index = int(value.strip())
+    if index is None or index < 0:
+        raise ValueError(f"index {value!r} is not a data set index (an integer >= 0)")
+    return index
+
+
+def usable_indices(records: Sequence[Mapping[str, Any]]) -> set[int]:
+    """The data set indices of ``records`` (:func:`record_index`), the unusable ones left aside.
+
+    >>> sorted(usable_indices([{"index": 3}, {"index": "9"}, {"index": "x"}, {"index": None}]))
+    [3, 9]
+    """
+    found = set()
+    for record in records:
+        try:
+            index = record_index(record)
+        except ValueError:
+            continue
+        if index is not None:
+            found.add(index)
+    return found
+
+
+def record_key(record: Mapping[str, Any]) -> tuple[str, Any]:
+    """What makes two records the same sample: the data set index; without one, the fingerprint;
+    for a record that names no usable sample, its whole content.
+
+    >>> record_key({"index": "9", "step": 1}) == record_key({"index": 9, "step": 5})
+    True
+    >>> record_key({"index": None, "fingerprint": "ab12"})
+    ('fingerprint', 'ab12')
+    """
+    try:
+        index = record_index(record)
+    except ValueError:
+        index = None
+    else:
+        if index is not None:
+            return ("index", index)
+        if isinstance(record.get("fingerprint"), str):
+            return ("fingerprint", record["fingerprint"])
+    return ("record", json.dumps(record, sort_keys=True, default=str))
+
+
 def _is_index(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _line_of_record(path: str, i: int) -> int:
-    """The line number of the ``i``-th record (read_jsonl skips blank lines)."""
-    with open(path, encoding="utf-8") as f:
-        nonblank = [n for n, line in enumerate(f, 1) if line.strip()]
-    return nonblank[i]

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning_nan.core.incident import Incident
+from lightning_nan.core.quarantine import usable_indices
 from lightning_nan.core.validate import integer
 
 __all__ = ["COLUMNS", "summary_json", "summary_table"]
@@ -210,7 +211,7 @@ def _fit_module(text: str, n: int) -> str:
 
 
 def _quarantine_lines(records: list[Mapping[str, Any]], path: Any, width: int) -> list[str]:
-    indices = sorted({r.get("index") for r in records if isinstance(r.get("index"), int) and not isinstance(r.get("index"), bool)})
+    indices = sorted(usable_indices(records))  # read as training reads them ("9" is index 9)
     unknown = sum(1 for r in records if r.get("index") is None)
     s = "" if len(records) == 1 else "s"
     where = f" in {os.fspath(path)}" if path is not None else ""

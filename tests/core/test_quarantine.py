@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from lightning_nan.core.files import FileWarning
 from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record, sample_fingerprint
 
 
@@ -93,7 +94,8 @@ def test_torn_tail_from_a_crash(tmp_path):
     with open(q.path, "ab") as f:
         f.write(line[: len(line) // 2])  # the process died in the middle of an append
     assert q.indices() == {1, 2}
-    assert [r["index"] for r in q.add([_rec(3)])] == [3]  # the index is not seen as present
+    with pytest.warns(FileWarning, match="moved to"):  # the torn bytes go aside, not away
+        assert [r["index"] for r in q.add([_rec(3)])] == [3]  # the index is not seen as present
     assert q.indices() == {1, 2, 3}
     assert open(q.path, "rb").read().startswith(whole)
     assert all(json.loads(x) for x in open(q.path).read().splitlines())
@@ -187,3 +189,25 @@ def test_sample_fingerprint_covers_structure_dtype_and_bytes():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == base
+
+
+def test_indices_written_as_strings_or_integral_floats_count_and_deduplicate(tmp_path):
+    path = tmp_path / QUARANTINE_FILE
+    path.write_text('{"index": "9"}\n{"index": 17.0}\n{"index": " 12 "}\n{"index": 3}\n')
+    q = Quarantine(path)
+    assert q.indices() == {3, 9, 12, 17} and q.problems() == []
+    assert [r["index"] for r in q.add([_rec(9), _rec(17), _rec(12), _rec(4)])] == [4]  # the others are there
+    assert [r["index"] for r in q.records()] == ["9", 17.0, " 12 ", 3, 4]
+
+
+@pytest.mark.parametrize("value", ["abc", -1, 2.5, True, [1], "", "1e3", float("inf")])
+def test_an_unusable_index_is_reported_and_kept(tmp_path, value):
+    path = tmp_path / QUARANTINE_FILE
+    line = json.dumps({"index": value, "reason": "x"}) + "\n"
+    path.write_text('{"index": 1}\n' + line)
+    q = Quarantine(path)
+    assert q.indices() == {1}
+    assert q.problems() == [f"line 2: index {value!r} is not a data set index (an integer >= 0)"]
+    q.add([_rec(5)])
+    assert path.read_text().startswith('{"index": 1}\n' + line)  # never dropped
+    assert q.indices() == {1, 5}
