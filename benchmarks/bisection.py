@@ -150,8 +150,8 @@ def run_bisection(model: nn.Module, batch: list[torch.Tensor], planted: list[int
     t0 = time.perf_counter()
     report = find_culprits(loss, batch, module=model)
     seconds = time.perf_counter() - t0
-    if report.tests != loss.passes:
-        raise RuntimeError(f"report.tests={report.tests} but the loss ran {loss.passes} times")
+    if report.tests + report.confirm_tests != loss.passes:
+        raise RuntimeError(f"report.tests={report.tests} (+{report.confirm_tests} to confirm) but the loss ran {loss.passes} times")
     found = list(report.positions)
     ok = found == planted and report.groups == [[p] for p in planted] and report.reproduced and report.complete
     return Trial(report.tests, loss.samples, seconds, found, ok)

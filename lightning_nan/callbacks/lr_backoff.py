@@ -87,7 +87,7 @@ class LRBackoffBase:
         ...         self.layer = torch.nn.Linear(2, 1)
         ...     def training_step(self, batch, batch_idx):
         ...         loss = self.layer(batch[0]).pow(2).mean()
-        ...         return loss * 1e6 if batch_idx == 4 else loss  # a blow-up: a 1e6x loss, caught before any NaN
+        ...         return loss * 1e6 if batch_idx == 4 else loss  # its update throws the weights off
         ...     def configure_optimizers(self):
         ...         opt = torch.optim.SGD(self.parameters(), lr=0.1)
         ...         return [opt], [torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)]
@@ -100,7 +100,7 @@ class LRBackoffBase:
         >>> with contextlib.redirect_stdout(io.StringIO()):  # NaNGuard prints its incident table at the end
         ...     trainer.fit(Model(), loader)
         >>> [(h["step"], h["reason"], h["factor"]) for h in backoff.history]
-        [(4, 'incident: divergence', 0.5), (6, 'grow back', 1.0)]
+        [(5, 'incident: jump', 0.5), (7, 'grow back', 1.0)]
         >>> trainer.optimizers[0].param_groups[0]["lr"] == 0.1 * 0.9  # the schedule (stepped once, per epoch), untouched
         True
     """

@@ -439,11 +439,13 @@ class StepGuard:
     def _dispatch(self, event: IncidentEvent, device: torch.device) -> None:
         """Tell listeners, escalate when skipping cannot help, record; raise if nobody recovered."""
         incident = event.incident
-        if incident.kind in ("input", "loss", "grad"):  # every sample non-finite: the pipeline, not a sample
-            pipeline = broken_pipeline(event.batches)
-            if pipeline:
-                incident.detail["pipeline"] = pipeline
-        incident.detail["batch_key"] = _batch_key(event.batches)
+        # Facts from each rank's own batches, agreed (a collective on the failure path: every rank is here).
+        pipeline = broken_pipeline(event.batches) if incident.kind in ("input", "loss", "grad") else None
+        views = gather_objects((pipeline, _batch_key(event.batches)))
+        broken = [f"rank {r}: {p}" if len(views) > 1 else p for r, (p, _) in enumerate(views) if p]
+        if broken:  # every sample non-finite: the pipeline, not a sample
+            incident.detail["pipeline"] = "; ".join(broken)
+        incident.detail["batch_key"] = views[0][1] if len(views) == 1 else _joined(k for _, k in views)
         order = [getattr(listener, "incident_order", 50) for listener in self.listeners]
         notify([l for l, o in zip(self.listeners, order) if o < DIAGNOSIS_ORDER], event)  # evidence first (bisection)
         self._diagnose(incident)
@@ -648,6 +650,13 @@ def _batch_key(batches: Sequence[tuple[int, Any]]) -> str:
     for _, batch in batches:
         walk(batch)
     return h.hexdigest()[:16]
+
+
+def _joined(keys: Iterable[str]) -> str:
+    """One key for the keys of every rank's batches."""
+    import hashlib
+
+    return hashlib.sha256("/".join(keys).encode()).hexdigest()[:16]
 
 
 def _finite(t: Tensor) -> bool:

@@ -19,22 +19,31 @@ def test_dirty_images_under_ddp(tmp_path_factory):
     assert not run.hung and not run.left_alive, _tail(run)
     assert run.returncode == 0, _tail(run)
     r0, r1 = run.ranks[0], run.ranks[1]
-    planted = sorted(r0["culprits"])
+    planted = sorted(i for i, kind in r0["culprits"].items() if kind != "zero")  # NaN, Inf, 1e38: dirty
+    zero = [i for i, kind in r0["culprits"].items() if kind == "zero"]  # ordinary data the model's 0/0 trips on
 
-    # every planted index, and nothing else, is in the quarantine file rank zero wrote
+    # every dirty index, and nothing else, is in the quarantine file rank zero wrote
     assert sorted(Quarantine(run.outdir / "quarantine.jsonl").indices()) == planted
     # the ranks agree on every incident; each names the culprits of one step, found on the rank that had them
     assert r0["incidents"] == [dict(i, time=r0["incidents"][n]["time"]) for n, i in enumerate(r1["incidents"])]
-    assert sorted(i for inc in r0["incidents"] for i in inc["samples"]) == planted
+    assert sorted(i for inc in r0["incidents"] for i in inc["samples"] or []) == planted
     for inc in r0["incidents"]:
-        owners = {rank for rank, res in ((0, r0), (1, r1)) for i in inc["samples"] if i in res["indices"][0]}
+        named = (inc["samples"] or []) + (inc["triggers"] or [])
+        owners = {rank for rank, res in ((0, r0), (1, r1)) for i in named if i in res["indices"][0]}
         assert set(inc["ranks"]) == owners
+    # the all-zero image is named as the trigger of an unsafe operation, and stays in the data set
+    assert {i for inc in r0["incidents"] for i in inc["triggers"] or []} == set(zero)
+    # (its cause is unsafe_op, unless the same step also had a dirty sample, on the other rank, say)
+    assert all(inc["cause"] == "unsafe_op" or inc["samples"] for inc in r0["incidents"] if inc["triggers"])
     assert r0["quarantined"] == r1["quarantined"] == planted
 
-    # the next epoch leaves them out on both ranks and trains without a non-finite loss
+    # the next epoch leaves the dirty samples out on both ranks; only the batch holding the zero image fails
+    size = script.BATCH_SIZE
     for res in (r0, r1):
         assert not set(res["indices"][1]) & set(planted)
-        assert all(math.isfinite(v) for v in res["losses"][1])
+        batches = [res["indices"][1][k : k + size] for k in range(0, len(res["indices"][1]), size)]
+        for batch, loss in zip(batches, res["losses"][1]):
+            assert math.isfinite(loss) or set(batch) & set(zero)
     assert len(r0["indices"][1]) == len(r1["indices"][1]) == len(r0["indices"][0])  # same number of steps
     # identical weights on both ranks (BatchNorm running stats are per rank in DDP: finite, not compared)
     for name, value in r0["state_dict"].items():
