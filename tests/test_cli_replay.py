@@ -130,7 +130,8 @@ def test_the_readme_replay_of_the_dirty_data_example(tmp_path, capsys, monkeypat
 
     result = dirty_data.train(True, str(tmp_path), epochs=1, workers=0, dump_dir=str(tmp_path / "dumps"))
     first = result.guard.incidents[0]
-    assert first.samples == [1777] and first.detail["dump"].endswith("nan_dump_step26_rank0.pt")
+    # the all-zero image triggers the model's 0/0: named (not quarantined), and the dump reproduces it
+    assert first.triggers == [1777] and first.detail["dump"].endswith("nan_dump_step26_rank0.pt")
     capsys.readouterr()
     assert main(["replay", first.detail["dump"], "--exported"]) == 0
     lines = capsys.readouterr().out.splitlines()

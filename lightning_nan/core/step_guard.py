@@ -84,6 +84,8 @@ ADVICE = {
 
 #: The same unsafe operation (op and line) failing on this many steps is a bug to fix, not a batch to skip.
 UNSAFE_OP_REPEATS = 3
+#: Batches non-finite in every sample that make a broken pipeline (one alone may be a bad shard).
+PIPELINE_REPEATS = 2
 #: A loss that grew by orders of magnitude is divergence only if the weights' total norm moved by this
 #: fraction over the same steps (when the weights are checked).
 MOVED = 0.05
@@ -167,6 +169,7 @@ class StepGuard:
         self.loss_growth = GrowthDetector("loss")
         self.grad_growth = GrowthDetector("gradient norm")
         self._unsafe_ops: dict[str, list[int]] = {}
+        self._pipeline_steps: list[int] = []
         self._names: dict[int, str] = {}
         if named_parameters is not None:
             self.set_parameter_names(named_parameters)
@@ -455,8 +458,13 @@ class StepGuard:
         raise_error = False
         repeats = self._unsafe_repeats(incident)
         if incident.cause == "broken_pipeline":
-            incident.detail["escalation"] = f"The data pipeline is broken: {incident.detail['pipeline']}."
-            incident.action, raise_error = "raised", True
+            self._pipeline_steps.append(incident.step)
+            if len(self._pipeline_steps) >= PIPELINE_REPEATS:
+                steps = ", ".join(map(str, self._pipeline_steps[-PIPELINE_REPEATS:]))
+                incident.detail["escalation"] = f"The data pipeline is broken (steps {steps}): {incident.detail['pipeline']}."
+                incident.action, raise_error = "raised", True
+            else:  # one such batch could be a bad shard: skip it, and stop at the next
+                incident.advice += " Training stops at the next batch that is non-finite in every sample."
         elif repeats:
             incident.detail["escalation"] = repeats
             incident.action, raise_error = "raised", True
@@ -506,6 +514,7 @@ class StepGuard:
             "loss_growth": self.loss_growth.state_dict(),
             "grad_growth": self.grad_growth.state_dict(),
             "unsafe_ops": {k: list(v) for k, v in self._unsafe_ops.items()},
+            "pipeline_steps": list(self._pipeline_steps),
         }
 
     def reset(self) -> None:
@@ -516,6 +525,7 @@ class StepGuard:
         self.loss_growth = GrowthDetector("loss")
         self.grad_growth = GrowthDetector("gradient norm")
         self._unsafe_ops = {}
+        self._pipeline_steps = []
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; missing keys keep their defaults."""
@@ -527,6 +537,7 @@ class StepGuard:
         self.loss_growth.load_state_dict(state.get("loss_growth", {}))
         self.grad_growth.load_state_dict(state.get("grad_growth", {}))
         self._unsafe_ops = {str(k): [int(s) for s in v] for k, v in state.get("unsafe_ops", {}).items()}
+        self._pipeline_steps = [int(s) for s in state.get("pipeline_steps", [])]
 
     # ------------------------------------------------------------------ failure path (rare: syncs allowed)
     def _name(self, p: Tensor, i: int) -> str:

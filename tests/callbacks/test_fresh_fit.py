@@ -6,7 +6,7 @@ import warnings
 
 import pytorch_lightning as pl
 import torch
-from faulty import identical, loader, model_class, trainer_kwargs
+from faulty import cause_class, identical, loader, model_class, trainer_kwargs
 
 import lightning_nan as ln
 
@@ -24,7 +24,8 @@ def callbacks():
 
 
 def fit(tmp_path, cbs, *extra, ckpt_path=None, **kw):
-    trainer = pl.Trainer(callbacks=[*cbs, *extra], **trainer_kwargs(tmp_path, **kw))
+    blowup = cause_class(pl)("divergence")  # the planted faults stand for a blow-up: the backoff acts on it
+    trainer = pl.Trainer(callbacks=[*cbs, *extra, blowup], **trainer_kwargs(tmp_path, **kw))
     model = model_class(pl)(faults=FAULTS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
