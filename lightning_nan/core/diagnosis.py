@@ -61,6 +61,8 @@ DTYPE_MAX = {"torch.float16": 65504.0, "torch.bfloat16": 3.39e38, "torch.float32
 STABLE_ALTERNATIVE = {
     "log": "use log_softmax (or logsumexp) instead of log(softmax), or log(x.clamp_min(eps))",
     "log_softmax": "check the logits are finite: clip gradients and lower the learning rate",
+    "softmax": "a row whose every position is masked with -inf gives 0/0 = NaN: keep one position unmasked "
+    "(or mask with torch.finfo(dtype).min instead of -inf) and zero the fully masked rows after softmax",
     "div": "add an epsilon to the denominator (x / (y + eps)), or standardise with std + eps",
     "sqrt": "clamp the argument (x.clamp_min(0) or x + eps) before sqrt; its gradient is infinite at 0",
     "rsqrt": "add an epsilon before rsqrt",
@@ -203,11 +205,13 @@ def diagnose(
     who = f"; triggered by samples {triggers} (ordinary, finite inputs: not quarantined)" if triggers else ""
     degenerate = [f"sample {k}: {v}" for b in bisection.get("batches", []) for k, v in (b.get("evidence") or {}).items() if "constant" in v]
     op = loc.get("op")
-    if op is not None and loc.get("op_inputs_finite", True) is not False:
+    own_infinities = loc.get("op_inputs_finite") is False and loc.get("module") is not None and loc.get("inputs_finite")
+    if op is not None and (loc.get("op_inputs_finite", True) is not False or own_infinities):
         name = op.rstrip("_")
         where = f"{op} at {loc.get('op_location')}" if loc.get("op_location") else op
         module = incident.module or loc.get("module")
-        evidence = [f"localization: {where} turned finite inputs into NaN/Inf" + (f" inside {module}" if module else "") + who]
+        made = "turned the module's own +-inf (no NaN) into NaN" if own_infinities else "turned finite inputs into NaN/Inf"
+        evidence = [f"localization: {where} {made}" + (f" inside {module}" if module else "") + who]
         hint = _op_hint(loc)
         if hint:
             evidence.append(hint)
@@ -350,6 +354,8 @@ def _op_hint(loc: dict[str, Any]) -> str | None:
         return f"its input holds negative values: {name} of a negative is NaN"
     if name == "exp":
         return "exp overflows float32 above ~88.7"
+    if name in ("softmax", "log_softmax") and any(i.get("nonfinite") for i in inputs):
+        return "its input holds -inf: a row where every position is masked makes softmax 0/0 = NaN"
     return None
 
 

@@ -86,7 +86,9 @@ class Localization:
             elements; ``None`` when there are none), ``nonfinite``, ``has_zero``, ``has_negative``;
             Python numbers give ``arg``, ``dtype``, ``value`` and the same flags.
         op_output_nonfinite: the number of non-finite elements ``op`` produced.
-        op_inputs_finite: whether all of ``op``'s floating-point inputs were finite.
+        op_inputs_finite: whether all of ``op``'s floating-point inputs were finite. ``False`` inside a
+            named module means the module made its own infinities (a ``-inf`` mask fill, say) and ``op``
+            turned them into NaN (softmax of a row that is all ``-inf``, ``inf - inf``, ``0 * inf``).
         backward_op: with ``backward=True``, a finite loss and a non-finite gradient: the first
             autograd node that turned finite gradients into NaN/Inf (e.g. ``"SqrtBackward0"``), found by
             one replay under anomaly mode (:func:`~lightning_nan.core.backward_fault.backward_fault`).
@@ -150,7 +152,11 @@ class Localization:
     def _op_text(self) -> str:
         at = f"{self.op}" + (f" at {self.op_location}" if self.op_location else "")
         where = None if self.module is None else f"{self.module or '<root>'} ({self.module_type})"
-        if self.op_inputs_finite is False:  # only recorded when no module was named
+        if self.op_inputs_finite is False and self.module is not None:  # NaN made from the module's own infinities
+            hint = _hint(self.op, self.op_inputs or [])
+            text = f"first NaN from {at}, made from +-inf inputs (no NaN){f' — {hint}' if hint else ''}"
+            return text + f", inside {self.module or '<root>'} ({self.module_type})"
+        if self.op_inputs_finite is False:
             text = "every module's output was finite but the loss was not: a non-finite input reached"
             return f"{text} {at}, outside every module"
         inputs = self.op_inputs or []
@@ -324,6 +330,8 @@ def _hint(op: str, inputs: list[dict[str, Any]]) -> str | None:
         return "outside [-1, 1]?"
     elif base in {"atanh", "arctanh"} and known and (lo <= -1 or hi >= 1):
         return "outside (-1, 1)?"
+    elif base in {"softmax", "log_softmax", "_softmax"} and first.get("nonfinite"):
+        return "a row that is all -inf (fully masked)?"
     elif base in {"std", "var", "std_mean", "var_mean"}:
         return "too few elements for the correction, or overflow?"
     elif base in {"pow", "float_power"} and len(inputs) >= 2:
@@ -459,6 +467,8 @@ class _OpTracer(TorchFunctionMode):
         self.tracer = tracer
         self.candidates: list[_Op] = []
         self.fed: _Op | None = None  # first op outside every module with non-finite inputs and output
+        #: ops inside modules that made NaN from inputs holding +-inf but no NaN (softmax of a fully masked row)
+        self.from_inf: list[_Op] = []
         self._paused = 0
 
     @contextmanager
@@ -521,7 +531,15 @@ class _OpTracer(TorchFunctionMode):
             and all_finite(v for v in floats if v is not target)
         )
         frames = tuple(self.tracer.stack)
-        if not finite and (frames or self.fed is not None):
+        if not finite and frames:
+            if len(self.from_inf) < _MAX_CANDIDATES and not any(bool(torch.isnan(v).any()) for v in floats if v is not target) and any(
+                bool(torch.isnan(t).any()) for t in outputs.values()
+            ):
+                described = [_describe(p, v, before if v is target else None) for p, v in operands[:_MAX_OPERANDS]]
+                count = sum(int((~torch.isfinite(t)).sum()) for t in outputs.values())
+                self.from_inf.append(_Op(op, _user_location(sys._getframe()), frames, described, False, count))
+            return
+        if not finite and self.fed is not None:
             return
         described = [_describe(p, v, before if v is target else None) for p, v in operands[:_MAX_OPERANDS]]
         count = sum(int((~torch.isfinite(t)).sum()) for t in outputs.values())
@@ -539,7 +557,9 @@ class _OpTracer(TorchFunctionMode):
             if loc.inputs_finite is False:
                 return outside
             own = next((c for c in self.candidates if c.frames and c.frames[-1] is culprit), None)
-            return own or next((c for c in self.candidates if any(f is culprit for f in c.frames)), None)
+            inside = own or next((c for c in self.candidates if any(f is culprit for f in c.frames)), None)
+            # none from finite inputs: the module made its own infinities (a -inf mask fill), then NaN from them
+            return inside or next((c for c in self.from_inf if any(f is culprit for f in c.frames)), None)
         if loc.loss_finite is True:
             return None
         return outside or self.fed

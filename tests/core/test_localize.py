@@ -516,3 +516,26 @@ def test_to_dict_with_op_is_json_safe():
     data = json.loads(json.dumps(loc.to_dict(), allow_nan=False))
     assert data["op"] == "div" and data["op_location"] == loc.op_location and data["op_output_nonfinite"] == 6
     assert data["op_inputs"] == loc.op_inputs and data["op_inputs_finite"] is True
+
+
+def test_softmax_of_a_fully_masked_row_is_named_though_its_input_is_minus_inf():
+    """The module makes its own -inf (a mask fill); the softmax that turns a row of them into NaN is named."""
+
+    class Attention(nn.Module):
+        def forward(self, q, mask):
+            scores = (q @ q.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+            att = torch.softmax(scores, dim=-1)
+            return att @ q
+
+    model = nn.Sequential()
+    model.add_module("attn", Attention())
+    q = torch.randn(2, 3, 4)
+    mask = torch.ones(2, 3, 3, dtype=torch.bool)
+    loc = localize(model.attn, lambda: model.attn(q, mask).sum())
+    assert loc.module is None and loc.op is None  # nothing masked fully: finite
+    mask[1, 0] = False  # one query may attend to nothing
+    loc = localize(model.attn, lambda: model.attn(q, mask).sum())
+    line = inspect.getsourcelines(Attention.forward)[1] + 2
+    assert (loc.module, loc.op, loc.op_inputs_finite) == ("", "softmax", False)
+    assert loc.op_location == f"{os.path.relpath(__file__)}:{line} in forward"
+    assert "a row that is all -inf (fully masked)?" in loc.summary()

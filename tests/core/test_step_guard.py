@@ -339,3 +339,81 @@ def test_the_host_norm_bound_is_the_total_gradient_norm_and_none_after_a_fault()
     assert guard.last_grad_norm_bound == pytest.approx(float(total), rel=1e-6)
     model[0].weight.grad[0, 0] = float("inf")
     assert guard.check(opt, step=1).skipped and guard.last_grad_norm_bound is None
+
+
+# ------------------------------------------------------------------------------------ diagnosis-driven actions
+
+
+def _fail_once(guard: StepGuard, model, opt, batch, loss_fn, step: int):
+    guard.observe_batch(batch, step)
+    loss = loss_fn(model, batch)
+    guard.observe_loss(loss)
+    opt.zero_grad()
+    loss.backward()
+    return guard.check(opt, step=step)
+
+
+def test_a_broken_pipeline_stops_at_once_naming_the_columns():
+    """Every sample NaN in the same columns (standardised by a zero std upstream): NonFiniteError at the
+    first incident, whatever max_consecutive, with the fields and columns in the message."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = StepGuard(model, max_consecutive=1000)
+    x = torch.randn(16, 4)
+    x[:, [1, 3]] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"\[0\] columns 1, 3 are NaN in all 16 samples") as err:
+        _fail_once(guard, model, opt, (x,), lambda m, b: m(b[0]).pow(2).mean(), 0)
+    assert err.value.incident.cause == "broken_pipeline" and err.value.incident.action == "raised"
+    x[0] = 1.0  # one clean sample: the dirty ones can be singled out, no pipeline verdict
+    guard = StepGuard(model, max_consecutive=1000)
+    verdict = _fail_once(guard, model, opt, (x,), lambda m, b: m(b[0]).pow(2).mean(), 0)
+    assert verdict.skipped and verdict.incident.cause != "broken_pipeline"
+
+
+class _Diagnosed:
+    """Stands in for BatchBisection: localizes every incident at the same op and line."""
+
+    incident_order = 10
+
+    def on_nan_incident(self, event):
+        event.incident.detail["localization"] = {"op": "log", "op_location": "model.py:7 in forward", "module": "head",
+                                                 "inputs_finite": True, "op_inputs": [{"has_zero": True}]}
+
+
+def test_the_same_unsafe_op_three_times_raises_with_its_line_and_fix():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = StepGuard(model, listeners=[_Diagnosed()], max_consecutive=1000)
+    nan_loss = lambda m, b: m(b[0]).pow(2).mean() * float("nan")  # noqa: E731
+    for step in range(2):
+        assert _fail_once(guard, model, opt, (torch.randn(8, 4),), nan_loss, step).incident.cause == "unsafe_op"
+    with pytest.raises(NonFiniteError, match=r"log at model.py:7 in forward failed on 3 steps \(0, 1, 2\)") as err:
+        _fail_once(guard, model, opt, (torch.randn(8, 4),), nan_loss, 2)
+    assert "log_softmax" in str(err.value)  # the fix
+    guard = StepGuard(model, listeners=[_Diagnosed()], max_consecutive=1000, unsafe_op_repeats=0)
+    for step in range(4):  # 0: never raise
+        assert _fail_once(guard, model, opt, (torch.randn(8, 4),), nan_loss, step).skipped
+
+
+def test_a_cause_carries_over_only_to_the_same_samples():
+    class DecideOnce:
+        incident_order = 10
+        seen = 0
+
+        def on_nan_incident(self, event):
+            if not self.seen:
+                event.incident.cause, event.incident.advice = "divergence", "lower the LR"
+            self.seen += 1
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = StepGuard(model, listeners=[DecideOnce()], max_consecutive=1000)
+    nan_loss = lambda m, b: m(b[0]).pow(2).mean() * float("nan")  # noqa: E731
+    same = (torch.randn(8, 4),)
+    _fail_once(guard, model, opt, same, nan_loss, 0)
+    again = _fail_once(guard, model, opt, same, nan_loss, 1).incident  # the very same samples
+    other = _fail_once(guard, model, opt, (torch.randn(8, 4),), nan_loss, 2).incident  # another batch
+    assert again.cause == "divergence" and "the same samples failed at step 0" in again.detail["evidence"][0]
+    assert other.cause == "unknown"
+    # and it never asks for a callback that is there
+    assert any("add BatchBisection" in m for m in other.detail["missing_evidence"])

@@ -50,7 +50,7 @@ def assert_triggers_named(r: Result, incident) -> None:
     assert set(incident.triggers) <= candidates, (incident.step, incident.triggers, sorted(candidates))
 
 
-def assert_unsafe_op(r: Result, *, kind: str, module: str, at: str | None, op: str | None = None,
+def assert_unsafe_op(r: Result, *, kind: str, module: str, at: str, op: str | None = None,
                      backward_op: str | None = None) -> None:
     """Every incident: unsafe_op on its own batch's evidence, module, operation and line named, triggers named,
     nothing quarantined; no LR cut, no rollback; after a few recurrences NonFiniteError names op and line.
@@ -68,7 +68,7 @@ def assert_unsafe_op(r: Result, *, kind: str, module: str, at: str | None, op: s
             assert loc.get("backward_op") == backward_op, (inc.step, loc)
         # the forward source: op_location (for a backward fault, backward_location holds the same line too)
         locations = [loc.get("op_location")] + ([loc.get("backward_location")] if backward_op else [])
-        assert at is None or any(str(x).endswith(at) for x in locations if x), (inc.step, locations, at)
+        assert any(str(x).endswith(at) for x in locations if x), (inc.step, locations, at)
         assert_triggers_named(r, inc)
         assert "quarantined" not in inc.advice.replace("not quarantined", ""), inc.advice  # claims no action not taken
     assert_nothing_quarantined(r)
@@ -78,11 +78,8 @@ def assert_unsafe_op(r: Result, *, kind: str, module: str, at: str | None, op: s
     assert 3 <= len(incidents) <= 4, [i.step for i in incidents]  # the first one and a few (3) recurrences
     assert r.error.incident.action == "raised" and r.error.incident.cause == "unsafe_op"
     message = str(r.error)
-    if at is not None:
-        assert at.split(" in ")[0] in message, message  # the line
-        assert (op or backward_op) in message or (backward_op and at in message), message  # the operation
-    else:
-        assert f"module {module}" in message, message
+    assert at.split(" in ")[0] in message, message  # the line
+    assert (op or backward_op) in message or (backward_op and at in message), message  # the operation
 
 
 def assert_dirty(r: Result, *, module: str) -> None:
@@ -149,9 +146,9 @@ def test_sqrt_of_a_negative_gain(tmp_path):
 
 def test_fully_masked_attention_row(tmp_path):
     r = run("masked_attention", tmp_path)
-    # The module is named; the softmax is not: its input row is all -inf by design (an explicit mask fill),
-    # and the localizer only names operations that turn finite inputs non-finite.
-    assert_unsafe_op(r, kind="loss", module="attn", op=None, at=None)
+    at = where("att = torch.softmax(scores, dim=-1)", "forward")
+    # the softmax is named although its input row is all -inf by design (the module's own mask fill)
+    assert_unsafe_op(r, kind="loss", module="attn", op="softmax", at=at)
     # the padding mask is an ordinary input: a 0/1 field, not an outlier
     for inc in r.incidents:
         for i in inc.triggers:
