@@ -170,6 +170,7 @@ class StepGuard:
         self.grad_growth = GrowthDetector("gradient norm")
         self._unsafe_ops: dict[str, list[int]] = {}
         self._pipeline_steps: list[int] = []
+        self._pipeline_keys: list[str | None] = []
         self._names: dict[int, str] = {}
         if named_parameters is not None:
             self.set_parameter_names(named_parameters)
@@ -458,8 +459,11 @@ class StepGuard:
         raise_error = False
         repeats = self._unsafe_repeats(incident)
         if incident.cause == "broken_pipeline":
-            self._pipeline_steps.append(incident.step)
-            if len(self._pipeline_steps) >= PIPELINE_REPEATS:
+            key = incident.detail.get("batch_key")
+            if key not in self._pipeline_keys:  # one batch seen by several optimizers counts once
+                self._pipeline_keys.append(key)
+                self._pipeline_steps.append(incident.step)
+            if len(self._pipeline_keys) >= PIPELINE_REPEATS:
                 steps = ", ".join(map(str, self._pipeline_steps[-PIPELINE_REPEATS:]))
                 incident.detail["escalation"] = f"The data pipeline is broken (steps {steps}): {incident.detail['pipeline']}."
                 incident.action, raise_error = "raised", True
@@ -515,6 +519,7 @@ class StepGuard:
             "grad_growth": self.grad_growth.state_dict(),
             "unsafe_ops": {k: list(v) for k, v in self._unsafe_ops.items()},
             "pipeline_steps": list(self._pipeline_steps),
+            "pipeline_keys": list(self._pipeline_keys),
         }
 
     def reset(self) -> None:
@@ -525,7 +530,7 @@ class StepGuard:
         self.loss_growth = GrowthDetector("loss")
         self.grad_growth = GrowthDetector("gradient norm")
         self._unsafe_ops = {}
-        self._pipeline_steps = []
+        self._pipeline_steps, self._pipeline_keys = [], []
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; missing keys keep their defaults."""
@@ -538,6 +543,7 @@ class StepGuard:
         self.grad_growth.load_state_dict(state.get("grad_growth", {}))
         self._unsafe_ops = {str(k): [int(s) for s in v] for k, v in state.get("unsafe_ops", {}).items()}
         self._pipeline_steps = [int(s) for s in state.get("pipeline_steps", [])]
+        self._pipeline_keys = list(state.get("pipeline_keys", []))
 
     # ------------------------------------------------------------------ failure path (rare: syncs allowed)
     def _name(self, p: Tensor, i: int) -> str:

@@ -353,16 +353,23 @@ def _fail_once(guard: StepGuard, model, opt, batch, loss_fn, step: int):
     return guard.check(opt, step=step)
 
 
-def test_a_broken_pipeline_stops_at_once_naming_the_columns():
-    """Every sample NaN in the same columns (standardised by a zero std upstream): NonFiniteError at the
-    first incident, whatever max_consecutive, with the fields and columns in the message."""
+def test_a_broken_pipeline_stops_at_the_second_batch_naming_the_columns():
+    """Every sample NaN in the same columns (standardised by a zero std upstream): the first such batch is
+    skipped (it could be one bad shard), the second raises NonFiniteError, whatever max_consecutive, with
+    the fields and columns in the message."""
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = StepGuard(model, max_consecutive=1000)
     x = torch.randn(16, 4)
     x[:, [1, 3]] = float("nan")
+    first = _fail_once(guard, model, opt, (x,), lambda m, b: m(b[0]).pow(2).mean(), 0).incident
+    assert (first.cause, first.action) == ("broken_pipeline", "skipped") and "stops at the next batch" in first.advice
+    again = _fail_once(guard, model, opt, (x,), lambda m, b: m(b[0]).pow(2).mean(), 1).incident
+    assert again.action == "skipped"  # the same batch again (a second optimizer, say) counts once
+    x2 = torch.randn(16, 4)
+    x2[:, [1, 3]] = float("nan")
     with pytest.raises(NonFiniteError, match=r"\[0\] columns 1, 3 are NaN in all 16 samples") as err:
-        _fail_once(guard, model, opt, (x,), lambda m, b: m(b[0]).pow(2).mean(), 0)
+        _fail_once(guard, model, opt, (x2,), lambda m, b: m(b[0]).pow(2).mean(), 2)
     assert err.value.incident.cause == "broken_pipeline" and err.value.incident.action == "raised"
     x[0] = 1.0  # one clean sample: the dirty ones can be singled out, no pipeline verdict
     guard = StepGuard(model, max_consecutive=1000)
