@@ -86,7 +86,8 @@ class BatchBisectionBase:
             rejects (graph batches, say); with ``sizer(batch) -> int``.
         min_size: the smallest sub-batch the model accepts; default 2 with BatchNorm in training
             mode, else 1 (smaller sets are padded with samples already shown to be clean).
-        max_tests: at most this many forward passes per micro-batch.
+        max_tests: at most this many forward passes per micro-batch for the search (confirming what it
+            found adds about two per culprit and one per batch).
         dump_dir: if set, the first failing samples and the model go to
             ``<dump_dir>/nan_dump_step<step>_rank<r>.pt``; ``lightning-nan replay FILE`` reproduces the
             failure offline and prints the localization. The model is pickled (replayed with its own

@@ -183,8 +183,9 @@ def find_culprits(
 
     result: BisectionResult = bisect(n, fails, min_size=min(min_size, n), max_tests=max_tests)
     if not result.reproduced and hold_dropout and dropout_modules(module):  # it failed only with dropout on
-        loss_fn = user_loss_fn
+        loss_fn, held = user_loss_fn, result.tests
         result = bisect(n, fails, min_size=min(min_size, n), max_tests=max_tests)
+        result.tests += held
     report = CulpritReport(
         positions=list(result.culprits),
         groups=[list(g) for g in result.groups],

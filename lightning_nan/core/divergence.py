@@ -62,10 +62,12 @@ class GrowthDetector:
             self._first.append(value)
             if len(self._first) >= self.min_history:
                 self.start = statistics.median(self._first)
-        values = list(self.recent)
-        if self.start is None or len(values) < LEVEL + self.min_history:
+        if self.start is None or len(self.recent) < LEVEL + self.min_history:
             return None
+        values = list(self.recent)
         level = statistics.median(values[-LEVEL:])
+        if level <= self.growth * FLOOR * self.start:  # the common case: no lower reference can make it divergence
+            return None
         earlier = statistics.median(values[:-LEVEL])
         reference = max(earlier, FLOOR * self.start)
         if level <= self.growth * reference:

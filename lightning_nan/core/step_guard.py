@@ -582,7 +582,8 @@ class StepGuard:
             return None
         key = f"{op} at {loc.get('op_location') or loc.get('backward_location') or incident.module}" if op else f"module {incident.module}"
         steps = self._unsafe_ops.setdefault(key, [])
-        steps.append(incident.step)
+        if not steps or steps[-1] != incident.step:  # several optimizers on one batch: one step
+            steps.append(incident.step)
         if len(steps) < self.unsafe_op_repeats:
             return None
         return (
