@@ -2,8 +2,10 @@
 
 ``from lightning_nan import NaNGuard`` gives callbacks for ``pytorch_lightning.Trainer``;
 ``from lightning_nan.lightning import NaNGuard`` the same for ``lightning.pytorch.Trainer``.
-``lightning_nan.core`` is plain PyTorch, for hand-written loops. Importing ``lightning_nan`` alone
-does not import Lightning: the callbacks load on first use.
+The top level holds the six callbacks, :func:`recommended`, :class:`Incident`, :class:`IncidentEvent`,
+:class:`NonFiniteError` and :class:`NonFiniteWarning`; everything else is under
+:mod:`lightning_nan.core` (plain PyTorch, for hand-written loops). Importing ``lightning_nan`` alone
+does not import Lightning: the callbacks (``lightning_nan._pytorch_lightning``) load on first use.
 
 >>> import lightning_nan
 >>> lightning_nan.NaNGuard.__module__
@@ -14,21 +16,42 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lightning_nan.core import *  # noqa: F403
-from lightning_nan.callbacks import CALLBACKS
-from lightning_nan.core import __all__ as _core_all
+from lightning_nan.core.errors import NonFiniteError, NonFiniteWarning
+from lightning_nan.core.events import IncidentEvent
+from lightning_nan.core.incident import Incident
 
 if TYPE_CHECKING:
-    from lightning_nan.callbacks.gradient_clipping import GradientClippingBase as GradientClipping
-    from lightning_nan.callbacks.nan_guard import NaNGuardBase as NaNGuard
-    from lightning_nan.callbacks.norm_monitor import NormMonitorBase as NormMonitor
+    import pytorch_lightning as pl
+
+    from lightning_nan._pytorch_lightning import (
+        BatchBisection,
+        CheckpointRollback,
+        GradientClipping,
+        LRBackoff,
+        NaNGuard,
+        NormMonitor,
+    )
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [*sorted(CALLBACKS), "recommended", *_core_all]
+_CALLBACKS = ("BatchBisection", "CheckpointRollback", "GradientClipping", "LRBackoff", "NaNGuard", "NormMonitor")
+
+__all__ = [
+    "BatchBisection",
+    "CheckpointRollback",
+    "GradientClipping",
+    "Incident",
+    "IncidentEvent",
+    "LRBackoff",
+    "NaNGuard",
+    "NonFiniteError",
+    "NonFiniteWarning",
+    "NormMonitor",
+    "recommended",
+]
 
 
-def recommended(**overrides: Any) -> list[Any]:
+def recommended(**overrides: Any) -> list[pl.Callback]:
     """NaNGuard, GradientClipping, BatchBisection, LRBackoff, CheckpointRollback and NormMonitor, ready to use.
 
     ``Trainer(callbacks=recommended())``. Each keyword names a part (``guard``, ``clipping``,
@@ -38,14 +61,18 @@ def recommended(**overrides: Any) -> list[Any]:
     >>> [type(cb).__name__ for cb in recommended(norms=False, clipping={"method": "norm", "max_norm": 2.0})]
     ['NaNGuard', 'GradientClipping', 'BatchBisection', 'LRBackoff', 'CheckpointRollback']
     """
-    from lightning_nan.callbacks.presets import recommended_for
+    from lightning_nan._pytorch_lightning import recommended
 
-    return recommended_for("lightning_nan", **overrides)
+    return recommended(**overrides)
 
 
 def __getattr__(name: str) -> Any:
-    if name in CALLBACKS:
+    if name in _CALLBACKS:  # loaded on first use, so that `import lightning_nan` does not import Lightning
         from lightning_nan import _pytorch_lightning
 
         return getattr(_pytorch_lightning, name)
     raise AttributeError(f"module 'lightning_nan' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_CALLBACKS))

@@ -2,11 +2,9 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from lightning_nan import cli
 from lightning_nan.cli import main

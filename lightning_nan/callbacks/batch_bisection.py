@@ -6,10 +6,12 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 
+from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._trainer import log_metrics, run_dir, shards_parameters, starts_afresh
 from lightning_nan.core.batches import BatchSplitError, batch_size, select
 from lightning_nan.core.culprits import CulpritReport, find_culprits
@@ -216,6 +218,7 @@ class BatchBisectionBase:
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        check_namespace(self, trainer)
         if stage != "fit":
             return
         if not any(hasattr(cb, "ensure_checked") for cb in trainer.callbacks):
@@ -448,7 +451,7 @@ class BatchBisectionBase:
                 locate=locate and localization is None,
             )
             known = indices is not None
-            to_index = (lambda p: indices[p]) if known else (lambda p: None)  # noqa: E731
+            to_index = (lambda p: indices[p]) if known else (lambda p: None)  # noqa: E731, B023 (used in this iteration)
             facts = dict(zip(report.positions, report.evidence))
             for pos, fp, dirty_input in zip(report.positions, report.fingerprints, report.input_nonfinite):
                 if pos not in report.dirty:  # triggers and unconfirmed groups are reported, never quarantined

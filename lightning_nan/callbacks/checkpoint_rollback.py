@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._checkpoint_saves import (
     candidate_saves,
     finite_aside,
@@ -254,6 +255,7 @@ class CheckpointRollbackBase:
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        check_namespace(self, trainer)
         if stage != "fit":
             return
         if self.source == "memory" and partitions_state(trainer):

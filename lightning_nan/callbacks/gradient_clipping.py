@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._shared_grads import step_grads
 from lightning_nan.callbacks._trainer import log_metrics, partitions_state, starts_afresh, strategy_is
 from lightning_nan.core.clipping import (
@@ -122,6 +123,7 @@ class GradientClippingBase:
         return self.clipper.method
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        check_namespace(self, trainer)
         if stage != "fit":
             return
         if trainer.gradient_clip_val:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._trainer import log_metrics, max_reducer, starts_afresh
 from lightning_nan.core.lr_backoff import LRBackoffController, has_numeric_lr
 from lightning_nan.core.validate import boolean, integer
@@ -183,6 +184,7 @@ class LRBackoffBase:
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        check_namespace(self, trainer)
         if stage != "fit":
             return
         if starts_afresh(trainer):  # a new run starts at factor 1 (a resume loads its factor after setup)

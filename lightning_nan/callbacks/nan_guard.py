@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._eval_guard import EvalGuard
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_key
 from lightning_nan.callbacks._step_traces import StepTraces
@@ -202,6 +203,7 @@ class NaNGuardBase:
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        check_namespace(self, trainer)
         self._eval_listeners = sorted(
             (cb for cb in trainer.callbacks if cb is not self and isinstance(cb, EvalIncidentListener)),
             key=lambda cb: getattr(cb, "incident_order", DEFAULT_INCIDENT_ORDER),

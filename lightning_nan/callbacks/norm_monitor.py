@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._shared_grads import StepGrads, step_grads
 from lightning_nan.callbacks._tensorboard import ScalarBatch, prefixed, tensorboard_writer
 from lightning_nan.callbacks._trainer import strategy_is
@@ -116,6 +117,7 @@ class NormMonitorBase:
         self._writers: dict[int, tuple[Any, Any]] = {}  # id(logger) -> (logger, its SummaryWriter or None)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        check_namespace(self, trainer)
         if stage != "fit":
             return
         self._reset()

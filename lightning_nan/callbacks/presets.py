@@ -23,7 +23,7 @@ PARTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def recommended_for(namespace: str, **overrides: Any) -> list[Any]:
-    """The :data:`PARTS` as callbacks of ``namespace`` (``"lightning_nan"`` or ``"lightning_nan.lightning"``).
+    """The :data:`PARTS` as callbacks of ``namespace`` (``"lightning_nan._pytorch_lightning"`` or ``"lightning_nan.lightning"``).
 
     Each keyword names a part: a dict updates its arguments, ``False`` leaves it out.
     """

@@ -451,11 +451,11 @@ class StepGuard:
             incident.detail["pipeline"] = "; ".join(broken)
         incident.detail["batch_key"] = views[0][1] if len(views) == 1 else _joined(k for _, k in views)
         order = [getattr(listener, "incident_order", 50) for listener in self.listeners]
-        notify([l for l, o in zip(self.listeners, order) if o < DIAGNOSIS_ORDER], event)  # evidence first (bisection)
+        notify([li for li, o in zip(self.listeners, order) if o < DIAGNOSIS_ORDER], event)  # evidence first (bisection)
         self._diagnose(incident)
         if incident.cause == "dirty_data" and incident.samples and self.consecutive_skips > 0:
             self.consecutive_skips -= 1  # quarantined: those samples are left out from the next epoch on
-        notify([l for l, o in zip(self.listeners, order) if o >= DIAGNOSIS_ORDER], event)
+        notify([li for li, o in zip(self.listeners, order) if o >= DIAGNOSIS_ORDER], event)
         raise_error = False
         repeats = self._unsafe_repeats(incident)
         if incident.cause == "broken_pipeline":
@@ -595,7 +595,7 @@ class StepGuard:
         """Fill ``cause``, ``advice`` and ``detail["evidence"]`` from the incident and the history."""
         if incident.cause != "unknown":  # a listener already decided
             return
-        hint = next((l.lr_hint() for l in self.listeners if callable(getattr(l, "lr_hint", None))), None)
+        hint = next((li.lr_hint() for li in self.listeners if callable(getattr(li, "lr_hint", None))), None)
         present = {type(listener).__name__ for listener in self.listeners}
         found = diagnose(incident, list(self.history), lr_hint=hint, present=present)
         previous = self.incidents[-1] if self.incidents else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import pytorch_lightning as pl
-import torch
 from faulty import cause_class, identical, loader, model_class, trainer_kwargs
 
 import lightning_nan as ln

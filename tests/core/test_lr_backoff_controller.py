@@ -260,17 +260,17 @@ def test_floor_and_growth_steps():
     factors, step = [], 0
     for _ in range(5):
         factors.append(backoff.back_off(step, "incident"))
-        for step in range(step + 1, step + 4):  # 3 clean steps: the new factor is tested
+        for step in range(step + 1, step + 4):  # noqa: B020 (3 clean steps: the new factor is tested)
             backoff.observe(step, clean=True)
         step += 1
     assert factors == [0.5, 0.25, 0.125, 0.1, 0.1]
     assert backoff.factor_now == 0.1
     backoff.observe(step, clean=True)
     assert backoff.factor_now == 0.4  # 0.1 * 4 after 4 clean steps
-    for step in range(step + 1, step + 4):
+    for step in range(step + 1, step + 4):  # noqa: B020
         backoff.observe(step, clean=True)
     backoff.observe(step + 1, clean=False)  # resets the count
-    for step in range(step + 2, step + 5):
+    for step in range(step + 2, step + 5):  # noqa: B020
         backoff.observe(step, clean=True)
     assert backoff.factor_now == 0.4
     backoff.observe(step + 1, clean=True)

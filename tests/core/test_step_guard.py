@@ -317,7 +317,6 @@ def test_a_hand_written_loop_can_share_the_guards_norms_with_the_clipper():
     opt = OPTIMIZERS["sgd_momentum"](model.parameters())
     guard, clipper = StepGuard(model), GradientClipper("norm", max_norm=0.1)
     reference = make_model()
-    ref_opt = OPTIMIZERS["sgd_momentum"](reference.parameters())
     x, y = torch.randn(8, 4), torch.randn(8, 1)
     for m in (model, reference):
         torch.nn.functional.mse_loss(m(x), y).mul(100).backward()
