@@ -272,6 +272,12 @@ class NormMonitorBase:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
+    @property
+    def state_key(self) -> str:
+        """Two monitors (say, module norms every step and parameter histograms every 500) may share a Trainer."""
+        args = {"every_n_steps": self.every_n_steps, "group_by": self.group_by, "include": self.include, "exclude": self.exclude, "histograms": self.histograms}
+        return f"{type(self).__qualname__}{args!r}"  # the form of Lightning's Callback._generate_state_key
+
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
         state.update(_names={}, _plans={}, _keys={}, _pending={}, _writers={})

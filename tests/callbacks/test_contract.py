@@ -89,3 +89,15 @@ def test_recommended_callbacks_fit_save_and_resume_together(ns, tmp_path):
     assert [i.step for i in resumed[0].incidents] == [1, 5] and resumed[3].factor_now == 0.25 ** 2
     with pytest.raises(ValueError, match="parts among"):
         ns.lib.recommended(clip=False)
+
+
+def test_two_norm_monitors_share_a_trainer_and_resume(ns, tmp_path):
+    """``state_key`` tells two NormMonitors apart (Lightning refuses two stateful callbacks with one key at Trainer init)."""
+    monitors = [ns.lib.NormMonitor(1), ns.lib.NormMonitor(4, group_by="module", histograms=True)]
+    assert monitors[0].state_key != monitors[1].state_key
+    ckpt = ns.pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer = ns.pl.Trainer(callbacks=[*monitors, ckpt], **trainer_kwargs(tmp_path, enable_checkpointing=True))
+    trainer.fit(model_class(ns.pl)(), loader())
+    trainer = ns.pl.Trainer(callbacks=[ns.lib.NormMonitor(1), ns.lib.NormMonitor(4, group_by="module", histograms=True)], **trainer_kwargs(tmp_path / "resume", max_epochs=2))
+    trainer.fit(model_class(ns.pl)(), loader(), ckpt_path=ckpt.last_model_path)
+    assert trainer.global_step == 16
