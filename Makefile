@@ -23,5 +23,11 @@ test: $(STAMP)  ## the whole test suite, doctests included
 bench: $(STAMP)  ## guard overhead vs plain vs detect_anomaly (see BENCHMARKS.md)
 	$(BIN)/python benchmarks/guard_overhead.py
 
+lint: $(STAMP)  ## ruff, and mypy on the package and on the README's Python snippets
+	$(BIN)/ruff check lightning_nan tests scripts conftest.py
+	$(BIN)/python scripts/check_readme.py README.md
+test: lint  # `make test` runs the lint first
+.PHONY: lint
+
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache *.egg-info

@@ -54,7 +54,8 @@ def finite_aside(trainer: Any, path: str) -> bool | None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         with torch.no_grad():  # a scratch copy of this rank's shards, filled from the save
-            scratch = {k: v.detach().clone() for k, v in get_model_state_dict(trainer.strategy.model).items()}
+            shards: dict[str, Any] = get_model_state_dict(trainer.strategy.model)  # tensors (DTensors) by name
+            scratch = {k: v.detach().clone() for k, v in shards.items()}
         load({"state_dict": scratch}, checkpoint_id=path)
         return bool(torch.isfinite(state_norm(scratch)))
     return None

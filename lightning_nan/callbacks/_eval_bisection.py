@@ -103,8 +103,8 @@ def bisect_eval(bisection: Any, event: IncidentEvent) -> None:
             "(`lightning-nan quarantine list`); fix or drop them."
         )
         if bisection._quarantine is not None:  # during fit: kept with the run's records (checkpoints, unwritable files)
-            known = {record_key(r) for r in bisection._records}
-            bisection._records.extend(r for r in records if record_key(r) not in known)
+            kept = {record_key(r) for r in bisection._records}
+            bisection._records.extend(r for r in records if record_key(r) not in kept)
             bisection._write(records)
             summary["quarantine"] = bisection._quarantine.path
         elif bisection._rank_zero:  # trainer.validate / test alone
@@ -134,7 +134,7 @@ def _fixed_order_indices(loader: Any, batch_idx: int, size: int) -> list[int] | 
     fixed = isinstance(sampler, torch.utils.data.SequentialSampler) or (
         isinstance(sampler, torch.utils.data.DistributedSampler) and not sampler.shuffle
     )
-    if not fixed or not isinstance(batch_sampler, torch.utils.data.BatchSampler) or not per_batch:
+    if not fixed or sampler is None or not isinstance(batch_sampler, torch.utils.data.BatchSampler) or not per_batch:
         return None
     order = list(sampler)[batch_idx * per_batch : (batch_idx + 1) * per_batch]
     return order if len(order) == size else None

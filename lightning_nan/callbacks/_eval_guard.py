@@ -129,7 +129,7 @@ class EvalGuard:
 
     def _rerun(
         self, trainer: Any, pl_module: Any, clean: Any, batch_idx: int, dataloader_idx: int, stage: str,
-        results: dict[str, Any] | None,
+        results: Any,
     ) -> bool:
         """The evaluation step once more on ``clean``, logging live; whether all it gave was finite."""
         if results is None:

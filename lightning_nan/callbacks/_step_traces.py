@@ -24,8 +24,8 @@ from lightning_nan.core.metric_states import MetricStates, find_metrics
 _warned = False
 
 
-def result_collection(trainer: Any) -> dict[str, Any] | None:
-    """The active loop's collection of ``self.log`` values (private in Lightning), or ``None``."""
+def result_collection(trainer: Any) -> Any:
+    """The active loop's collection of ``self.log`` values (private in Lightning: a dict with attributes), or ``None``."""
     global _warned
     try:
         results = trainer._results

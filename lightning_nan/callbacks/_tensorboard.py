@@ -113,7 +113,8 @@ class ScalarBatch:
 
     def _template_crc(self) -> TemplateCRC:
         if self._crc is None:
-            positions, offset = [], 0
+            positions: list[int] = []
+            offset = 0
             for head in self._args[0::2]:
                 offset += len(head)
                 positions += range(offset, offset + 4)  # the float's bytes
@@ -206,7 +207,7 @@ class ScalarBatch:
                 data = self.serialize(values, step, now)
             except OverflowError:
                 pass
-        if data is None:
+        if data is None or queue is None:
             self._add_summary(writer, values, step, now)
         else:
             queue.write(data)  # what EventFileWriter.add_event does with the serialized event
@@ -272,7 +273,7 @@ def _framing_class(base: Any) -> Any:
     cls = _FRAMING.get(base)
     if cls is None:
 
-        class Framing(_FramingRecordWriter, base):  # type: ignore[misc, valid-type]
+        class Framing(_FramingRecordWriter, base):
             def write(self, data: bytes) -> None:
                 if type(data) is _Framed:
                     self._writer.write(data.record)

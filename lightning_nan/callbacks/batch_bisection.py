@@ -450,13 +450,13 @@ class BatchBisectionBase:
                 max_tests=self.max_tests,
                 locate=locate and localization is None,
             )
-            known = indices is not None
-            to_index = (lambda p: indices[p]) if known else (lambda p: None)  # noqa: E731, B023 (used in this iteration)
+            known, index_of = indices is not None, indices or []  # position in the batch -> data set index
+            to_index = (lambda p: index_of[p]) if known else (lambda p: None)  # noqa: E731, B023 (used in this iteration)
             facts = dict(zip(report.positions, report.evidence))
             for pos, fp, dirty_input in zip(report.positions, report.fingerprints, report.input_nonfinite):
                 if pos not in report.dirty:  # triggers and unconfirmed groups are reported, never quarantined
                     continue
-                if known and any(r["index"] == indices[pos] for r in records):
+                if known and any(r["index"] == index_of[pos] for r in records):
                     continue  # a sample a batch repeats (to fill a quarantined one's place): one record
                 reason = f"non-finite {'gradient' if backward else 'loss'}: {facts.get(pos) or 'its input is bad'}"
                 records.append(

@@ -241,8 +241,9 @@ class CheckpointRollbackBase:
         self._checked_step = -1
         self._start_step = 0  # the step this fit started from
         self._start_not_finite: int | None = None  # the same, when its weights were not finite
-        if getattr(self, "detector", None) is not None:
-            self.detector = LossSpikeDetector(self.detector.window, self.detector.threshold)
+        detector = getattr(self, "detector", None)
+        if detector is not None:
+            self.detector = LossSpikeDetector(detector.window, detector.threshold)
 
     @property
     def rollbacks(self) -> int:
@@ -537,6 +538,7 @@ class CheckpointRollbackBase:
     def _on_spike(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         """Trigger 3, from inside an optimizer step (whose update is then dropped)."""
         steps = self.spike_patience
+        assert self.detector is not None  # a spike was detected
         reason = f"loss spike (robust z > {self.detector.threshold:g} for {steps} steps in a row)"
         ok, why = self._rollback(trainer, pl_module, reason, in_step=True)
         self._spike_run = 0

@@ -147,7 +147,7 @@ class NaNGuardBase:
         boolean("clean_metrics", clean_metrics)
         boolean("check_eval", check_eval)
         integer("log_every_n_steps", log_every_n_steps, low=1, optional=True, hint="None: the Trainer's")
-        incidents_path = fs_path("incidents_path", incidents_path, optional=True, hint=f"None: {INCIDENTS_FILE} in the log dir")
+        path: str | None = fs_path("incidents_path", incidents_path, optional=True, hint=f"None: {INCIDENTS_FILE} in the log dir")
         super().__init__()
         self.guard = StepGuard(
             max_consecutive=max_consecutive,
@@ -157,7 +157,7 @@ class NaNGuardBase:
             unsafe_op_repeats=unsafe_op_repeats,
         )
         self.check_inputs = check_inputs
-        self.incidents_path = incidents_path
+        self.incidents_path = path
         self.log_every_n_steps = log_every_n_steps
         self.restore_norm_stats = restore_norm_stats
         self.clean_metrics = clean_metrics
@@ -368,6 +368,8 @@ class NaNGuardBase:
 
     def _write_restored(self) -> None:
         """Append the checkpoint's incidents that this run's incidents file lacks (a new ``version_N``)."""
+        if self._path is None:  # not started
+            return
         restored = [i.to_dict() for i in self.guard.incidents]
         try:
             missing = missing_from(self._path, restored, ("step", "kind", "time"))

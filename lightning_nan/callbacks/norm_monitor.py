@@ -143,7 +143,7 @@ class NormMonitorBase:
         self._name_parameters(pl_module)  # again: a strategy may have replaced them (FSDP2's ``fully_shard``)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                writer = getattr(logger, "experiment", None)
+                writer: Any = getattr(logger, "experiment", None)
                 if hasattr(writer, "add_custom_scalars"):
                     writer.add_custom_scalars(LAYOUT)
 
@@ -201,7 +201,7 @@ class NormMonitorBase:
             monitored = [i for i, p in enumerate(grads.params) if id(p) in self._names]
             names = [self._names[id(grads.params[i])] for i in monitored]
             select = None
-            if len(monitored) < len(grads.params):
+            if len(monitored) < len(grads.params) and grads.norms is not None:
                 select = torch.tensor(monitored, dtype=torch.long, device=grads.norms.device)
             plan = self._plans[key] = _Plan([grads.params[i] for i in monitored], names, select)
             plan.keys = self._cached_keys(names)
@@ -234,7 +234,7 @@ class NormMonitorBase:
     def _histograms(self, trainer: Any, pending: dict[_Plan, Tensor]) -> None:
         """Weight and gradient histograms, one tensor at a time; a sharded one is gathered whole on every
         rank (a collective), rank zero writes."""
-        writers = []
+        writers: list[Any] = []
         if trainer.is_global_zero:
             writers = [w for w in (getattr(lg, "experiment", None) for lg in trainer.loggers) if hasattr(w, "add_histogram")]
         if not writers and all(plan.copies is None for plan in pending):
@@ -375,8 +375,8 @@ class _Keys:
         if self.group is not None:  # per module: sqrt of the sum of squares
             sums = [[0.0] * self.n_groups for _ in columns]
             for c, s in zip(columns, sums):
-                for value, g in zip(c, self.group):
-                    s[g] += value * value
+                for value, k in zip(c, self.group):
+                    s[k] += value * value
             columns = [[math.sqrt(v) for v in s] for s in sums]
         weights, grads, updates = columns
         out: list[float] = []

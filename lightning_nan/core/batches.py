@@ -230,10 +230,11 @@ def _rebuild_failed(obj: Any, path: str, err: Exception) -> BatchSplitError:
 
 
 def _rebuild_sequence(obj: Sequence[Any], items: list[Any], path: str) -> Any:
-    if type(obj) in (list, tuple):
-        return type(obj)(items)
+    cls: Any = type(obj)  # a Sequence subclass: its constructor is its own
+    if cls in (list, tuple):
+        return cls(items)
     try:
-        return type(obj)(*items) if _is_namedtuple(obj) else type(obj)(items)
+        return cls(*items) if _is_namedtuple(obj) else cls(items)
     except Exception as err:
         raise _rebuild_failed(obj, path, err) from err
 
@@ -247,7 +248,8 @@ def _rebuild_mapping(obj: Mapping[Any, Any], items: dict[Any, Any], path: str) -
             for key, value in items.items():
                 out[key] = value
             return out
-        return type(obj)(items)
+        cls: Any = type(obj)  # a Mapping subclass: its constructor is its own
+        return cls(items)
     except Exception as err:
         raise _rebuild_failed(obj, path, err) from err
 

@@ -14,7 +14,7 @@ deterministic.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from lightning_nan.core.validate import integer
@@ -209,7 +209,7 @@ class _Search:
         h = n // 2
         q1, q3 = h // 2, h + (n - h) // 2
         spans = [(0, h), (0, q1), (h, n), (q1, h), (h, q3), (q3, n)]
-        probes = [range(a, b) for a, b in spans]
+        probes: list[Sequence[int]] = [range(a, b) for a, b in spans]
         picks = random.Random(0).sample(range(n), 2 * m)
         probes += [picks[:m], picks[m:]]
         return all(self.test(p) for p in probes)  # stops at the first that passes

@@ -313,7 +313,7 @@ class GradientClipper:
         refuse_other_methods(method, given | dict(eps=eps, alpha=alpha, z_thresh=z_thresh, warmup=warmup), _DEFAULTS)
         if max_norm is DEFAULT:
             max_norm = ZCLIP_MAX_NORM if method == "zclip" else None
-        positive = {"low": 0, "low_open": True}
+        positive: dict[str, Any] = {"low": 0, "low_open": True}
         needs = {"norm": "max_norm", "value": "clip_value"}.get(method)
         hint = f"method={method!r} needs it"
         self.max_norm = number(
@@ -352,7 +352,7 @@ class GradientClipper:
         if not params:
             return ClipStats()
         copies = copies_per_tensor(params)  # sharded parameters (DTensor): clip this rank's parts
-        grads = [p.grad for p in params]
+        grads: list[Tensor] = [p.grad for p in params if p.grad is not None]
         if copies is not None:
             grads = list(local_parts(grads))
         if norms is None or self.norm_type != 2.0 or len(norms) != len(grads):
@@ -365,7 +365,7 @@ class GradientClipper:
         else:
             total = total_norm(norms, self.norm_type)
         if self.method == "value":
-            clip_grads_value_(grads, float(self.clip_value))  # type: ignore[arg-type]
+            clip_grads_value_(grads, float(self.clip_value))
             return ClipStats(total_norm=total)
         if self.method == "agc":
             if self.sharded or copies is not None:
@@ -374,7 +374,7 @@ class GradientClipper:
             fraction = _agc_with_fraction(clipped, self.clip_factor, self.eps) if clipped else torch.zeros_like(total)
             return ClipStats(total_norm=total, clipped_units=fraction)
         if self.method == "norm":
-            max_norm = float(self.max_norm)  # type: ignore[arg-type]
+            max_norm = float(self.max_norm)
             threshold, one = self._constants(max_norm, total)
             unsharded = copies is None and not self.sharded  # a bound from rank-local parts would not hold
             if unsharded and norm_bound is not None and (norm_bound + 1e-6) * _MARGIN < max_norm:
@@ -394,8 +394,8 @@ class GradientClipper:
         key = (max_norm, like.device, like.dtype)
         cache = getattr(self, "_constant_cache", None)  # (absent from a clipper pickled by an older version)
         if cache is None or cache[0] != key:
-            self._constant_cache = (key, (torch.full_like(like, max_norm), torch.ones_like(like)))
-        return self._constant_cache[1]
+            cache = self._constant_cache = (key, (torch.full_like(like, max_norm), torch.ones_like(like)))
+        return cache[1]
 
     def reset(self) -> None:
         """Forget AutoClip's or ZClip's statistics (a new run)."""

@@ -29,6 +29,7 @@ class NonFiniteError(RuntimeError):
         where = f" ({where})" if where else ""
         what = f"Non-finite {incident.kind} at step {incident.step}{where}."
         reason = incident.detail.get("escalation")
+        parts: tuple[str | None, ...]
         if incident.cause != "unknown":  # lead with the cause and what to do about it
             parts = (f"Cause: {incident.cause}.", incident.advice, what, reason)
         else:

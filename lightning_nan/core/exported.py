@@ -46,6 +46,8 @@ PREFIX = "model"
 class _Loss(torch.nn.Module):
     """``loss_fn(batch)`` as a module holding ``model``, for :func:`torch.export.export`."""
 
+    _loss_fn: Callable[[Any], Any]
+
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any], Any]) -> None:
         super().__init__()
         self.model = model

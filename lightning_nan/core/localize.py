@@ -153,7 +153,7 @@ class Localization:
         at = f"{self.op}" + (f" at {self.op_location}" if self.op_location else "")
         where = None if self.module is None else f"{self.module or '<root>'} ({self.module_type})"
         if self.op_inputs_finite is False and self.module is not None:  # NaN made from the module's own infinities
-            hint = _hint(self.op, self.op_inputs or [])
+            hint = _hint(self.op or "", self.op_inputs or [])
             text = f"first NaN from {at}, made from +-inf inputs (no NaN){f' — {hint}' if hint else ''}"
             return text + f", inside {self.module or '<root>'} ({self.module_type})"
         if self.op_inputs_finite is False:
@@ -164,7 +164,7 @@ class Localization:
         bounds = [e.get(k) for e in tensors or inputs for k in ("min", "max", "value")]
         values = [v for v in bounds if isinstance(v, (int, float))]
         facts = f"inputs finite: min {min(values):.3g}, max {max(values):.3g}" if values else "inputs finite"
-        hint = _hint(self.op, inputs)
+        hint = _hint(self.op or "", inputs)
         text = f"first non-finite value from {at} ({facts}{f' — {hint}' if hint else ''})"
         if self.op_output_nonfinite:
             text += f", {self.op_output_nonfinite} non-finite element{'s' * (self.op_output_nonfinite > 1)}"
@@ -313,7 +313,8 @@ def _hint(op: str, inputs: list[dict[str, Any]]) -> str | None:
     if not inputs:
         return None
     first = inputs[0]
-    lo, hi = first.get("min", first.get("value")), first.get("max", first.get("value"))
+    lo: Any = first.get("min", first.get("value"))
+    hi: Any = first.get("max", first.get("value"))
     known = isinstance(lo, (int, float)) and isinstance(hi, (int, float))
     if base in {"div", "divide", "true_divide", "floor_divide", "remainder", "fmod"}:
         if len(inputs) >= 2 and inputs[1].get("has_zero"):
@@ -625,7 +626,7 @@ def localize(
             if op is not None:
                 loc.op, loc.op_location, loc.op_inputs = op.name, op.location, op.inputs
                 loc.op_output_nonfinite, loc.op_inputs_finite = op.output_nonfinite, op.inputs_finite
-            if backward and loc.loss_finite:
+            if backward and loss is not None and loc.loss_finite:
                 loc.grad_param = _first_nonfinite_grad(loss, named)
     finally:
         for h in handles:

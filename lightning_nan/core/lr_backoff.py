@@ -36,7 +36,7 @@ import logging
 import math
 import numbers
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -378,8 +378,9 @@ class LRBackoffController:
 
     # ------------------------------------------------------------------ spike detection (on the device)
     @torch.no_grad()
-    def _test(self, loss: float | Tensor) -> Tensor | None:
-        """Test ``loss`` against the window, then add it; returns the agreed 0/1 flag (on the device)."""
+    def _test(self, loss: float | Tensor) -> _Deferred | None:
+        """Test ``loss`` against the window, then add it; returns the agreed 0/1 flag (read back later)."""
+        assert self.spike_zscore is not None  # only called with spike detection on
         x = _scalar(loss)
         window = self._window
         flag = None
@@ -401,8 +402,8 @@ class LRBackoffController:
     def attach(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer]) -> None:
         """Scale the learning rate of every step of these optimizers (once each; Lightning wrappers are unwrapped)."""
         if isinstance(optimizers, torch.optim.Optimizer) or hasattr(optimizers, "param_groups"):
-            optimizers = [optimizers]
-        for opt in optimizers:
+            optimizers = [cast(torch.optim.Optimizer, optimizers)]
+        for opt in cast(Iterable[torch.optim.Optimizer], optimizers):
             opt = _unwrap(opt)
             if any(o is opt for o in self._optimizers):
                 continue
@@ -439,7 +440,7 @@ class LRBackoffController:
         groups: list[tuple[dict, Any, Any]] = []  # (group, its scheduled lr, the float written; None: tensor)
         tensors: dict[int, list[Any]] = {}  # id -> [tensor lr, its scheduled value, the value written]
         for group in optimizer.param_groups:
-            lr = group.get("lr")
+            lr: Any = group.get("lr")
             if not has_numeric_lr(group):  # no learning rate to scale (an optimizer that sets its own step size)
                 groups.append((group, lr, _UNSCALED))
             elif isinstance(lr, Tensor):
@@ -481,7 +482,7 @@ class LRBackoffController:
                     held.add(id(current))
             elif not isinstance(current, Tensor) and current == written:
                 group["lr"] = lr
-        for tensor, lr, written in tensors:
+        for tensor, lr, written in tensors or ():
             if id(tensor) in held:  # once per tensor object; a value written in place since is kept (no host sync)
                 tensor.copy_(torch.where(tensor == written, lr, tensor))
 

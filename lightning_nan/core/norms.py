@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
         return out
     if tensors[0].dtype not in _WIDE:
         try:  # the common case, one device and nothing wider than float32: one kernel, no look at each tensor
-            return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=torch.float32))
+            return torch.stack(torch._foreach_norm(cast(list[Tensor], tensors), norm_type, dtype=torch.float32))
         except RuntimeError:  # float64 or complex further on (the kernel will not narrow them), or several devices
             pass
     groups: dict[tuple[torch.device, bool], list[int]] = {}
@@ -72,7 +72,7 @@ _WIDE = (torch.float64, torch.complex64, torch.complex128)
 def _norms(tensors: list[Tensor], norm_type: float, wide: bool) -> Tensor:
     if wide:
         return torch.stack(torch._foreach_norm(tensors, norm_type)).float()
-    return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=torch.float32))
+    return torch.stack(torch._foreach_norm(cast(list[Tensor], tensors), norm_type, dtype=torch.float32))
 
 
 def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:

@@ -127,11 +127,11 @@ def preserved(module: torch.nn.Module, *, params: Iterable[Tensor] | None = None
                 m._buffers.update(buffers)
         for live, saved in saved_buffers.values():
             _restore_values(live, saved)
-        for p, grad, saved in grads:
+        for p, grad, saved_grad in grads:
             if p.grad is not grad:
                 p.grad = grad
-            if grad is not None:
-                _restore_values(grad, saved)
+            if grad is not None and saved_grad is not None:  # (one is None exactly when the other is)
+                _restore_values(grad, saved_grad)
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:

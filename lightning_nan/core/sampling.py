@@ -94,7 +94,7 @@ class TrackingBatchSampler:
 
     def set_epoch(self, epoch: int) -> None:
         """Forward ``set_epoch`` to the inner batch sampler, or else to its sampler, if they have one."""
-        target = self.inner if callable(getattr(self.inner, "set_epoch", None)) else self.sampler
+        target: Any = self.inner if callable(getattr(self.inner, "set_epoch", None)) else self.sampler
         if callable(getattr(target, "set_epoch", None)):
             target.set_epoch(epoch)
 
@@ -222,10 +222,11 @@ def untrack(loader: DataLoader) -> TrackingBatchSampler | None:
     tracker = loader.batch_sampler
     if not isinstance(tracker, TrackingBatchSampler):
         return None
-    object.__setattr__(loader, "batch_sampler", tracker.inner)  # DataLoader's own guard refuses a plain assignment
+    inner, queue = tracker.inner, tracker._queue
+    object.__setattr__(loader, "batch_sampler", inner)  # DataLoader's own guard refuses a plain assignment
     live = getattr(loader, "_iterator", None)  # a persistent workers' iterator (see `track`)
     if live is not None and getattr(live, "_index_sampler", None) is tracker:
-        live._index_sampler = tracker.inner
-    tracker._queue.clear()
+        live._index_sampler = inner
+    queue.clear()
     return tracker
 

@@ -87,7 +87,9 @@ class Snapshot:
         if isinstance(self._norm, Tensor):
             self._norm = float(self._norm)
         if self._norm is None:
-            self._norm = float(state_norm(self.load().model))
+            model = self.load().model
+            assert model is not None  # a loaded snapshot holds the model's state
+            self._norm = float(state_norm(model))
         return self._norm
 
     @property
@@ -251,7 +253,9 @@ class SnapshotStore:
         For a caller that needs finite weights at once, in the middle of an optimizer step, and
         restores the rest with :meth:`restore` once the step is over.
         """
-        model.load_state_dict(snapshot.load().model)
+        state = snapshot.load().model
+        assert state is not None  # a loaded snapshot holds the model's state
+        model.load_state_dict(state)
 
     # ------------------------------------------------------------------ disk
     def files(self) -> list[str]:
@@ -261,7 +265,7 @@ class SnapshotStore:
         names = [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(self.dirpath), "snapshot-step*.pt"))]
         return [os.path.join(self.dirpath, n) for n in sorted(n for n in names if _FILE_RE.match(n))]
 
-    def reload(self, steps: Iterable[int], norms: dict[int, float] | None = None) -> list[int]:
+    def reload(self, steps: Iterable[int], norms: dict[int, float | None] | None = None) -> list[int]:
         """Add the files of ``steps`` found in ``dirpath`` as good snapshots (loaded on first use); return the steps found."""
         found = []
         for step in steps:

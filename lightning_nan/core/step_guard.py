@@ -268,15 +268,15 @@ class StepGuard:
                 [
                     torch.stack([v.to(device, non_blocking=True) for v in inputs]).sum() if inputs else zero,
                     torch.stack([_scalar(v).to(device, non_blocking=True) for v in losses]).sum() if losses else zero,
-                    grad_norms.sum() if grads else zero,
+                    grad_norms.sum() if grad_norms is not None else zero,
                     norms[len(grads) :].sum() if check_params else zero,
                     scale.to(device, non_blocking=True) if scale is not None else zero + self.min_loss_scale,
                 ]
             )
-            flags = torch.cat([~torch.isfinite(values[:4]), values[4:] < self.min_loss_scale]).float()
-            grad_total = total_norm(grad_norms).reshape(1) if grads else zero.reshape(1)  # for a clipper
+            faults = torch.cat([~torch.isfinite(values[:4]), values[4:] < self.min_loss_scale]).float()
+            grad_total = total_norm(grad_norms).reshape(1) if grad_norms is not None else zero.reshape(1)  # for a clipper
             stats = torch.nan_to_num(torch.cat([values[1:4].float().abs(), grad_total]), nan=math.inf)  # the largest rank's
-            reduced = self.reduce(torch.cat([flags, stats])).tolist()  # the one host transfer of a healthy step
+            reduced = self.reduce(torch.cat([faults, stats])).tolist()  # the one host transfer of a healthy step
             host, numbers, bound = [v > 0 for v in reduced[:5]], reduced[5:8], reduced[8]
         else:  # every number to the host in one transfer, summed there: one device op instead of a dozen
             tail = [_scalar(v) for v in losses] + inputs + ([scale.float()] if scale is not None else [])
@@ -313,7 +313,7 @@ class StepGuard:
         local = {
             "input": screened["input"] and any(not _finite(t) for _, b in batches for _, t in iter_tensors(b)),
             "loss": screened["loss"] and any(not _finite(v) for v in losses),
-            "grad": screened["grad"] and not _finite(grad_norms),  # a 2-norm that overflows counts, as in torch
+            "grad": screened["grad"] and grad_norms is not None and not _finite(grad_norms),  # a 2-norm that overflows counts, as in torch
             "param": screened["param"] and any(not _finite(p) for p in params),
             "scale": screened["scale"] and scale is not None and float(scale) < self.min_loss_scale,
         }

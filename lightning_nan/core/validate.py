@@ -71,7 +71,7 @@ def integer(
     """``value`` if it is an ``int`` (not a ``bool``) in ``[low, high]`` (or ``None`` when ``optional``)."""
     if optional and value is None:
         return None
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and _within(value, low, high, False, False):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and _within(int(value), low, high, False, False):
         return int(value)
     kind = "None or an int" if optional else "an int"
     raise ValueError(f"Expected `{name}` to be {kind}{_range(low, high, False, False)}{_hint(hint)}, got {value!r}")
@@ -123,7 +123,7 @@ def _real(value: Any) -> float | None:
     try:
         return float(value)
     except OverflowError:  # an int beyond float: out of any range here
-        return math.inf if value > 0 else -math.inf
+        return -math.inf if value < 0 else math.inf
 
 
 def boolean(name: str, value: Any, *, hint: str = "") -> bool:
