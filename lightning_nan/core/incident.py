@@ -5,26 +5,66 @@
 'step 7: non-finite loss, cause unknown -> skipped. use log_softmax'
 >>> Incident.from_dict(inc.to_dict()) == inc
 True
+>>> inc.kind == IncidentKind.LOSS, inc.cause == IncidentCause.UNKNOWN, IncidentKind("grad").name
+(True, True, 'GRAD')
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-#: What was found wrong. ``"scale"``: the fp16 GradScaler's loss scale fell below its floor;
-#: ``"divergence"``: a finite loss or gradient norm grew by orders of magnitude (caught before the first
-#: NaN); ``"jump"``: finite weights moved far more in one step than an update moves them;
-#: ``"val"``/``"test"``: a validation/test batch's loss or logged values (no optimizer step involved).
-IncidentKind = Literal["loss", "grad", "param", "input", "scale", "divergence", "jump", "val", "test"]
-KINDS: tuple[str, ...] = ("loss", "grad", "param", "input", "scale", "divergence", "jump", "val", "test")
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10
+
+    class StrEnum(str, enum.Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+        __format__ = str.__format__
+
+
+class IncidentKind(StrEnum):
+    """What was found wrong (:attr:`Incident.kind`). Members are ``str``: ``incident.kind == IncidentKind.LOSS``.
+
+    ``SCALE``: the fp16 GradScaler's loss scale fell below its floor; ``DIVERGENCE``: a finite loss or
+    gradient norm grew by orders of magnitude (caught before the first NaN); ``JUMP``: finite weights
+    moved far more in one step than an update moves them; ``VAL``/``TEST``: a validation/test batch's
+    loss or logged values (no optimizer step involved).
+    """
+
+    LOSS = "loss"
+    GRAD = "grad"
+    PARAM = "param"
+    INPUT = "input"
+    SCALE = "scale"
+    DIVERGENCE = "divergence"
+    JUMP = "jump"
+    VAL = "val"
+    TEST = "test"
+
+
+class IncidentCause(StrEnum):
+    """Why (:attr:`Incident.cause`), filled in by the diagnosis; ``UNKNOWN`` until then. Members are ``str``."""
+
+    UNKNOWN = "unknown"
+    DIVERGENCE = "divergence"
+    DIRTY_DATA = "dirty_data"
+    UNSAFE_OP = "unsafe_op"
+    OVERFLOW = "overflow"
+    CORRUPTION = "corruption"
+    BROKEN_PIPELINE = "broken_pipeline"
+
+
+KINDS: tuple[str, ...] = tuple(k.value for k in IncidentKind)
 #: The kinds found outside training: they never skip a step, back the LR off or roll back.
-EVAL_KINDS: tuple[str, ...] = ("val", "test")
-
-#: Filled in by the diagnosis; ``"unknown"`` until then.
-CAUSES: tuple[str, ...] = ("unknown", "divergence", "dirty_data", "unsafe_op", "overflow", "corruption", "broken_pipeline")
+EVAL_KINDS: tuple[str, ...] = (IncidentKind.VAL.value, IncidentKind.TEST.value)
+CAUSES: tuple[str, ...] = tuple(c.value for c in IncidentCause)
 #: What an incident of each finite kind is called in a summary (the others read "non-finite <kind>").
 _FINITE_KINDS = {"divergence": "the loss diverged", "jump": "the weights jumped"}
 
@@ -35,9 +75,9 @@ class Incident:
 
     Attributes:
         step: the optimizer step that was attempted (``trainer.global_step`` at the check).
-        kind: what was non-finite: ``loss``, ``grad``, ``param``, ``input``, ``scale``, or ``val`` /
+        kind: what was non-finite (:class:`IncidentKind`): ``loss``, ``grad``, ``param``, ``input``, ``scale``, or ``val`` /
             ``test`` for a validation/test batch.
-        cause: why (see :data:`CAUSES`); ``"unknown"`` until a diagnosis fills it.
+        cause: why (:class:`IncidentCause`); ``"unknown"`` until a diagnosis fills it.
         module: the first module whose output turned non-finite, when localization ran.
         samples: data set indices of the samples shown to be dirty (their own input is non-finite,
             extreme or a gross outlier) and quarantined, when bisection ran.
@@ -72,6 +112,10 @@ class Incident:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Expected `kind` in {KINDS}, got {self.kind!r}")
+        if isinstance(self.kind, enum.Enum):  # stored as the plain str a JSON file gives back
+            self.kind = self.kind.value
+        if isinstance(self.cause, enum.Enum):
+            self.cause = self.cause.value
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (primitives, lists and dicts only)."""
