@@ -18,7 +18,12 @@ demo: $(STAMP)  ## the exploding CNN, plain (dies) then guarded (finishes)
 	$(BIN)/python examples/exploding_cnn.py
 
 test: $(STAMP)  ## the whole test suite, doctests included
+	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	$(BIN)/python -m pytest
+
+.PHONY: docs
+docs: $(STAMP)  ## the user guide and API reference (docs/, mkdocs.yml) built into build/site
+	$(BIN)/mkdocs build --strict --site-dir build/site
 
 bench: $(STAMP)  ## guard overhead vs plain vs detect_anomaly (see BENCHMARKS.md)
 	$(BIN)/python benchmarks/guard_overhead.py

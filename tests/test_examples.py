@@ -112,3 +112,19 @@ def test_exploding_mlp_plain_diverges_and_recommended_converges(tmp_path):
     assert model.losses[-1] < 1e-2  # from 2.9e7: converged to a small loss
     guard = callbacks[0]
     assert guard.skipped_steps > 0 and guard.incidents[0].step <= 5  # it did diverge first
+
+
+def test_readme_quickstart_runs_and_prints_what_the_readme_shows(tmp_path, monkeypatch):
+    """The README's recommended() quickstart, run as written: sample 10 is named, quarantined and left out."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- quickstart -->\n```python\n(.*?)```", readme, re.S)
+    assert block, "README lost its quickstart example"
+    monkeypatch.chdir(tmp_path)  # the snippet logs to ./lightning_logs
+    namespace: dict = {"__name__": "__readme__"}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    guard = next(cb for cb in namespace["trainer"].callbacks if type(cb).__name__ == "NaNGuard")
+    assert [(i.step, i.kind, i.cause, i.samples) for i in guard.incidents] == [(7, "loss", "dirty_data", [10])]
+    assert "7     0      loss  dirty_data  layer   [10]     skipped" in readme
+    from lightning_nan.core import Quarantine
+
+    assert Quarantine(tmp_path / "lightning_logs" / "version_0" / "quarantine.jsonl").indices() == {10}
