@@ -18,14 +18,19 @@ demo: $(STAMP)  ## the exploding CNN, plain (dies) then guarded (finishes)
 	$(BIN)/python examples/exploding_cnn.py
 
 test: $(STAMP)  ## the whole test suite, doctests included
+	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	$(BIN)/python -m pytest
+
+.PHONY: docs
+docs: $(STAMP)  ## the user guide and API reference (docs/, mkdocs.yml) built into build/site
+	$(BIN)/mkdocs build --strict --site-dir build/site
 
 bench: $(STAMP)  ## guard overhead vs plain vs detect_anomaly (see BENCHMARKS.md)
 	$(BIN)/python benchmarks/guard_overhead.py
 
-lint: $(STAMP)  ## ruff, and mypy on the package and on the README's Python snippets
+lint: $(STAMP)  ## ruff, and mypy on the package and on the Python snippets of README.md and docs/
 	$(BIN)/ruff check lightning_nan tests scripts conftest.py
-	$(BIN)/python scripts/check_readme.py README.md
+	$(BIN)/python scripts/check_readme.py README.md docs/*.md
 test: lint  # `make test` runs the lint first
 .PHONY: lint
 

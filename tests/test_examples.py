@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,17 @@ def last_epoch_mean(losses: list[float], steps_per_epoch: int) -> float:
     return sum(last) / len(last)
 
 
-def test_exploding_cnn_with_recommended_reaches_a_loss_near_zero(tmp_path):
+@pytest.fixture
+def one_thread():
+    """These runs balance on the edge of a blow-up: the order of float sums (which the thread count
+    decides) changes their trajectories. One thread makes them the same on every machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_exploding_cnn_with_recommended_reaches_a_loss_near_zero(tmp_path, one_thread):
     """The user's run, recommended() and no other change: 20 epochs, finite weights, last-epoch mean
     loss near zero (chance level is ln 2 = 0.69; the plain run is NaN in its first epoch)."""
     from lightning_nan import recommended
@@ -65,7 +76,7 @@ def test_exploding_cnn_with_recommended_reaches_a_loss_near_zero(tmp_path):
     assert last_epoch_mean(model.losses, steps_per_epoch) < 0.02
 
 
-def test_exploding_cnn_recovers_when_clipping_is_not_enough(tmp_path):
+def test_exploding_cnn_recovers_when_clipping_is_not_enough(tmp_path, one_thread):
     """Another start of the same run (seed 2) blows up in its first steps, before clipping has a
     history: the steps are skipped, the start is restored, the LR backed off, and the loss still
     ends near zero."""
@@ -101,3 +112,19 @@ def test_exploding_mlp_plain_diverges_and_recommended_converges(tmp_path):
     assert model.losses[-1] < 1e-2  # from 2.9e7: converged to a small loss
     guard = callbacks[0]
     assert guard.skipped_steps > 0 and guard.incidents[0].step <= 5  # it did diverge first
+
+
+def test_readme_quickstart_runs_and_prints_what_the_readme_shows(tmp_path, monkeypatch):
+    """The README's recommended() quickstart, run as written: sample 10 is named, quarantined and left out."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- quickstart -->\n```python\n(.*?)```", readme, re.S)
+    assert block, "README lost its quickstart example"
+    monkeypatch.chdir(tmp_path)  # the snippet logs to ./lightning_logs
+    namespace: dict = {"__name__": "__readme__"}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    guard = next(cb for cb in namespace["trainer"].callbacks if type(cb).__name__ == "NaNGuard")
+    assert [(i.step, i.kind, i.cause, i.samples) for i in guard.incidents] == [(7, "loss", "dirty_data", [10])]
+    assert "7     0      loss  dirty_data  layer   [10]     skipped" in readme
+    from lightning_nan.core import Quarantine
+
+    assert Quarantine(tmp_path / "lightning_logs" / "version_0" / "quarantine.jsonl").indices() == {10}
