@@ -120,7 +120,7 @@ class NormMonitorBase:
             return
         self._reset()
         self._name_parameters(pl_module)
-        if strategy_is(trainer, "fsdp") and trainer.is_global_zero:
+        if strategy_is(trainer, "FSDPStrategy") and trainer.is_global_zero:
             warnings.warn(
                 f"NormMonitor under {type(trainer.strategy).__name__} (FSDP1) sees each rank's flat shards as plain "
                 "tensors: it logs the norms of rank zero's parts, not of the whole parameters. Shard with FSDP2 "
