@@ -129,7 +129,11 @@ def test_fsdp1_is_recognised_by_the_strategy_class():
 def test_strategies_of_the_lightning_namespace_are_recognised_too():
     import lightning.pytorch as lpl
 
-    from lightning_nan.callbacks._trainer import partitions_state, shards_parameters, strategy_is
+    from lightning_nan.callbacks._trainer import (
+        partitions_state,
+        shards_parameters,
+        strategy_is,
+    )
 
     for name, shards in (("FSDPStrategy", True), ("ModelParallelStrategy", True), ("DeepSpeedStrategy", False)):
         trainer = type("Trainer", (), {"strategy": stand_in(name, lpl)})()
