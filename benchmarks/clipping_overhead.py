@@ -87,8 +87,6 @@ from pytorch_lightning.loggers.logger import Logger  # noqa: E402
 
 from lightning_nan import GradientClipping, NaNGuard, NormMonitor  # noqa: E402
 from lightning_nan.callbacks import _shared_grads  # noqa: E402
-from lightning_nan.callbacks._tensorboard import ScalarBatch  # noqa: E402
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c  # noqa: E402
 
 MONITOR_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
 
@@ -259,25 +257,12 @@ def monitor_in_isolation(st: StepState, repeats: int, root: str) -> list[tuple[s
     trainer.loggers = [tensorboard]
     try:
         logging_tb = timed(hooks(every1))
-        one_event = ScalarBatch(list(metrics))
         rows += [
             ("NormMonitor, a logging step: its 3 hooks (TensorBoardLogger)", logging_tb),
             (
-                f"part: TensorBoardLogger.log_metrics({n} scalars): one event per scalar",
+                f"part: TensorBoardLogger.log_metrics({n} scalars), what NormMonitor calls",
                 timed(lambda i: tensorboard.log_metrics(metrics, i)),
             ),
-            (
-                f"part: the same {n} scalars as one event (ScalarBatch.write, what NormMonitor writes)",
-                timed(lambda i: one_event.write(tensorboard.experiment, list(metrics.values()), i)),
-            ),
-        ]
-        data = one_event.serialize(list(metrics.values()), step=1234, wall_time=time.time())
-        rows += [
-            (
-                f"part: the event's checksum, tensorboard's masked_crc32c ({len(data)} bytes, byte by byte)",
-                timed(lambda i: masked_crc32c(data)),
-            ),
-            ("part: the same checksum from ScalarBatch's template (only the value bytes)", timed(lambda i: one_event.record(data))),
         ]
         tensorboard.experiment.flush()
     finally:
@@ -385,8 +370,8 @@ def alternating(
 ):
     """Per run: the median time of the steps the monitor logs and of the steps between them, in the same
     fit (neighbouring steps, so the machine's drift cancels). Returns ``[(logging, other, load, mean
-    difference), ...]``: the mean difference counts the rare steps on which held TensorBoard records are
-    handed to the writer's thread, which the medians leave out. ``control``: a callback that does nothing
+    difference), ...]``: the mean difference counts the rare slow steps (a TensorBoard writer's flush, say),
+    which the medians leave out. ``control``: a callback that does nothing
     stands in for the monitor, so the result shows what the method reads when there is nothing to find."""
 
     def make():
@@ -462,17 +447,9 @@ def main(argv: list[str] | None = None) -> None:
         "--max-norm", type=float, default=1.0,
         help="max_norm of the clipping comparisons (default 1.0; the model's gradient norms are about 0.1-0.15)",
     )
-    parser.add_argument(
-        "--hold", type=int, default=None,
-        help=f"TensorBoard records held back per hand-over to the writer's thread (default {ScalarBatch.HOLD_RECORDS}; 1: none)",
-    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.hold is not None:
-        if args.hold < 1:
-            parser.error(f"--hold must be >= 1, got {args.hold}")
-        ScalarBatch.HOLD_RECORDS = args.hold
     if args.quick:
         args.rounds, args.warmup, args.batch_size, args.repeats, args.runs, args.alternating_steps = 2, 2, 8, 20, 1, 20
         args.clip_steps, args.monitor_steps = 5, 50  # steps 2-51: every_n_steps=50 logs once
@@ -486,8 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\nSettings: {args.rounds} rounds; {args.warmup} warm-up steps per run; batch {args.batch_size} of 1x28x28; "
         f"clipping runs {args.clip_steps} measured steps, NormMonitor runs {args.monitor_steps} "
-        f"(every_n_steps=50 logs at steps {logging_steps}); NormMonitor logger: {args.logger}; "
-        f"TensorBoard records held per hand-over: {ScalarBatch.HOLD_RECORDS}\n",
+        f"(every_n_steps=50 logs at steps {logging_steps}); NormMonitor logger: {args.logger}\n",
         flush=True,
     )
     started = time.perf_counter()

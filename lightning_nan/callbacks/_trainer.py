@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -24,23 +25,45 @@ def starts_afresh(trainer: Any) -> bool:
     return getattr(trainer, "global_step", 0) == 0
 
 
-def strategy_is(trainer: Any, *kinds: str) -> bool:
-    """Whether the trainer's strategy class name holds one of ``kinds`` (lower case: ``"fsdp"``, ``"deepspeed"``)."""
-    name = type(trainer.strategy).__name__.lower()
-    return any(kind in name for kind in kinds)
+#: The modules of Lightning's strategy classes, one per namespace.
+_STRATEGY_MODULES = ("pytorch_lightning.strategies", "lightning.pytorch.strategies")
+
+
+def strategy_is(trainer: Any, *classes: str) -> bool:
+    """Whether the trainer's strategy is an instance of one of Lightning's strategy ``classes`` (by name in
+    ``pytorch_lightning.strategies`` or ``lightning.pytorch.strategies``: ``"FSDPStrategy"``), subclasses included.
+
+    Only namespaces already imported are looked at (a strategy of one was made by its module, so nothing is
+    imported here); a class that a Lightning version lacks matches nothing.
+
+    >>> from types import SimpleNamespace
+    >>> from pytorch_lightning.strategies import DDPStrategy
+    >>> trainer = SimpleNamespace(strategy=DDPStrategy())
+    >>> strategy_is(trainer, "FSDPStrategy"), strategy_is(trainer, "ParallelStrategy"), strategy_is(trainer, "NoSuchStrategy")
+    (False, True, False)
+    """
+    strategy = trainer.strategy
+    for module in _STRATEGY_MODULES:
+        namespace = sys.modules.get(module)
+        if namespace is None:
+            continue
+        kinds = tuple(cls for cls in (getattr(namespace, name, None) for name in classes) if isinstance(cls, type))
+        if kinds and isinstance(strategy, kinds):
+            return True
+    return False
 
 
 def partitions_state(trainer: Any) -> bool:
     """Whether the trainer's strategy may leave each rank only a part of the parameters, gradients or
     optimizer state, and loads checkpoints into the model and optimizers in place: FSDP,
     ``ModelParallelStrategy`` or DeepSpeed."""
-    return strategy_is(trainer, "fsdp", "modelparallel", "deepspeed")
+    return strategy_is(trainer, "FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
 
 def shards_parameters(trainer: Any) -> bool:
     """Whether the trainer's strategy may split parameters across ranks: FSDP or ``ModelParallelStrategy``
     (DeepSpeed only at ZeRO stage 3: callers that care about its sharded optimizer state check it themselves)."""
-    return strategy_is(trainer, "fsdp", "modelparallel")
+    return strategy_is(trainer, "FSDPStrategy", "ModelParallelStrategy")
 
 
 def grad_scaler(trainer: Any) -> Any:

@@ -275,6 +275,23 @@ class BatchBisectionBase:
         ``strategy.process_dataloader`` and makes the first epoch's iterator right away, before any
         callback hook runs; so the tracker goes in at that call, and the data order, the RNG and the
         epoch's iterator are exactly what they would be without this callback.
+
+        Why not a public hook (Lightning 2.6, ``FitLoop.setup_data``): ``setup`` and ``on_fit_start``
+        run before the loader exists (``trainer.train_dataloader`` is ``None``; it is requested, and
+        re-made with a DistributedSampler, inside ``setup_data``), and ``setup_data`` ends with
+        ``iter(self._data_fetcher)``, which makes the iterator of the first epoch, and of the epoch a
+        checkpoint resumes in (``TrainingEpochLoop.on_run_start`` calls ``iter`` again only for later
+        epochs of an unresumed run), before ``on_train_start`` or ``on_train_epoch_start``. By then the
+        iterator holds the untracked batch sampler (``_BaseDataLoaderIter`` captures it at creation),
+        its base seed is drawn from torch's RNG, and with ``num_workers > 0`` the indices of the first
+        ``prefetch_factor * num_workers`` batches are already handed to the workers. Tracking from
+        ``on_train_epoch_start`` (tried: ``track(trainer.train_dataloader)``) knows no index in those
+        epochs and leaves no quarantined sample out of a resumed epoch: 31 of the 40 tests in
+        tests/callbacks/test_batch_bisection.py fail. Making a new iterator there would draw another
+        seed from the RNG (another order, other worker seeds) and cannot reach the fit loop's fetcher
+        without its private attributes. ``Strategy.process_dataloader`` is the one public method
+        between the loader's making and its first iterator; it is wrapped on this strategy instance
+        only, for the fit, and :meth:`_restore` gives the strategy its own method back.
         """
         strategy = trainer.strategy
         strategy.__dict__.pop("process_dataloader", None)

@@ -136,7 +136,7 @@ class GradientClippingBase:
             self.last = {}
         excluded = final_layer_parameters(pl_module) if self.method == "agc" and self.exclude_final_layer else []
         self.clipper.exclude = {id(p) for p in excluded}
-        self.clipper.sharded = strategy_is(trainer, "fsdp")  # FSDP1: flat shards
+        self.clipper.sharded = strategy_is(trainer, "FSDPStrategy")  # FSDP1: flat shards
         # The guard's host bound on the total norm holds where every rank holds whole gradients.
         self._bound_holds = not partitions_state(trainer)
         if self.method == "agc" and self.clipper.sharded:

@@ -12,7 +12,6 @@ from torch import Tensor
 
 from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._shared_grads import StepGrads, step_grads
-from lightning_nan.callbacks._tensorboard import ScalarBatch, prefixed, tensorboard_writer
 from lightning_nan.callbacks._trainer import strategy_is
 from lightning_nan.core.norms import tensor_norms
 from lightning_nan.core.sharding import copies_per_tensor, local_parts, norms_over_ranks
@@ -48,12 +47,8 @@ class NormMonitorBase:
     per optimizer and logging step adds the norms up, so the values are those of the whole tensors
     (``histograms=True`` gathers each tensor whole, one at a time). Under FSDP1 (``FSDPStrategy``)
     the parameters are plain tensors holding each rank's flat shard: the norms are rank zero's parts
-    (a warning says so). A Lightning ``TensorBoardLogger`` gets the step's scalars as one event (the tags, step and values its
-    ``log_metrics`` would write, one event per key); any other logger, a subclass overriding
-    ``log_metrics`` included, one ``log_metrics`` call. Events of logging steps less than a second
-    apart are handed to TensorBoard's writer thread together (one wake-up of that thread per batch):
-    at the latest a second after the first of them (or after 256), at the end of each training
-    epoch, before validation, when the fit fails and at teardown.
+    (a warning says so). Each of the trainer's loggers gets the step's scalars in one ``log_metrics``
+    call (as Lightning's ``LearningRateMonitor`` logs), on rank zero.
 
     Args:
         every_n_steps: log at optimizer steps that are multiples of this.
@@ -114,7 +109,6 @@ class NormMonitorBase:
         self._keys: dict[tuple[str, ...], _Keys] = {}  # by the names of the parameters logged together
         self._pending: dict[_Plan, Tensor] = {}  # plan -> its gradient norms, for the current batch
         self._step = 0  # the optimizer step the pending values belong to
-        self._writers: dict[int, tuple[Any, Any]] = {}  # id(logger) -> (logger, its SummaryWriter or None)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         check_namespace(self, trainer)
@@ -122,7 +116,7 @@ class NormMonitorBase:
             return
         self._reset()
         self._name_parameters(pl_module)
-        if strategy_is(trainer, "fsdp") and trainer.is_global_zero:
+        if strategy_is(trainer, "FSDPStrategy") and trainer.is_global_zero:
             warnings.warn(
                 f"NormMonitor under {type(trainer.strategy).__name__} (FSDP1) sees each rank's flat shards as plain "
                 "tensors: it logs the norms of rank zero's parts, not of the whole parameters. Shard with FSDP2 "
@@ -212,23 +206,13 @@ class NormMonitorBase:
         keys = self._keys.get(key)
         if keys is None:
             if len(self._keys) >= _MAX_CACHED:
-                self._release_events()
                 self._keys.clear()
             keys = self._keys[key] = _Keys(names, self.group_by == "module")
         return keys
 
     def _log(self, trainer: Any, keys: _Keys, values: list[float]) -> None:
-        metrics = None
+        metrics = dict(zip(keys.keys, values))
         for logger in trainer.loggers:
-            known = self._writers.get(id(logger))
-            if known is None or known[0] is not logger:
-                known = self._writers[id(logger)] = (logger, tensorboard_writer(logger))
-            writer = known[1]
-            if writer is not None:  # one event instead of one per key
-                keys.batch(logger).write(writer, values, self._step)
-                continue
-            if metrics is None:
-                metrics = dict(zip(keys.keys, values))
             logger.log_metrics(metrics, step=self._step)
 
     def _histograms(self, trainer: Any, pending: dict[_Plan, Tensor]) -> None:
@@ -251,23 +235,8 @@ class NormMonitorBase:
                     for writer in writers:
                         writer.add_histogram(tag, whole, self._step)
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._release_events()
-
-    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        self._release_events()
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._release_events()  # before Lightning finalizes the loggers
-
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._release_events()
-        self._plans, self._keys, self._pending, self._writers = {}, {}, {}, {}  # let go of parameters, buffers, loggers
-
-    def _release_events(self) -> None:
-        """Hand the TensorBoard events held back (:meth:`ScalarBatch.write`) to their writers."""
-        for keys in self._keys.values():
-            keys.flush()
+        self._plans, self._keys, self._pending = {}, {}, {}  # let go of parameters and buffers
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -280,7 +249,7 @@ class NormMonitorBase:
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
-        state.update(_names={}, _plans={}, _keys={}, _pending={}, _writers={})
+        state.update(_names={}, _plans={}, _keys={}, _pending={})
         return state
 
 
@@ -363,7 +332,6 @@ class _Keys:
             self.n_groups = len(order)
             first = order
         self.keys = [f"norms/{quantity}/{name}" for name in first for quantity in _QUANTITIES]
-        self._batches: dict[tuple[str, str], ScalarBatch] = {}
 
     def rows(
         self, weights: list[float], grads: list[float], updates: list[float], eps: float
@@ -383,16 +351,3 @@ class _Keys:
         for w, g, u in zip(weights, grads, updates):
             out += (w, g, _ratio(u, w + eps))
         return out
-
-    def flush(self) -> None:
-        """Hand over the TensorBoard events each of :meth:`batch`'s writers holds back."""
-        for batch in self._batches.values():
-            batch.flush()
-
-    def batch(self, logger: Any) -> ScalarBatch:
-        """The keys as one TensorBoard event, named as ``logger.log_metrics`` would (its prefix)."""
-        cache = (getattr(logger, "_prefix", ""), getattr(logger, "LOGGER_JOIN_CHAR", ""))
-        batch = self._batches.get(cache)
-        if batch is None:
-            batch = self._batches[cache] = ScalarBatch(prefixed(logger, self.keys))
-        return batch

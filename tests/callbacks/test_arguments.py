@@ -93,14 +93,22 @@ def test_the_defaults_are_valid():
     assert (clip.method, clip.clipper.max_norm) == ("norm", 2.0)
 
 
-def test_fsdp1_is_recognised_by_the_strategy_name():
-    """Lightning's FSDPStrategy needs a GPU: its setup checks run here with a stand-in of that name."""
+def stand_in(name, pl=None):
+    """A subclass of Lightning's strategy class ``name`` that skips its ``__init__`` (FSDP needs a GPU,
+    DeepSpeed its package): what the callbacks' setup checks see of it is its class."""
+    import pytorch_lightning
+
+    base = getattr((pl or pytorch_lightning).strategies, name)
+    return type(name, (base,), {"__init__": lambda self: None})()
+
+
+def test_fsdp1_is_recognised_by_the_strategy_class():
+    """Lightning's FSDPStrategy needs a GPU: its setup checks run here with a subclass that skips its set-up."""
     from types import SimpleNamespace
 
     import torch
 
-    FSDPStrategy = type("FSDPStrategy", (), {})
-    trainer = SimpleNamespace(strategy=FSDPStrategy(), gradient_clip_val=None, is_global_zero=True)
+    trainer = SimpleNamespace(strategy=stand_in("FSDPStrategy"), gradient_clip_val=None, is_global_zero=True)
     module = torch.nn.Linear(2, 2)
     clip = ln.GradientClipping("norm", max_norm=1.0)
     clip.setup(trainer, module, "fit")
@@ -111,6 +119,28 @@ def test_fsdp1_is_recognised_by_the_strategy_name():
         ln.CheckpointRollback().setup(trainer, module, "fit")
     with pytest.warns(UserWarning, match="NormMonitor under FSDPStrategy \\(FSDP1\\)"):
         ln.NormMonitor().setup(trainer, module, "fit")
+    for impostor in (type("FSDPStrategy", (), {})(), stand_in("DDPStrategy")):  # a name alone is not FSDP
+        other = SimpleNamespace(strategy=impostor, gradient_clip_val=None, is_global_zero=True)
+        clip = ln.GradientClipping("norm", max_norm=1.0)
+        clip.setup(other, module, "fit")
+        assert not clip.clipper.sharded
+
+
+def test_strategies_of_the_lightning_namespace_are_recognised_too():
+    import lightning.pytorch as lpl
+
+    from lightning_nan.callbacks._trainer import (
+        partitions_state,
+        shards_parameters,
+        strategy_is,
+    )
+
+    for name, shards in (("FSDPStrategy", True), ("ModelParallelStrategy", True), ("DeepSpeedStrategy", False)):
+        trainer = type("Trainer", (), {"strategy": stand_in(name, lpl)})()
+        assert strategy_is(trainer, name) and partitions_state(trainer)
+        assert shards_parameters(trainer) == shards
+    trainer = type("Trainer", (), {"strategy": lpl.strategies.DDPStrategy()})()
+    assert not partitions_state(trainer) and not shards_parameters(trainer)
 
 
 @pytest.mark.parametrize("strategy, trusted", [("DDPStrategy", True), ("FSDPStrategy", False), ("DeepSpeedStrategy", False), ("ModelParallelStrategy", False)])
@@ -124,7 +154,7 @@ def test_the_guards_norm_bound_is_used_only_where_ranks_hold_whole_gradients(mon
 
     class Trainer:  # a stand-in (weak references to it are taken)
         def __init__(self) -> None:
-            self.strategy = type(strategy, (), {})()
+            self.strategy = stand_in(strategy)
             self.gradient_clip_val, self.is_global_zero, self.callbacks, self.loggers = None, True, [], []
             self.global_step, self.log_every_n_steps = 0, 50
 

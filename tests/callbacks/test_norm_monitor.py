@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import struct
-import time
 import warnings
 from pathlib import Path
 
@@ -14,11 +13,8 @@ from faulty import loader, model_class, trainer_kwargs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.overrides import TorchFunctionMode
-
-from lightning_nan.callbacks._tensorboard import ScalarBatch, tensorboard_writer
 
 
 def probe_class(pl):
@@ -132,9 +128,9 @@ def test_bad_arguments(ns):
             ns.lib.NormMonitor(**kwargs)
 
 
-def per_key_logger_class(pl):
-    class PerKeyLogger(pl.loggers.TensorBoardLogger):
-        """Overrides ``log_metrics`` (then runs Lightning's: one ``add_scalar`` per key): must see every call."""
+def recording_logger_class(pl):
+    class RecordingLogger(pl.loggers.TensorBoardLogger):
+        """Records each ``log_metrics`` call, then writes it as Lightning's TensorBoardLogger does."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -144,33 +140,20 @@ def per_key_logger_class(pl):
             self.calls.append((step, dict(metrics)))
             super().log_metrics(metrics, step)
 
-    return PerKeyLogger
+    return RecordingLogger
 
 
-def fit_logged(ns, root, logger, monitor, **model_kwargs):
-    model = model_class(ns.pl)(**model_kwargs)
-    callbacks = [ns.NaNGuard(), monitor]
-    trainer = ns.pl.Trainer(callbacks=callbacks, **trainer_kwargs(root, logger=logger, log_every_n_steps=1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, loader())
-    logger.finalize("success")
-
-
-def norm_events(log_dir, prefix="", raw=False):
-    """``[(step, [(tag, float32 bits), ...]), ...]`` for every event holding norms scalars, in file order
-    (``raw``: ``(step, Event)`` for every event holding scalars)."""
+def norm_scalars(log_dir, prefix=""):
+    """``[(step, tag, float32 bits), ...]`` of every norms scalar in the event file, as written."""
     (path,) = Path(log_dir).glob("events.out.tfevents.*")
     out = []
     for record in RawEventFileLoader(str(path)).Load():  # the records as written (no conversion on reading)
         event = Event.FromString(record)
-        if raw:
-            if event.summary.value:
-                out.append((event.step, event))
-            continue
-        values = [(v.tag, struct.pack("<f", v.simple_value)) for v in event.summary.value]
-        if values and all(tag.startswith(f"{prefix}norms/") for tag, _ in values):
-            out.append((event.step, values))
+        out += [
+            (event.step, v.tag, struct.pack("<f", v.simple_value))
+            for v in event.summary.value
+            if v.tag.startswith(f"{prefix}norms/")
+        ]
     return out
 
 
@@ -182,16 +165,24 @@ MONITORS = [
 
 
 @pytest.mark.parametrize("kwargs", MONITORS)
-def test_tensorboard_events_hold_what_log_metrics_writes(ns, tmp_path, kwargs):
-    """One event per logging step, with the tags (prefix included), steps and values of ``log_metrics``."""
-    fast = ns.pl.loggers.TensorBoardLogger(str(tmp_path / "fast"), name="n", prefix="fit")
-    per_key = per_key_logger_class(ns.pl)(str(tmp_path / "per_key"), name="n", prefix="fit")
-    faults = {2: "grad"}  # an Inf gradient norm, a skipped step: a zero update ratio
-    fit_logged(ns, tmp_path, fast, ns.lib.NormMonitor(**kwargs), faults=faults)
-    fit_logged(ns, tmp_path, per_key, ns.lib.NormMonitor(**kwargs), faults=faults)
+def test_one_log_metrics_call_per_logging_step_through_the_loggers_public_api(ns, tmp_path, kwargs):
+    """Every logger gets one ``log_metrics`` call per logging step with every key; Lightning's own
+    TensorBoardLogger (a prefix included) writes exactly those values."""
+    recording = recording_logger_class(ns.pl)(str(tmp_path / "recording"), name="n", prefix="fit")
+    stock = ns.pl.loggers.TensorBoardLogger(str(tmp_path / "stock"), name="n", prefix="fit")
+    model = model_class(ns.pl)(faults={2: "grad"})  # an Inf gradient norm, a skipped step: a zero update ratio
+    trainer = ns.pl.Trainer(
+        callbacks=[ns.NaNGuard(), ns.lib.NormMonitor(**kwargs)],
+        **trainer_kwargs(tmp_path, logger=[recording, stock], log_every_n_steps=1),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader())
+    for logger in (recording, stock):
+        logger.finalize("success")
 
     steps = list(range(0, 8, kwargs["every_n_steps"]))
-    calls = [(step, m) for step, m in per_key.calls if all(k.startswith("norms/") for k in m)]  # not the guard's
+    calls = [(step, m) for step, m in recording.calls if all(k.startswith("norms/") for k in m)]  # not the guard's
     assert [step for step, _ in calls] == steps
     keys = list(calls[0][1])
     names = list(dict.fromkeys(key.split("/", 2)[2] for key in keys))
@@ -206,16 +197,9 @@ def test_tensorboard_events_hold_what_log_metrics_writes(ns, tmp_path, kwargs):
         body = "body.0" if module else "body.0.weight"
         assert math.isinf(dict(calls)[2][f"norms/grad/{body}"])
         assert dict(calls)[2][f"norms/update_ratio/{body}"] == 0.0
-
-    events = norm_events(fast.log_dir, "fit-")
-    assert [step for step, _ in events] == steps  # one event per logging step...
-    expected = [(step, [(f"fit-{k}", struct.pack("<f", v)) for k, v in metrics.items()]) for step, metrics in calls]
-    assert events == expected  # ...holding every key, in order, with the value log_metrics got (as float32)
-    reference = norm_events(per_key.log_dir, "fit-")  # Lightning's own writing: one event per key
-    assert len(reference) == len(steps) * len(keys)
-    assert sorted((s, t, v) for s, values in reference for t, v in values) == sorted(
-        (s, t, v) for s, values in events for t, v in values
-    )
+    expected = sorted((step, f"fit-{k}", struct.pack("<f", v)) for step, m in calls for k, v in m.items())
+    assert sorted(norm_scalars(stock.log_dir, "fit-")) == expected
+    assert sorted(norm_scalars(recording.log_dir, "fit-")) == expected
 
 
 def test_two_optimizers_in_one_batch(ns, tmp_path):
@@ -265,96 +249,7 @@ def test_two_optimizers_in_one_batch(ns, tmp_path):
             assert ratio[step] == pytest.approx(((after - before).norm() / after.norm()).item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("step", [0, 1, 300, 2**40])
-def test_scalar_batch_encodes_the_event_protobuf_would(step):
-    tags = ["loss", "norms/update_ratio/features.10.weight", "é/" + "x" * 200]  # a 2-byte length, UTF-8
-    values = [float("nan"), -0.0, float("-inf")]
-    summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, values)])
-    expected = Event(wall_time=1234.5, step=step, summary=summary).SerializeToString()
-    assert ScalarBatch(tags).serialize(values, step, wall_time=1234.5) == expected
-
-
-@pytest.mark.parametrize("step", [0, 1, 300, 2**40])
-def test_scalar_batch_frames_the_record_tensorboards_writer_would(step):
-    """The checksums ScalarBatch computes from its template are those of tensorboard's own RecordWriter."""
-    import io
-    import random
-
-    from tensorboard.summary.writer.record_writer import RecordWriter
-
-    rng = random.Random(step)
-    tags = ["loss", "norms/update_ratio/features.10.weight", "é/" + "x" * 200]
-    batch = ScalarBatch(tags)
-    for _ in range(20):
-        values = [rng.choice([rng.uniform(-1e30, 1e30), float("nan"), -0.0, rng.random()]) for _ in tags]
-        data = batch.serialize(values, step, wall_time=rng.uniform(0, 2e9))
-        out = io.BytesIO()
-        RecordWriter(out).write(data)
-        assert batch.record(data) == out.getvalue()
-
-
-def test_framed_records_are_read_back_with_their_checksums_checked(tmp_path):
-    """Through a real SummaryWriter: the reader verifies both checksums of every record."""
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(tmp_path))
-    batch = ScalarBatch([f"norms/weight/layer{i}" for i in range(48)])
-    for step in range(0, 3000, 7):
-        batch.write(writer, [step + i / 64 for i in range(48)], step)
-    writer.add_scalar("other", 2.0, 5)  # the writer's own path still works beside it
-    batch.flush()  # the records still held back
-    writer.close()
-    (path,) = list(tmp_path.glob("events.out.tfevents.*"))
-    reader = PyRecordReader_New(str(path))
-    records = []
-    while True:
-        try:
-            reader.GetNext()  # raises DataLossError on a bad checksum
-        except Exception as err:  # noqa: BLE001 - the end of the file
-            assert type(err).__name__ == "OutOfRangeError", err
-            break
-        records.append(Event.FromString(reader.record()))
-    steps = [e.step for e in records if e.summary.value and e.summary.value[0].tag.startswith("norms/")]
-    assert steps == list(range(0, 3000, 7))
-    assert [(e.step, e.summary.value[0].simple_value) for e in records if e.summary.value and e.summary.value[0].tag == "other"] == [(5, 2.0)]
-    assert all(e.summary.value[1].simple_value == e.step + 1 / 64 for e in records if len(e.summary.value) == 48)
-
-
-def written_steps(root, tag):
-    return [e.step for _, e in norm_events(root, "", raw=True) if e.summary.value and e.summary.value[0].tag == tag]
-
-
-def test_frequent_events_are_held_back_until_a_batch_is_full_or_flushed(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(tmp_path))
-    batch = ScalarBatch(["a", "b"])
-    batch.HOLD_SECONDS = 60.0  # no hand-over by age in this test
-    batch.HOLD_RECORDS = 16
-    for step in range(40):
-        batch.write(writer, [float(step), -1.0], step)
-    writer.flush()  # what the writer's thread has, on disk
-    # the first write goes at once (no write before it), then the records go 16 at a time; 7 are held
-    assert written_steps(tmp_path, "a") == list(range(33))
-    written_by = time.time()
-    time.sleep(0.01)
-    batch.flush()
-    writer.flush()
-    assert written_steps(tmp_path, "a") == list(range(40))
-    # a held event keeps the time of its write, not of the hand-over
-    assert all(e.wall_time < written_by for _, e in norm_events(tmp_path, "", raw=True))
-    batch.write(writer, [float("inf"), 1e39], 40)  # beyond float32: held, then written through protobuf
-    batch.write(writer, [2.0, 3.0], 41)
-    batch.HOLD_SECONDS = 0.0  # every write counts as infrequent: none is held
-    batch.write(writer, [0.5, 0.25], 42)  # hands over 40 and 41 first
-    writer.close()
-    assert written_steps(tmp_path, "a") == list(range(43))
-    last = [(e.step, [v.simple_value for v in e.summary.value]) for _, e in norm_events(tmp_path, "", raw=True)][-3:]
-    assert last == [(40, [math.inf, math.inf]), (41, [2.0, 3.0]), (42, [0.5, 0.25])]
-
-
-def test_monitor_hands_held_events_over_when_the_fit_fails(ns, tmp_path):
+def test_steps_logged_before_the_fit_fails_are_in_the_event_file(ns, tmp_path):
     class Failing(model_class(ns.pl)):
         def training_step(self, batch, batch_idx):
             if self.trainer.global_step == 5:
@@ -371,80 +266,6 @@ def test_monitor_hands_held_events_over_when_the_fit_fails(ns, tmp_path):
     acc.Reload()
     name = next(n for n, _ in Failing().named_parameters())
     assert sorted(scalars(acc, f"norms/weight/{name}")) == [0, 1, 2, 3, 4]
-
-
-@pytest.mark.parametrize("at", ["validation", "epoch"])
-def test_monitor_hands_held_events_over_before_validation_and_at_each_epoch_end(ns, tmp_path, at):
-    """What was logged so far is in the event file when validation starts and when the next epoch starts."""
-
-    class WithValidation(model_class(ns.pl)):
-        def validation_step(self, batch, batch_idx):
-            return self._loss(batch, batch_idx)
-
-    name = next(n for n, _ in model_class(ns.pl)().named_parameters())
-    seen = []
-
-    class Look(ns.pl.Callback):  # after the monitor in the list: its hooks have run
-        def look(self, trainer):
-            trainer.logger.experiment.flush()  # what the writer's thread has, on disk
-            seen.append((trainer.global_step, written_steps(trainer.logger.log_dir, f"norms/weight/{name}")))
-
-        def on_validation_start(self, trainer, pl_module):
-            if at == "validation" and not trainer.sanity_checking:
-                self.look(trainer)
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            if at == "epoch" and trainer.current_epoch > 0:
-                self.look(trainer)
-
-    logger = ns.pl.loggers.TensorBoardLogger(str(tmp_path), name="norms")
-    kwargs = trainer_kwargs(tmp_path, logger=logger, max_epochs=2, num_sanity_val_steps=0)
-    trainer = ns.pl.Trainer(callbacks=[ns.lib.NormMonitor(every_n_steps=1), Look()], val_check_interval=4, **kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if at == "validation":
-            trainer.fit(WithValidation(), loader(), loader(8))
-        else:
-            trainer.fit(model_class(ns.pl)(), loader())
-    assert seen and all(steps == list(range(step)) for step, steps in seen), seen
-    assert [step for step, _ in seen] == ([4, 8, 12, 16] if at == "validation" else [8])
-
-
-def test_events_held_for_a_writer_closed_meanwhile_are_dropped_with_a_warning(ns, tmp_path):
-    class CloseWriter(ns.pl.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 4:  # step 3 was just logged: steps 1-3 are held (step 0 went at once)
-                trainer.logger.experiment.close()  # its next write opens a new event file
-
-    logger = ns.pl.loggers.TensorBoardLogger(str(tmp_path), name="norms")
-    callbacks = [ns.lib.NormMonitor(every_n_steps=1), CloseWriter()]
-    trainer = ns.pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, logger=logger))
-    with pytest.warns(UserWarning, match=r"^3 TensorBoard event\(s\) held back could not be written: Writer is closed"):
-        trainer.fit(model_class(ns.pl)(), loader())
-    assert trainer.state.finished  # the fit goes on
-    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})  # both event files
-    acc.Reload()
-    name = next(n for n, _ in model_class(ns.pl)().named_parameters())
-    assert sorted(scalars(acc, f"norms/weight/{name}")) == [0, 4, 5, 6, 7]
-
-
-def test_scalar_batch_beyond_float32_is_written_as_add_scalar_writes_it(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(tmp_path))
-    ScalarBatch(["big", "small"]).write(writer, [1e39, 0.5], step=4)
-    writer.close()
-    (event,) = [e for _, e in norm_events(tmp_path, "", raw=True)]
-    assert event.step == 4 and [(v.tag, v.simple_value) for v in event.summary.value] == [("big", math.inf), ("small", 0.5)]
-
-
-def test_tensorboard_writer_only_for_lightnings_own_log_metrics(ns, tmp_path):
-    stock = ns.pl.loggers.TensorBoardLogger(str(tmp_path), name="a")
-    assert tensorboard_writer(stock) is stock.experiment
-    assert tensorboard_writer(per_key_logger_class(ns.pl)(str(tmp_path), name="b")) is None
-    assert tensorboard_writer(ns.pl.loggers.CSVLogger(str(tmp_path), name="c")) is None
-    with pytest.raises(ValueError, match="Expected 2 values"):
-        ScalarBatch(["a", "b"]).write(stock.experiment, [1.0], step=0)
 
 
 def tensors_in(obj, seen=None):
@@ -477,28 +298,6 @@ def test_holds_no_tensors_after_fit(ns, tmp_path):
     assert len(acc.Scalars(f"norms/weight/{names[0]}")) == 8
     assert min(seen_during_fit) >= 2 * len(names)  # the parameters and their copies, between two logging steps
     assert tensors_in(monitor) == []
-
-
-def test_template_crc_matches_tensorboards_crc32c():
-    import os
-    import random
-
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-
-    from lightning_nan.callbacks._crc32c import TemplateCRC, masked
-
-    rng = random.Random(0)
-    template = os.urandom(700)
-    positions = sorted(rng.sample(range(700), 60)) + [0, 699]
-    crc = TemplateCRC(template, positions)
-    for _ in range(30):
-        tail = bytearray(template)
-        for i in positions:
-            tail[i] = rng.randrange(256)
-        prefix = os.urandom(rng.randrange(0, 24))
-        assert masked(crc.crc(prefix, bytes(tail))) == masked_crc32c(prefix + bytes(tail))
-    with pytest.raises(ValueError, match="positions"):
-        TemplateCRC(b"abc", [3])
 
 
 def test_rows_group_and_divide_on_the_host_like_torch_would():
