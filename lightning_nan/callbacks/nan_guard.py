@@ -19,7 +19,8 @@ from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl, missing_from
 from lightning_nan.core.pending import PendingRecords
 from lightning_nan.core.quarantine import Quarantine
-from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, UNSAFE_OP_REPEATS, StepGuard, StepVerdict
+from lightning_nan.core.recurrence import UNSAFE_OP_REPEATS
+from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, StepVerdict
 from lightning_nan.core.validate import boolean, fs_path, integer
 
 INCIDENTS_FILE = "nan_incidents.jsonl"

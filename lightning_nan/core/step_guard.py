@@ -43,6 +43,7 @@ from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import IncidentEvent, escalate, notify
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.norms import iter_tensors, tensor_norms, total_norm
+from lightning_nan.core.recurrence import UNSAFE_OP_REPEATS, Recurrence, batch_key, joined_key
 from lightning_nan.core.sharding import local_part
 from lightning_nan.core.validate import integer, number
 
@@ -82,10 +83,6 @@ ADVICE = {
     ),
 }
 
-#: The same unsafe operation (op and line) failing on this many steps is a bug to fix, not a batch to skip.
-UNSAFE_OP_REPEATS = 3
-#: Batches non-finite in every sample that make a broken pipeline (one alone may be a bad shard).
-PIPELINE_REPEATS = 2
 #: A loss that grew by orders of magnitude is divergence only if the weights' total norm moved by this
 #: fraction over the same steps (when the weights are checked).
 MOVED = 0.05
@@ -165,12 +162,9 @@ class StepGuard:
         self.reduce = reduce
         self.on_record = on_record
         self.detect_divergence = bool(detect_divergence)
-        self.unsafe_op_repeats = integer("unsafe_op_repeats", unsafe_op_repeats, low=0, hint="0: never raise")
+        self.recurrence = Recurrence(unsafe_op_repeats)
         self.loss_growth = GrowthDetector("loss")
         self.grad_growth = GrowthDetector("gradient norm")
-        self._unsafe_ops: dict[str, list[int]] = {}
-        self._pipeline_steps: list[int] = []
-        self._pipeline_keys: list[str | None] = []
         self._names: dict[int, str] = {}
         if named_parameters is not None:
             self.set_parameter_names(named_parameters)
@@ -445,11 +439,11 @@ class StepGuard:
         incident = event.incident
         # Facts from each rank's own batches, agreed (a collective on the failure path: every rank is here).
         pipeline = broken_pipeline(event.batches) if incident.kind in ("input", "loss", "grad") else None
-        views = gather_objects((pipeline, _batch_key(event.batches)))
+        views = gather_objects((pipeline, batch_key(event.batches)))
         broken = [f"rank {r}: {p}" if len(views) > 1 else p for r, (p, _) in enumerate(views) if p]
         if broken:  # every sample non-finite: the pipeline, not a sample
             incident.detail["pipeline"] = "; ".join(broken)
-        incident.detail["batch_key"] = views[0][1] if len(views) == 1 else _joined(k for _, k in views)
+        incident.detail["batch_key"] = views[0][1] if len(views) == 1 else joined_key(k for _, k in views)
         order = [getattr(listener, "incident_order", 50) for listener in self.listeners]
         notify([li for li, o in zip(self.listeners, order) if o < DIAGNOSIS_ORDER], event)  # evidence first (bisection)
         self._diagnose(incident)
@@ -457,20 +451,9 @@ class StepGuard:
             self.consecutive_skips -= 1  # quarantined: those samples are left out from the next epoch on
         notify([li for li, o in zip(self.listeners, order) if o >= DIAGNOSIS_ORDER], event)
         raise_error = False
-        repeats = self._unsafe_repeats(incident)
-        if incident.cause == "broken_pipeline":
-            key = incident.detail.get("batch_key")
-            if key not in self._pipeline_keys:  # one batch seen by several optimizers counts once
-                self._pipeline_keys.append(key)
-                self._pipeline_steps.append(incident.step)
-            if len(self._pipeline_keys) >= PIPELINE_REPEATS:
-                steps = ", ".join(map(str, self._pipeline_steps[-PIPELINE_REPEATS:]))
-                incident.detail["escalation"] = f"The data pipeline is broken (steps {steps}): {incident.detail['pipeline']}."
-                incident.action, raise_error = "raised", True
-            else:  # one such batch could be a bad shard: skip it, and stop at the next
-                incident.advice += " Training stops at the next batch that is non-finite in every sample."
-        elif repeats:
-            incident.detail["escalation"] = repeats
+        stop = self.recurrence.stop(incident)
+        if stop is not None:  # skipping stopped being the answer: no handler can cure a model bug or the data
+            incident.detail["escalation"] = stop
             incident.action, raise_error = "raised", True
         elif incident.kind in ("param", "divergence", "jump") or incident.cause == "corruption" or self.consecutive_skips >= self.max_consecutive:
             optional = incident.kind in ("divergence", "jump") and incident.cause != "corruption"  # finite: skipping is enough
@@ -517,9 +500,7 @@ class StepGuard:
             "incidents": [i.to_dict() for i in self.incidents],
             "loss_growth": self.loss_growth.state_dict(),
             "grad_growth": self.grad_growth.state_dict(),
-            "unsafe_ops": {k: list(v) for k, v in self._unsafe_ops.items()},
-            "pipeline_steps": list(self._pipeline_steps),
-            "pipeline_keys": list(self._pipeline_keys),
+            "recurrence": self.recurrence.state_dict(),
         }
 
     def reset(self) -> None:
@@ -529,8 +510,7 @@ class StepGuard:
         self.history.clear()
         self.loss_growth = GrowthDetector("loss")
         self.grad_growth = GrowthDetector("gradient norm")
-        self._unsafe_ops = {}
-        self._pipeline_steps, self._pipeline_keys = [], []
+        self.recurrence.reset()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; missing keys keep their defaults."""
@@ -541,9 +521,7 @@ class StepGuard:
         self.incidents = [Incident.from_dict(d) for d in state.get("incidents", [])]
         self.loss_growth.load_state_dict(state.get("loss_growth", {}))
         self.grad_growth.load_state_dict(state.get("grad_growth", {}))
-        self._unsafe_ops = {str(k): [int(s) for s in v] for k, v in state.get("unsafe_ops", {}).items()}
-        self._pipeline_steps = [int(s) for s in state.get("pipeline_steps", [])]
-        self._pipeline_keys = list(state.get("pipeline_keys", []))
+        self.recurrence.load_state_dict(state.get("recurrence", {}))
 
     # ------------------------------------------------------------------ failure path (rare: syncs allowed)
     def _name(self, p: Tensor, i: int) -> str:
@@ -571,25 +549,6 @@ class StepGuard:
                 {f"batch {idx}{path}" for idx, batch in batches for path, t in iter_tensors(batch) if not _finite(t)}
             )
         return detail
-
-    def _unsafe_repeats(self, incident: Incident) -> str | None:
-        """The escalation message once the same unsafe operation has failed on ``unsafe_op_repeats`` steps."""
-        if incident.cause != "unsafe_op" or not self.unsafe_op_repeats:
-            return None
-        loc = incident.detail.get("localization") or {}
-        op = loc.get("op") or loc.get("backward_op")
-        if op is None and not incident.module:
-            return None
-        key = f"{op} at {loc.get('op_location') or loc.get('backward_location') or incident.module}" if op else f"module {incident.module}"
-        steps = self._unsafe_ops.setdefault(key, [])
-        if not steps or steps[-1] != incident.step:  # several optimizers on one batch: one step
-            steps.append(incident.step)
-        if len(steps) < self.unsafe_op_repeats:
-            return None
-        return (
-            f"The unsafe operation {key} failed on {len(steps)} steps ({', '.join(map(str, steps[-5:]))}): skipping its "
-            f"batches hides a bug in the model that will fail at inference too. {incident.advice}"
-        )
 
     def _diagnose(self, incident: Incident) -> None:
         """Fill ``cause``, ``advice`` and ``detail["evidence"]`` from the incident and the history."""
@@ -644,37 +603,6 @@ def _merge_ranks(saw: bool, params: list[str], detail: dict[str, Any]) -> tuple[
     if len(ranks) > 1 and any(views[r][2] != views[chosen[0]][2] for r in ranks):
         merged["per_rank"] = {str(r): views[r][2] for r in ranks}
     return ranks, names, merged
-
-
-def _batch_key(batches: Sequence[tuple[int, Any]]) -> str:
-    """A content hash of the batches (failure path only): the same samples give the same key."""
-    import hashlib
-
-    h = hashlib.sha256()
-
-    def walk(obj: Any) -> None:
-        if isinstance(obj, Tensor):
-            t = obj.detach().cpu().contiguous()
-            h.update(str((t.dtype, tuple(t.shape))).encode())
-            h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                h.update(repr(k).encode())
-                walk(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                walk(v)
-
-    for _, batch in batches:
-        walk(batch)
-    return h.hexdigest()[:16]
-
-
-def _joined(keys: Iterable[str]) -> str:
-    """One key for the keys of every rank's batches."""
-    import hashlib
-
-    return hashlib.sha256("/".join(keys).encode()).hexdigest()[:16]
 
 
 def _finite(t: Tensor) -> bool:
