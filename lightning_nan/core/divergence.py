@@ -21,11 +21,13 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
+from lightning_nan.core.diagnosis import TREND_STEPS, StepRecord, _weight_jump
 from lightning_nan.core.validate import integer, number
 
-__all__ = ["GROWTH", "GrowthDetector"]
+__all__ = ["GROWTH", "DivergenceWatch", "GrowthDetector"]
 
 #: Orders of magnitude that make divergence: 1e3 over the reference.
 GROWTH = 1e3
@@ -33,6 +35,9 @@ GROWTH = 1e3
 FLOOR = 0.1
 #: The recent level is the median of this many last values (so 2 of them must be high).
 LEVEL = 3
+#: A loss that grew by orders of magnitude is divergence only if the weights' total norm moved by this
+#: fraction over the same steps (when the weights are checked).
+MOVED = 0.05
 
 
 class GrowthDetector:
@@ -90,3 +95,61 @@ class GrowthDetector:
         self.start = state.get("start", self.start)
         self._first = [float(v) for v in state.get("first", self._first)]
         self.off = bool(state.get("off", self.off))
+
+
+class DivergenceWatch:
+    """The guard's watch over a run's finite values: the loss and gradient norm (each a
+    :class:`GrowthDetector`) and the weights' total norm (a jump far beyond any change per step before).
+
+    ``check`` takes one step's host values and says ``("divergence" | "jump", evidence)`` or ``None``.
+    A loss that grew counts only if the weights moved by :data:`MOVED` over the same steps: a
+    saturated classifier whose loss jumps between 1e-3 and 10 while its (clipped) weights stay put
+    is spiky, not diverging.
+
+    >>> watch = DivergenceWatch()
+    >>> history = [StepRecord(s, loss=1.0, grad_norm=1.0, weight_norm=10.0 + s) for s in range(6)]
+    >>> [watch.check(history[: s + 1], s, 1.0, 1.0) for s in range(6)]
+    [None, None, None, None, None, None]
+    >>> history.append(StepRecord(6, loss=1.0, grad_norm=1.0, weight_norm=1e30))  # a weight set to 1e30
+    >>> watch.check(history, 6, 1.0, 1.0)[0]
+    'jump'
+    """
+
+    def __init__(self) -> None:
+        self.loss = GrowthDetector("loss")
+        self.grad = GrowthDetector("gradient norm")
+
+    def check(
+        self, history: Sequence[StepRecord], step: int, loss: float | None, grad_norm: float | None
+    ) -> tuple[str, str] | None:
+        """``history`` ends with this step's record (its ``weight_norm`` when the weights were checked)."""
+        recent = list(history)[-TREND_STEPS:]
+        checked = bool(recent) and recent[-1].step == step and recent[-1].weight_norm is not None
+        jump = _weight_jump(recent, step) if checked else None
+        grew = self.loss.update(loss)
+        grew_grad = self.grad.update(grad_norm)
+        if jump:
+            return "jump", jump
+        if (grew or grew_grad) and _weights_moved(recent):
+            return "divergence", grew or grew_grad or ""
+        return None
+
+    def reset(self) -> None:
+        """After an incident: the next steps are compared with what follows (the starting levels stay)."""
+        self.loss.reset()
+        self.grad.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.state_dict(), "grad": self.grad.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.load_state_dict(state.get("loss", {}))
+        self.grad.load_state_dict(state.get("grad", {}))
+
+
+def _weights_moved(recent: Sequence[StepRecord]) -> bool:
+    """Whether the weights' total norm changed by :data:`MOVED` over the last steps (``True`` when unknown)."""
+    norms = [r.weight_norm for r in recent[-(LEVEL + 2) :] if r.weight_norm is not None]
+    if len(norms) < 2 or not all(math.isfinite(w) for w in norms):
+        return True
+    return abs(norms[-1] - norms[0]) > MOVED * max(abs(norms[0]), 1e-12)

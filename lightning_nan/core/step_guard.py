@@ -36,8 +36,8 @@ from torch import Tensor
 from collections import deque
 
 from lightning_nan.core.data_evidence import broken_pipeline
-from lightning_nan.core.diagnosis import TREND_STEPS, StepRecord, _weight_jump, diagnose
-from lightning_nan.core.divergence import LEVEL, GrowthDetector
+from lightning_nan.core.diagnosis import StepRecord, diagnose
+from lightning_nan.core.divergence import DivergenceWatch
 from lightning_nan.core.distributed import all_reduce_max, gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import IncidentEvent, escalate, notify
@@ -83,9 +83,6 @@ ADVICE = {
     ),
 }
 
-#: A loss that grew by orders of magnitude is divergence only if the weights' total norm moved by this
-#: fraction over the same steps (when the weights are checked).
-MOVED = 0.05
 
 # Which agreed flag names the incident when several are set (under a GradScaler a gradient overflow
 # alone is not a failure, so a collapsed scale outranks it).
@@ -163,8 +160,7 @@ class StepGuard:
         self.on_record = on_record
         self.detect_divergence = bool(detect_divergence)
         self.recurrence = Recurrence(unsafe_op_repeats)
-        self.loss_growth = GrowthDetector("loss")
-        self.grad_growth = GrowthDetector("gradient norm")
+        self.divergence = DivergenceWatch()
         self._names: dict[int, str] = {}
         if named_parameters is not None:
             self.set_parameter_names(named_parameters)
@@ -295,7 +291,7 @@ class StepGuard:
         self.last_grad_norm_bound = bound if grads and math.isfinite(bound) else None
         growth = None
         if not any(host) and self.detect_divergence:
-            growth = self._growth(step, numbers, bool(losses), bool(grads), check_params)
+            growth = self._watch(step, numbers, bool(losses), bool(grads))
         if not any(host) and growth is None:
             self.consecutive_skips = 0
             return StepVerdict()
@@ -314,7 +310,7 @@ class StepGuard:
         views = gather_objects(local)
         flags = {k: any(v[k] for v in views) for k in _FLAGS}
         if not any(flags.values()):  # finite, only large enough for a 2-norm to overflow
-            growth = self._growth(step, numbers, bool(losses), bool(grads), check_params) if self.detect_divergence else None
+            growth = self._watch(step, numbers, bool(losses), bool(grads)) if self.detect_divergence else None
             if growth is not None:  # e.g. a weight that jumped to 1e30: its norm overflows, its value is finite
                 return self._grew(growth, step, epoch, optimizer, params, grad_norms, batches, extra, device)
             self.consecutive_skips = 0
@@ -357,25 +353,9 @@ class StepGuard:
         self._dispatch(event, device)
         return StepVerdict(skipped=True, incident=incident)
 
-    def _growth(self, step: int, numbers: list[float], loss: bool, grads: bool, weights: bool) -> tuple[str, str] | None:
-        """``(kind, evidence)`` when this healthy-looking step's values exploded (host arithmetic only)."""
-        jump = _weight_jump(list(self.history)[-TREND_STEPS:], step) if weights else None
-        grew = self.loss_growth.update(numbers[0] if loss else None)
-        grew_grad = self.grad_growth.update(numbers[1] if grads else None)
-        if jump:
-            return "jump", jump
-        if (grew or grew_grad) and self._weights_moved():
-            return "divergence", grew or grew_grad or ""
-        return None
-
-    def _weights_moved(self) -> bool:
-        """Whether the weights' total norm changed by :data:`MOVED` over the last steps (``True`` when
-        unknown). A diverging run drives its weights away; a saturated classifier whose loss jumps
-        between 1e-3 and 10 while its (clipped) weights stay put is not diverging."""
-        norms = [r.weight_norm for r in list(self.history)[-(LEVEL + 2) :] if r.weight_norm is not None]
-        if len(norms) < 2 or not all(math.isfinite(w) for w in norms):
-            return True
-        return abs(norms[-1] - norms[0]) > MOVED * max(abs(norms[0]), 1e-12)
+    def _watch(self, step: int, numbers: list[float], loss: bool, grads: bool) -> tuple[str, str] | None:
+        """``(kind, evidence)`` when this finite step's values exploded (host arithmetic only)."""
+        return self.divergence.check(self.history, step, numbers[0] if loss else None, numbers[1] if grads else None)
 
     def _grew(
         self, growth: tuple[str, str], step: int, epoch: int | None, optimizer: torch.optim.Optimizer, params: list[Tensor],
@@ -400,8 +380,7 @@ class StepGuard:
             incident=incident, optimizer=optimizer, batches=list(batches), grad_norms=grad_norms,
             param_names=self.last_grad_names, guard=self, extra=dict(extra or {}),
         )
-        self.loss_growth.reset()
-        self.grad_growth.reset()
+        self.divergence.reset()
         self._dispatch(event, device)
         return StepVerdict(skipped=True, incident=incident)
 
@@ -498,8 +477,7 @@ class StepGuard:
             "consecutive_skips": self.consecutive_skips,
             "scaler_overflows": self.scaler_overflows,
             "incidents": [i.to_dict() for i in self.incidents],
-            "loss_growth": self.loss_growth.state_dict(),
-            "grad_growth": self.grad_growth.state_dict(),
+            "divergence": self.divergence.state_dict(),
             "recurrence": self.recurrence.state_dict(),
         }
 
@@ -508,8 +486,7 @@ class StepGuard:
         self.checks = self.skipped_steps = self.consecutive_skips = self.scaler_overflows = 0
         self.incidents = []
         self.history.clear()
-        self.loss_growth = GrowthDetector("loss")
-        self.grad_growth = GrowthDetector("gradient norm")
+        self.divergence = DivergenceWatch()
         self.recurrence.reset()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -519,8 +496,7 @@ class StepGuard:
         self.consecutive_skips = int(state.get("consecutive_skips", self.consecutive_skips))
         self.scaler_overflows = int(state.get("scaler_overflows", self.scaler_overflows))
         self.incidents = [Incident.from_dict(d) for d in state.get("incidents", [])]
-        self.loss_growth.load_state_dict(state.get("loss_growth", {}))
-        self.grad_growth.load_state_dict(state.get("grad_growth", {}))
+        self.divergence.load_state_dict(state.get("divergence", {}))
         self.recurrence.load_state_dict(state.get("recurrence", {}))
 
     # ------------------------------------------------------------------ failure path (rare: syncs allowed)

@@ -77,7 +77,7 @@ def test_the_guard_skips_the_diverged_step_bit_for_bit_and_resets():
     assert kinds == ["divergence"], kinds
     incident = guard.incidents[0]
     assert incident.cause == "divergence" and "grew to" in incident.detail["growth"]
-    assert len(guard.loss_growth.recent) == 0  # reset: the next steps are compared with what follows
+    assert len(guard.divergence.loss.recent) == 0  # reset: the next steps are compared with what follows
 
 
 def test_detect_divergence_false_lets_finite_steps_through():
