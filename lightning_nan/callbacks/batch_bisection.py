@@ -16,7 +16,7 @@ from lightning_nan.core.batches import BatchSplitError, batch_size, select
 from lightning_nan.core.culprits import CulpritReport, find_culprits
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.errors import NonFiniteWarning
-from lightning_nan.core.events import IncidentEvent
+from lightning_nan.core.events import IncidentEvent, Phase
 from lightning_nan.core.files import FileWarning
 from lightning_nan.core.pending import PendingRecords
 from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record, record_key, usable_indices
@@ -139,7 +139,7 @@ class BatchBisectionBase:
     """
 
     #: NaNGuard calls it before the callbacks that act on incidents (they read ``incident.samples``).
-    incident_order = 10
+    incident_phase = Phase.EVIDENCE
 
     def __init__(
         self,

@@ -396,7 +396,7 @@ class CheckpointRollbackBase:
         if ok:
             incident.action = f"recovered by {type(self).__name__}"
             incident.detail["rollback"] = dict(self.history[-1])
-            guard.consecutive_skips = 0  # agreed on every rank, like the guard's own reset after escalation
+            guard.recovered()  # agreed on every rank, like the guard's own reset after escalation
         else:  # keep skipping: NaNGuard escalates at its max_consecutive and raises with this reason
             incident.detail["rollback"] = why
 
@@ -546,7 +546,7 @@ class CheckpointRollbackBase:
             _clear_grads(trainer, optimizer)
             guard = self._guard(trainer)
             if guard is not None:
-                guard.guard.consecutive_skips = 0
+                guard.guard.recovered()
             return
         if len(self.history) >= self.max_rollbacks:
             incident = Incident(

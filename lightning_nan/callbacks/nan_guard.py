@@ -14,7 +14,7 @@ from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_key
 from lightning_nan.callbacks._step_traces import StepTraces
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir, starts_afresh
 from lightning_nan.core.errors import NonFiniteWarning
-from lightning_nan.core.events import EscalationHandler, EvalIncidentListener, IncidentListener
+from lightning_nan.core.events import EscalationHandler, EvalIncidentListener, IncidentListener, phase_of
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl, missing_from
 from lightning_nan.core.pending import PendingRecords
@@ -24,9 +24,8 @@ from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, St
 from lightning_nan.core.validate import boolean, fs_path, integer
 
 INCIDENTS_FILE = "nan_incidents.jsonl"
-#: Listeners are called in increasing ``incident_order`` (a class attribute; this when absent), then
+#: Listeners hear of an incident in the order of their declared phase (:class:`~lightning_nan.core.events.Phase`), then
 #: in the order of ``callbacks``: fact finders (bisection 10, diagnosis 20) before actors (50).
-DEFAULT_INCIDENT_ORDER = 50
 #: The end-of-run console table shows the first and last incidents, this many in all.
 SUMMARY_ROWS = 12
 
@@ -207,7 +206,7 @@ class NaNGuardBase:
         check_namespace(self, trainer)
         self._eval_listeners = sorted(
             (cb for cb in trainer.callbacks if cb is not self and isinstance(cb, EvalIncidentListener)),
-            key=lambda cb: getattr(cb, "incident_order", DEFAULT_INCIDENT_ORDER),
+            key=phase_of,
         )
         if stage != "fit":  # validate / test: their incidents are recorded as fit's are
             self._rank_zero, self._trainer = trainer.is_global_zero, trainer
@@ -221,7 +220,7 @@ class NaNGuardBase:
         # that act on it (LRBackoff, CheckpointRollback), whatever their order in `callbacks`.
         self.guard.listeners = sorted(
             (cb for cb in trainer.callbacks if cb is not self and isinstance(cb, (IncidentListener, EscalationHandler))),
-            key=lambda cb: getattr(cb, "incident_order", DEFAULT_INCIDENT_ORDER),
+            key=phase_of,
         )
         self.guard.on_record = self._record
         self._rank_zero = trainer.is_global_zero

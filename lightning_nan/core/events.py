@@ -2,9 +2,11 @@
 
 The guard detects, agrees across ranks and skips; everything else (bisection, LR backoff, rollback,
 diagnosis) reacts to its events. Any object with the method below takes part; in a Lightning
-``Trainer`` every callback that has it is subscribed automatically, in increasing ``incident_order``
-(a class attribute, 50 when absent: fact finders such as BatchBisection come first), then in the
-order of ``callbacks``.
+``Trainer`` every callback that has it is subscribed automatically. Each listener declares its
+:class:`Phase` in a class attribute ``incident_phase`` (``Phase.ACTION`` when absent): listeners
+that establish facts (``EVIDENCE``: BatchBisection names the samples and localizes) hear of an
+incident first, then the guard diagnoses it, then those that act on it (``ACTION``: LR backoff,
+rollback), each phase in the order of ``callbacks``.
 
 ``on_nan_incident(event) -> None``
     Called once per incident, on every rank (the decision is already agreed), after the step was
@@ -36,6 +38,7 @@ saw grad at step 4
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -43,6 +46,26 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 
 from lightning_nan.core.incident import Incident
+
+
+class Phase(enum.IntEnum):
+    """When a listener hears of an incident: facts first, then the diagnosis, then actions.
+
+    >>> class Finder:
+    ...     incident_phase = Phase.EVIDENCE
+    >>> phase_of(Finder()), phase_of(object())
+    (<Phase.EVIDENCE: 1>, <Phase.ACTION: 3>)
+    """
+
+    EVIDENCE = 1  # establishes facts about the incident (samples, localization) before it is diagnosed
+    DIAGNOSIS = 2  # the guard's own diagnosis
+    ACTION = 3  # acts on the diagnosed incident (LR backoff, rollback)
+
+
+def phase_of(listener: Any) -> Phase:
+    """The :class:`Phase` a listener declared (``incident_phase``), ``Phase.ACTION`` when it declared none."""
+    phase = getattr(type(listener), "incident_phase", Phase.ACTION)
+    return phase if isinstance(phase, Phase) else Phase.ACTION
 
 
 @dataclass

@@ -40,7 +40,7 @@ from lightning_nan.core.diagnosis import StepRecord, diagnose
 from lightning_nan.core.divergence import DivergenceWatch
 from lightning_nan.core.distributed import all_reduce_max, gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
-from lightning_nan.core.events import IncidentEvent, escalate, notify
+from lightning_nan.core.events import IncidentEvent, Phase, escalate, notify, phase_of
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.norms import iter_tensors, tensor_norms, total_norm
 from lightning_nan.core.recurrence import UNSAFE_OP_REPEATS, Recurrence, batch_key, joined_key
@@ -87,8 +87,6 @@ ADVICE = {
 # Which agreed flag names the incident when several are set (under a GradScaler a gradient overflow
 # alone is not a failure, so a collapsed scale outranks it).
 _FLAG_KINDS = ("param", "input", "loss", "scale", "grad")
-#: Listeners with an ``incident_order`` below this run before the diagnosis (they add evidence).
-DIAGNOSIS_ORDER = 20
 #: Steps of history kept for the diagnosis.
 HISTORY = 32
 _FLAGS = ("input", "loss", "grad", "param", "scale")  # the order of the screened values
@@ -384,6 +382,11 @@ class StepGuard:
         self._dispatch(event, device)
         return StepVerdict(skipped=True, incident=incident)
 
+    def recovered(self) -> None:
+        """A listener restored a finite state (a rollback) while acting on an incident: the run of skipped
+        steps ends here. Call it on every rank (the decision to restore is agreed)."""
+        self.consecutive_skips = 0
+
     def check_parameters(
         self, params: Iterable[Tensor], *, step: int | None = None, epoch: int | None = None, extra: dict[str, Any] | None = None
     ) -> Incident | None:
@@ -423,12 +426,12 @@ class StepGuard:
         if broken:  # every sample non-finite: the pipeline, not a sample
             incident.detail["pipeline"] = "; ".join(broken)
         incident.detail["batch_key"] = views[0][1] if len(views) == 1 else joined_key(k for _, k in views)
-        order = [getattr(listener, "incident_order", 50) for listener in self.listeners]
-        notify([li for li, o in zip(self.listeners, order) if o < DIAGNOSIS_ORDER], event)  # evidence first (bisection)
+        phases = [phase_of(listener) for listener in self.listeners]
+        notify([li for li, p in zip(self.listeners, phases) if p < Phase.DIAGNOSIS], event)  # evidence first (bisection)
         self._diagnose(incident)
         if incident.cause == "dirty_data" and incident.samples and self.consecutive_skips > 0:
             self.consecutive_skips -= 1  # quarantined: those samples are left out from the next epoch on
-        notify([li for li, o in zip(self.listeners, order) if o >= DIAGNOSIS_ORDER], event)
+        notify([li for li, p in zip(self.listeners, phases) if p > Phase.DIAGNOSIS], event)
         raise_error = False
         stop = self.recurrence.stop(incident)
         if stop is not None:  # skipping stopped being the answer: no handler can cure a model bug or the data

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_nan.core.events import Phase
+
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
@@ -140,10 +142,10 @@ def trainer_kwargs(tmp_path, **overrides: Any) -> dict[str, Any]:
 def cause_class(pl: Any) -> type:
     """A callback that states the cause of every incident, as a diagnosis would: the planted faults of
     these tests then stand for a real blow-up (``"divergence"``), so the tests exercise what the actors
-    do for that cause. It runs before the guard's own diagnosis (``incident_order`` below 20)."""
+    do for that cause. It runs before the guard's own diagnosis (``incident_phase = Phase.EVIDENCE``)."""
 
     class CauseIs(pl.Callback):
-        incident_order = 15
+        incident_phase = Phase.EVIDENCE
 
         def __init__(self, cause: str = "divergence"):
             self.cause = cause

@@ -10,6 +10,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from lightning_nan.core import Incident, NonFiniteError, StepGuard
+from lightning_nan.core.events import Phase
 
 OPTIMIZERS = {
     "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
@@ -379,7 +380,7 @@ def test_a_broken_pipeline_stops_at_the_second_batch_naming_the_columns():
 class _Diagnosed:
     """Stands in for BatchBisection: localizes every incident at the same op and line."""
 
-    incident_order = 10
+    incident_phase = Phase.EVIDENCE
 
     def on_nan_incident(self, event):
         event.incident.detail["localization"] = {"op": "log", "op_location": "model.py:7 in forward", "module": "head",
@@ -403,7 +404,7 @@ def test_the_same_unsafe_op_three_times_raises_with_its_line_and_fix():
 
 def test_a_cause_carries_over_only_to_the_same_samples():
     class DecideOnce:
-        incident_order = 10
+        incident_phase = Phase.EVIDENCE
         seen = 0
 
         def on_nan_incident(self, event):
