@@ -23,6 +23,7 @@ from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reduc
 from lightning_nan.core.validate import choice, fs_path, integer, number
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
+from lightning_nan.core.events import RollbackEvent, announce_rollback
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.snapshots import (
     DEFAULT_EVERY_N_STEPS,
@@ -639,12 +640,9 @@ class CheckpointRollbackBase:
         if self.store.newest is not None:
             metrics["rollback/snapshot_step"] = float(self.store.newest.step)
         log_metrics(trainer, metrics)
-        backoff = next((cb for cb in trainer.callbacks if cb is not self and callable(getattr(cb, "back_off", None))), None)
-        if not back_off:  # weight corruption: the learning rate is not to blame
-            pass
-        elif backoff is not None:
-            backoff.back_off(step, reason, since=restored)
-        else:
+        listeners = [cb for cb in trainer.callbacks if cb is not self]
+        acted = announce_rollback(listeners, RollbackEvent(step, restored, reason, lr_to_blame=back_off))
+        if back_off and not acted:  # (not after weight corruption: the learning rate is not to blame)
             self._warn(
                 "backoff",
                 "CheckpointRollback restored an earlier state but the learning rate is unchanged, so the same "

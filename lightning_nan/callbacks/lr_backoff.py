@@ -38,8 +38,8 @@ class LRBackoffBase:
     before, the growth is undone for good. The ceiling also drops whenever a level it grew back to
     fails again, so recovery cannot loop (the exact rules are in
     :class:`~lightning_nan.core.lr_backoff.LRBackoffController`). ``back_off(step, reason, since=None)``
-    is public: CheckpointRollback calls it after a rollback with ``since`` the restored step, and the
-    factor goes one level below the highest one used since then (nothing changes if the incident it
+    is public; a rollback announces what it restored (``on_nan_rollback``) and LRBackoff calls it with
+    ``since`` the restored step, so the factor goes one level below the highest one used since then (nothing changes if the incident it
     rolled back from already did that). With
     ``spike_zscore`` set, a loss spike (robust z-score against the last ``window`` losses, agreed
     across ranks) backs off too, one step after it happened (no host sync is spent on it).
@@ -174,6 +174,14 @@ class LRBackoffBase:
         if since is not None:
             return self.controller.back_off_below(since, step, reason)
         return self.controller.back_off(step, reason)
+
+    def on_nan_rollback(self, event: Any) -> bool:
+        """A rollback restored ``event.restored_step``: go one level below the factor the run left it with
+        (unless the learning rate is not to blame, after weight corruption)."""
+        if not event.lr_to_blame:
+            return False
+        self.back_off(event.step, event.reason, since=event.restored_step)
+        return True
 
     def on_nan_incident(self, event: Any) -> None:
         incident = event.incident

@@ -20,6 +20,11 @@ rollback), each phase in the order of ``callbacks``.
     checks that they do. When no handler returns ``True`` the guard raises
     :class:`~lightning_nan.core.errors.NonFiniteError`.
 
+``on_nan_rollback(event: RollbackEvent) -> bool``
+    Called on every rank when a rollback restored an earlier state: the step it happened at, the step
+    restored, why, and whether the learning rate is to blame (not after weight corruption). A
+    listener that acted on it (LRBackoff lowers the factor) returns ``True``.
+
 ``on_nan_eval_incident(event) -> None``
     Called once per validation/test incident (kind ``val`` or ``test``), on every rank. No step was
     skipped and nothing trains: only fact finders take part (BatchBisection names the samples and may
@@ -112,6 +117,40 @@ class EvalIncidentListener(Protocol):
     """Establishes facts about a validation/test incident (bisection)."""
 
     def on_nan_eval_incident(self, event: IncidentEvent) -> None: ...
+
+
+@dataclass
+class RollbackEvent:
+    """What a rollback announces: it happened at ``step``, restored ``restored_step``, for ``reason``;
+    ``lr_to_blame`` is ``False`` when a lower learning rate would not help (weight corruption)."""
+
+    step: int
+    restored_step: int
+    reason: str
+    lr_to_blame: bool = True
+
+
+@runtime_checkable
+class RollbackListener(Protocol):
+    """Hears of every rollback (LRBackoff backs off); returns ``True`` if it acted on it."""
+
+    def on_nan_rollback(self, event: RollbackEvent) -> bool: ...
+
+
+def announce_rollback(listeners: Iterable[Any], event: RollbackEvent) -> bool:
+    """Tell every listener that has ``on_nan_rollback``; whether any acted on it.
+
+    >>> class Backoff:
+    ...     def on_nan_rollback(self, event):
+    ...         return event.lr_to_blame
+    >>> announce_rollback([Backoff(), object()], RollbackEvent(step=9, restored_step=5, reason="non-finite weights"))
+    True
+    """
+    acted = False
+    for listener in listeners:
+        if isinstance(listener, RollbackListener):
+            acted = bool(listener.on_nan_rollback(event)) or acted
+    return acted
 
 
 def notify_eval(listeners: Iterable[Any], event: IncidentEvent) -> None:

@@ -90,15 +90,18 @@ def helpers(pl):
                             p.mul_(self.scale)
 
     class Backoff(pl.Callback):
-        """What CheckpointRollback needs of LRBackoff: a ``back_off(step, reason, since)`` method."""
+        """Hears CheckpointRollback's announcements as LRBackoff does (``on_nan_rollback``) and records them."""
 
         def __init__(self):
             self.calls: list[tuple[int, str]] = []
             self.since: list[int] = []  # the restored step of each call
 
-        def back_off(self, step: int, reason: str, since: int | None = None) -> None:
-            self.calls.append((step, reason))
-            self.since.append(since)
+        def on_nan_rollback(self, event) -> bool:
+            if not event.lr_to_blame:
+                return False
+            self.calls.append((event.step, event.reason))
+            self.since.append(event.restored_step)
+            return True
 
     class Counter(pl.Callback):
         """A callback whose state rolls back with the model."""
@@ -534,7 +537,7 @@ def test_with_lrbackoff_the_rolled_back_state_keeps_the_scheduled_lr(ns, tmp_pat
     assert same_state(rec.states[26], rec.states[20]) and identical(rec.states[26]["sched"], rec.states[20]["sched"])
     assert rec.states[26]["opt"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.9 ** (20 // 3))
     assert lrb.factor_now < 1.0
-    assert not any("learning rate is unchanged" in m for m in messages)  # its back_off was found and called
+    assert not any("learning rate is unchanged" in m for m in messages)  # it heard the rollback and backed off
 
 
 def test_gradient_accumulation(ns, tmp_path):
