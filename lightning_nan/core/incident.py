@@ -66,7 +66,7 @@ KINDS: tuple[str, ...] = tuple(k.value for k in IncidentKind)
 EVAL_KINDS: tuple[str, ...] = (IncidentKind.VAL.value, IncidentKind.TEST.value)
 CAUSES: tuple[str, ...] = tuple(c.value for c in IncidentCause)
 #: What an incident of each finite kind is called in a summary (the others read "non-finite <kind>").
-_FINITE_KINDS = {"divergence": "the loss diverged", "jump": "the weights jumped"}
+_FINITE_KINDS = {"divergence": "training diverged", "jump": "the weights jumped"}
 
 
 @dataclass
