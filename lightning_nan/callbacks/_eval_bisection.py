@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lightning_nan.callbacks._trainer import log_metrics
+from lightning_nan.callbacks.batch_bisection import patched
 from lightning_nan.core.batches import select
 from lightning_nan.core.culprits import find_culprits
 from lightning_nan.core.distributed import gather_objects, world
@@ -168,14 +169,5 @@ def _capturing_log(pl_module: Any) -> Iterator[list[Any]]:
         "log": lambda name, value, *args, **kwargs: logged.append(value_of(value)),
         "log_dict": lambda values, *args, **kwargs: logged.extend(value_of(v) for v in values.values()),
     }
-    had = {name: pl_module.__dict__[name] for name in patches if name in pl_module.__dict__}
-    try:
-        for name, fn in patches.items():
-            object.__setattr__(pl_module, name, fn)
+    with patched(pl_module, patches):
         yield logged
-    finally:
-        for name in patches:
-            if name in had:
-                object.__setattr__(pl_module, name, had[name])
-            else:
-                pl_module.__dict__.pop(name, None)

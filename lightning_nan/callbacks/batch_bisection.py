@@ -679,15 +679,22 @@ def _sandbox(pl_module: Any, manual: bool, n_optimizers: int) -> Iterator[list[t
             toggle_optimizer=lambda *args, **kwargs: None,
             untoggle_optimizer=lambda *args, **kwargs: None,
         )
-    had = {name: name in pl_module.__dict__ for name in patches}
-    saved = {name: pl_module.__dict__[name] for name, present in had.items() if present}
+    with patched(pl_module, patches):
+        yield losses
+
+
+@contextmanager
+def patched(pl_module: Any, patches: dict[str, Any]) -> Iterator[None]:
+    """Shadow methods of this module instance (``self.log``, ...) with ``patches`` for the block, then put
+    back exactly what the instance had (its class's methods are never touched)."""
+    saved = {name: pl_module.__dict__[name] for name in patches if name in pl_module.__dict__}
     try:
         for name, fn in patches.items():
-            object.__setattr__(pl_module, name, fn)
-        yield losses
+            object.__setattr__(pl_module, name, fn)  # past nn.Module.__setattr__: plain attributes, not submodules
+        yield
     finally:
         for name in patches:
-            if had[name]:
+            if name in saved:
                 object.__setattr__(pl_module, name, saved[name])
             else:
                 pl_module.__dict__.pop(name, None)
