@@ -88,13 +88,18 @@ class CulpritReport:
     evidence: list[str] = field(default_factory=list)
     confirm_tests: int = 0
 
+#: torch's dropout layers (their public classes).
+DROPOUT_LAYERS = (
+    torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout,
+)
+
 #: The seed of the fresh random state confirmation runs under.
 CONFIRM_SEED = 1234567
 
 
 def dropout_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The dropout layers of ``module`` that are in training mode."""
-    return [m for m in module.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training]
+    return [m for m in module.modules() if isinstance(m, DROPOUT_LAYERS) and m.training]
 
 
 def _quiet(module: torch.nn.Module, loss_fn: LossFn, hold: bool) -> LossFn:
