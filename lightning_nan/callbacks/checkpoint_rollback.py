@@ -20,6 +20,7 @@ from lightning_nan.callbacks._checkpoint_saves import (
 )
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_grads
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, partitions_state, starts_afresh
+from lightning_nan.core.losses import unscaled_loss
 from lightning_nan.core.validate import choice, fs_path, integer, number
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
@@ -314,13 +315,7 @@ class CheckpointRollbackBase:
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         if self.detector is None:
             return
-        loss = loss.detach()
-        loss = loss.float() if loss.dim() == 0 else loss.float().sum()
-        scaler = grad_scaler(trainer)  # fp16 AMP hands the hook the scaled loss
-        scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
-        if isinstance(scale, torch.Tensor):
-            loss = loss / scale.reshape(())
-        self._losses.append((trainer.global_step, loss))
+        self._losses.append((trainer.global_step, unscaled_loss(loss, grad_scaler(trainer))))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from lightning_nan.callbacks._namespace import check_namespace
-from lightning_nan.callbacks._trainer import log_metrics, max_reducer, starts_afresh
+from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, starts_afresh
+from lightning_nan.core.losses import unscaled_loss
 from lightning_nan.core.lr_backoff import LRBackoffController, has_numeric_lr
 from lightning_nan.core.validate import boolean, integer
 
@@ -226,7 +227,7 @@ class LRBackoffBase:
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         if self.controller.wants_losses:
-            loss = loss.detach()
+            loss = unscaled_loss(loss, grad_scaler(trainer))  # fp16 AMP hands the hook the scaled loss
             self._loss = loss if self._loss is None else self._loss + loss
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -41,6 +41,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from lightning_nan.core.losses import scalar_loss
 from lightning_nan.core.distributed import all_reduce_max
 from lightning_nan.core.validate import integer, number
 
@@ -351,7 +352,7 @@ class LRBackoffController:
     def _collect(self, loss: float | Tensor) -> None:
         """Put a clean step's loss in the ring; at the end of a trial, compare the two sides."""
         ring = self._ring
-        ring.push(_scalar(loss))
+        ring.push(scalar_loss(loss))
         if self._trial is not None and ring.count >= ring.size:
             before, f, step = self._trial
             self._trial = None
@@ -381,7 +382,7 @@ class LRBackoffController:
     def _test(self, loss: float | Tensor) -> _Deferred | None:
         """Test ``loss`` against the window, then add it; returns the agreed 0/1 flag (read back later)."""
         assert self.spike_zscore is not None  # only called with spike detection on
-        x = _scalar(loss)
+        x = scalar_loss(loss)
         window = self._window
         flag = None
         if window.filled >= self.min_history:
@@ -559,12 +560,6 @@ class LRBackoffController:
 
 def _finite(x: Tensor) -> list[float]:
     return [v for v in x.tolist() if math.isfinite(v)]
-
-
-def _scalar(loss: float | Tensor) -> Tensor:
-    """A loss (a tensor, summed, or a number) as a float32 scalar tensor."""
-    x = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
-    return x.float().sum()
 
 
 class _LossRing:

@@ -42,6 +42,7 @@ from lightning_nan.core.distributed import all_reduce_max, gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import IncidentEvent, Phase, escalate, notify, phase_of
 from lightning_nan.core.incident import Incident
+from lightning_nan.core.losses import loss_scale, scalar_loss
 from lightning_nan.core.norms import iter_tensors, tensor_norms, total_norm
 from lightning_nan.core.recurrence import UNSAFE_OP_REPEATS, Recurrence, batch_key, joined_key
 from lightning_nan.core.sharding import local_part
@@ -244,7 +245,7 @@ class StepGuard:
         device = norms.device if norms.numel() else (params[0].device if params else torch.device("cpu"))
         grad_norms = norms[: len(grads)] if grads else None
         self.last_grad_norms, self._last_with_grad = grad_norms, with_grad
-        scale = _loss_scale(scaler)
+        scale = loss_scale(scaler)
         losses, loss_where, inputs = self._losses, self._loss_where, self._input_sums
         batches = self._window or self._recent
         self._recent = self._window[-1:] or self._recent
@@ -255,7 +256,7 @@ class StepGuard:
             values = torch.stack(
                 [
                     torch.stack([v.to(device, non_blocking=True) for v in inputs]).sum() if inputs else zero,
-                    torch.stack([_scalar(v).to(device, non_blocking=True) for v in losses]).sum() if losses else zero,
+                    torch.stack([scalar_loss(v).to(device, non_blocking=True) for v in losses]).sum() if losses else zero,
                     grad_norms.sum() if grad_norms is not None else zero,
                     norms[len(grads) :].sum() if check_params else zero,
                     scale.to(device, non_blocking=True) if scale is not None else zero + self.min_loss_scale,
@@ -267,7 +268,7 @@ class StepGuard:
             reduced = self.reduce(torch.cat([faults, stats])).tolist()  # the one host transfer of a healthy step
             host, numbers, bound = [v > 0 for v in reduced[:5]], reduced[5:8], reduced[8]
         else:  # every number to the host in one transfer, summed there: one device op instead of a dozen
-            tail = [_scalar(v) for v in losses] + inputs + ([scale.float()] if scale is not None else [])
+            tail = [scalar_loss(v) for v in losses] + inputs + ([scale.float()] if scale is not None else [])
             parts = [norms.reshape(-1).to(device), *(t.reshape(1).to(device, non_blocking=True) for t in tail)]
             flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # the one transfer
             at = len(norms)
@@ -587,21 +588,6 @@ def _merge_ranks(saw: bool, params: list[str], detail: dict[str, Any]) -> tuple[
 def _finite(t: Tensor) -> bool:
     """Exact check, with a host sync: for the failure path only (of this rank's part of a sharded tensor)."""
     return bool(torch.isfinite(local_part(t)).all())
-
-
-def _scalar(loss: Tensor) -> Tensor:
-    """A float32 scalar that is non-finite exactly when ``loss`` has a NaN/Inf (or sums past float32)."""
-    return loss.float() if loss.dim() == 0 else loss.float().sum()
-
-
-def _loss_scale(scaler: Any) -> Tensor | None:
-    """The GradScaler's current scale as a tensor, without a host sync when possible."""
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
-        return None
-    scale = getattr(scaler, "_scale", None)
-    if isinstance(scale, Tensor):
-        return scale.reshape(())
-    return torch.tensor(float(scaler.get_scale()))
 
 
 
