@@ -26,9 +26,9 @@ from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import RollbackEvent, announce_rollback
 from lightning_nan.core.incident import Incident
+from lightning_nan.core.spikes import LossSpikeDetector
 from lightning_nan.core.snapshots import (
     DEFAULT_EVERY_N_STEPS,
-    LossSpikeDetector,
     Snapshot,
     SnapshotStore,
     check_known_good,

@@ -10,7 +10,8 @@ import torch
 from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, starts_afresh
 from lightning_nan.core.losses import unscaled_loss
-from lightning_nan.core.lr_backoff import LRBackoffController, has_numeric_lr
+from lightning_nan.core.lr_backoff import LRBackoffController
+from lightning_nan.core.lr_scaling import has_numeric_lr
 from lightning_nan.core.validate import boolean, integer
 
 

@@ -1,12 +1,9 @@
-"""Learning-rate backoff that never fights the LR scheduler: ``effective LR = scheduled LR x factor``.
+"""The LR backoff's policy: when to lower the learning rate, by how much, and when to grow it back.
 
-:class:`LRBackoffController` multiplies a *factor* by ``factor`` on every incident (and optionally on
-every loss spike), down to ``min_factor``, and grows it back after ``patience`` clean steps. It never
-leaves a modified value in ``group["lr"]``: an optimizer step pre-hook remembers each group's ``lr``
-(whatever the scheduler set), writes ``lr * factor``, and the post-hook writes the remembered value
-back once the update is done. Schedulers (closed-form, chainable, ``ReduceLROnPlateau``) and
-checkpoints only ever see their own values, so a backoff is neither lost at the next OneCycle step nor
-compounded by ExponentialLR; the update uses exactly ``scheduled x factor``.
+:class:`LRBackoffController` keeps a *factor*; each optimizer step uses ``scheduled LR x factor``,
+applied inside the step by :class:`~lightning_nan.core.lr_scaling.LRScaler`, so schedulers and
+checkpoints only ever see their own values: a backoff is neither lost at the next OneCycle step nor
+compounded by ExponentialLR.
 
 >>> import torch
 >>> w = torch.nn.Parameter(torch.zeros(1))
@@ -33,33 +30,25 @@ step 3: scheduled 0.0125, applied 0.0125
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_nan.core.losses import scalar_loss
 from lightning_nan.core.distributed import all_reduce_max
+from lightning_nan.core.losses import scalar_loss
+from lightning_nan.core.lr_scaling import LRScaler
+from lightning_nan.core.lr_trial import TRIAL_MIN_LOSSES, GrowthTrial
+from lightning_nan.core.spikes import DeferredFlag, SpikeTest, read_flag
 from lightning_nan.core.validate import integer, number
 
 log = logging.getLogger(__name__)
 
-#: Robust z-score scale: ``1.4826 * MAD`` estimates the standard deviation of normal data.
-MAD_TO_STD = 1.4826
-#: Floor of the spread, relative to the median: on a flat loss (MAD ~ 0) a wobble of 0.1% is not a spike.
-REL_SCALE_FLOOR = 1e-3
 #: The change log kept in ``history`` (and in ``state_dict``) is capped at this many entries.
 MAX_HISTORY = 256
-#: A growth is undone when the mean loss after it exceeds the mean before it by more than this many
-#: standard errors (one-sided; about one false alarm in six on a flat, noisy loss).
-TRIAL_Z = 1.0
 #: Clean steps in a row that test a factor: a failure after fewer says nothing against it.
 TESTED_AFTER = 3
-#: Losses needed on each side of a growth for the trial to be run.
-TRIAL_MIN_LOSSES = 10
 
 
 class LRBackoffController:
@@ -94,7 +83,7 @@ class LRBackoffController:
       there again, and stays at 0.25 from then on.
 
     Loss spikes (``spike_zscore`` set): a clean step's loss is a spike when its robust z-score against
-    the last ``window`` clean losses, ``(loss - median) / max(1.4826 * MAD, 1e-3 * |median|)``, exceeds
+    the last ``window`` clean losses (:func:`~lightning_nan.core.spikes.robust_zscore`), exceeds
     ``spike_zscore`` (upward only; tested once ``min_history`` losses are in). Every clean, finite loss
     enters the window, spikes included, so that a lasting change of level is absorbed within about
     ``window / 2`` steps; only the first step of a run of spikes backs off. Non-finite losses are the
@@ -106,22 +95,20 @@ class LRBackoffController:
     step (at 4.0: 2e-3); Student-t(3) noise 4e-3. A false alarm costs one back-off, undone after
     ``patience`` clean steps.
 
-    At each step the pre-hook saves every group's ``lr``, then scales it (a tensor ``lr`` shared by
-    several groups, as torch makes for ``lr=torch.tensor(...)``, is scaled and restored once); the
-    post-hook puts the saved value back only where the ``lr`` still holds what the pre-hook wrote. An
-    ``lr`` written *inside* ``optimizer.step()`` (by the closure, or by Lightning's
-    ``on_before_optimizer_step`` under automatic optimization: both run after the pre-hook) is used
-    **unscaled** for that step and kept; set warm-up or hand-made LRs before the step (a scheduler,
-    ``on_train_batch_start``) for the backoff to apply to them. A group without a numeric ``lr`` (none,
-    or ``lr=None``: an optimizer that sets its own step size) is left alone (:func:`has_numeric_lr`).
+    The factor is applied by :class:`~lightning_nan.core.lr_scaling.LRScaler`'s step hooks: each group's
+    ``lr`` is scaled inside ``optimizer.step()`` only. An ``lr`` written *inside* the step (by the
+    closure, or by Lightning's ``on_before_optimizer_step`` under automatic optimization: both run
+    after the pre-hook) is used **unscaled** for that step and kept; set warm-up or hand-made LRs
+    before the step (a scheduler, ``on_train_batch_start``) for the backoff to apply to them. A group
+    without a numeric ``lr`` (none, or ``lr=None``: an optimizer that sets its own step size) is left
+    alone (:func:`~lightning_nan.core.lr_scaling.has_numeric_lr`).
 
-    Cost: the hooks do nothing but record the factor while it is 1; otherwise they rescale the
-    ``lr`` of each group twice per step (a float, or an in-place op on a tensor ``lr``; no host sync).
-    A loss given to :meth:`observe` is written into a device ring (no host sync); a trial's verdict is
-    one small read, a step after the trial ends.
-    With spike detection each step adds a few small device ops, one ``all_reduce`` of a flag under
-    DDP, and no host sync: the flag is read at the *next* :meth:`observe` (through a non-blocking copy
-    on CUDA), so spike decisions, and the growth that waits for them, act one step late.
+    Cost: the hooks' (see :class:`~lightning_nan.core.lr_scaling.LRScaler`). A loss given to
+    :meth:`observe` is written into a device ring (no host sync); a trial's verdict is one small read,
+    a step after the trial ends. With spike detection each step adds a few small device ops, one
+    ``all_reduce`` of a flag under DDP, and no host sync: the flag is read at the *next* :meth:`observe`
+    (:class:`~lightning_nan.core.spikes.SpikeTest`), so spike decisions, and the growth that waits
+    for them, act one step late.
 
     Args:
         factor: multiplier applied at each back-off, in (0, 1).
@@ -202,22 +189,12 @@ class LRBackoffController:
         #: The last changes, oldest first: ``{"step", "reason", "factor", "ceiling"}``.
         self.history: list[dict[str, Any]] = []
 
-        self._window = _LossRing(window)  # the spike window
-        self._seen = 0  # losses tested or put into the ring so far (a counter, for the record)
+        self.spikes = SpikeTest(window, min_history)
         self._last_spike = False
         # (step, clean, deferred spike flag, superseded by a back-off) of the step still to settle
-        self._pending: tuple[int, bool, Any, bool] | None = None
-        # growth trials: the last `growth_trial` clean losses (NaN: empty), and while a trial runs the
-        # losses before it and the factor it grew from; then the verdict, read at the next observe
-        self._ring = _LossRing(growth_trial or TRIAL_MIN_LOSSES)
-        self._trial: tuple[Tensor, float, int] | None = None  # (losses before, factor before, step)
-        self._verdict: tuple[Any, float, int] | None = None  # (deferred flag, factor before, step)
-
-        self._optimizers: list[torch.optim.Optimizer] = []
-        self._handles: list[Any] = []
-        # id(optimizer) -> (factor, [(group, scheduled lr, float written)], [[tensor lr, scheduled, written]])
-        # while a step is in progress
-        self._inside: dict[int, tuple[float, list[tuple[dict, Any, Any]] | None, list[list[Any]] | None]] = {}
+        self._pending: tuple[int, bool, DeferredFlag | bool | None, bool] | None = None
+        self.trial = GrowthTrial(growth_trial)
+        self.scaler = LRScaler(self._current_factor)
 
     # ------------------------------------------------------------------ the factor
     @property
@@ -225,10 +202,13 @@ class LRBackoffController:
         """The factor the next optimizer step will be taken with."""
         return self._factor
 
+    def _current_factor(self) -> float:
+        return self._factor
+
     def step_factor(self, optimizer: torch.optim.Optimizer) -> float:
         """The factor of ``optimizer``'s step in progress (inside ``step()``), else :attr:`factor_now`."""
-        entry = self._inside.get(id(_unwrap(optimizer)))
-        return self._factor if entry is None else entry[0]
+        f = self.scaler.step_factor(optimizer)
+        return self._factor if f is None else f
 
     def effective_lrs(self, optimizer: torch.optim.Optimizer) -> list[float | None]:
         """Each group's ``scheduled lr x factor`` for the step in progress or, outside a step, the next one
@@ -236,12 +216,7 @@ class LRBackoffController:
 
         Reads tensor learning rates back to the host: call it on logging steps only.
         """
-        optimizer = _unwrap(optimizer)
-        entry = self._inside.get(id(optimizer))
-        if entry is not None and entry[1] is not None:
-            return [None if written is _UNSCALED else float(lr) * entry[0] for _, lr, written in entry[1]]
-        f = self._factor if entry is None else entry[0]
-        return [float(group["lr"]) * f if has_numeric_lr(group) else None for group in optimizer.param_groups]
+        return self.scaler.effective_lrs(optimizer, self._factor)
 
     def back_off(self, step: int, reason: str = "incident") -> float:
         """Lower the factor by ``factor`` (down to ``min_factor``); returns the new factor.
@@ -285,7 +260,7 @@ class LRBackoffController:
         f = self._factor
         self.last_backoff_step = step
         self.tested = False
-        self._trial = self._verdict = None  # the failure has decided
+        self.trial.cancel()  # the failure has decided
         if self.grown:  # this level was reached by growing back and failed again: never return to it
             self.ceiling = min(self.ceiling, new)
         self._factor, self.grown, self.clean_steps = new, False, 0
@@ -302,17 +277,17 @@ class LRBackoffController:
         Call it once per optimizer step (or per training step with several optimizers), after the
         step, on every rank. Grows the factor back after ``patience`` clean steps in a row.
         """
-        if self._verdict is not None:
-            self._judge(step)
-        if clean and loss is not None and self._trial_collects():
-            self._collect(loss)
+        self._judge(step)
+        x = None if loss is None or not clean else scalar_loss(loss)
+        if x is not None and self.trial.collecting(self._factor, self.ceiling):
+            self.trial.collect(x, self.reduce)
         if self.spike_zscore is None:
             self._settle(step, clean, False)
             return
-        flag = self._test(loss) if clean and loss is not None else None
+        flag = None if x is None else self.spikes.test(x, self.spike_zscore, self.reduce)
         previous, self._pending = self._pending, (step, clean, flag, False)
         if previous is not None:
-            self._settle(previous[0], previous[1], _read(previous[2]), previous[3])
+            self._settle(previous[0], previous[1], read_flag(previous[2]), previous[3])
 
     def _settle(self, step: int, clean: bool, spike: bool, superseded: bool = False) -> None:
         if spike and not self._last_spike and not superseded:
@@ -328,7 +303,7 @@ class LRBackoffController:
             self._factor = min(f * self.growth, self.ceiling)
             self.grown, self.clean_steps = True, 0
             self.growths += 1
-            self._start_trial(f, step)
+            self.trial.start(f, step)
             self._note(step, "grow back")
             log.info("LRBackoff: %d clean steps at step %d: factor %.6g -> %.6g", self.patience, step, f, self._factor)
 
@@ -336,156 +311,48 @@ class LRBackoffController:
         self.history.append({"step": int(step), "reason": reason, "factor": self._factor, "ceiling": self.ceiling})
         del self.history[:-MAX_HISTORY]
 
-    # ------------------------------------------------------------------ growth trials (on the device)
+    # ------------------------------------------------------------------ growth trial, spike window
     @property
     def wants_losses(self) -> bool:
         """Whether :meth:`observe` would use a loss now: spike detection is on, or a growth (or its trial) may come.
 
         At the full factor with nothing to grow back to, losses are not needed and need not be kept.
         """
-        return self.spike_zscore is not None or self._trial_collects()
-
-    def _trial_collects(self) -> bool:
-        return self.growth_trial is not None and (self._factor < self.ceiling or self._trial is not None)
-
-    @torch.no_grad()
-    def _collect(self, loss: float | Tensor) -> None:
-        """Put a clean step's loss in the ring; at the end of a trial, compare the two sides."""
-        ring = self._ring
-        ring.push(scalar_loss(loss))
-        if self._trial is not None and ring.count >= ring.size:
-            before, f, step = self._trial
-            self._trial = None
-            worse = (_zscore(before.to(ring.values.device), ring.values) > TRIAL_Z).float().reshape(1)
-            self._verdict = (_Deferred(self.reduce(worse)), f, step)
-
-    def _start_trial(self, before: float, step: int) -> None:
-        if self._ring.count < TRIAL_MIN_LOSSES:
-            return
-        self._trial = (self._ring.values.clone(), before, step)
-        self._ring.clear()
+        return self.spike_zscore is not None or self.trial.collecting(self._factor, self.ceiling)
 
     def _judge(self, step: int) -> None:
         """Undo the growth the verdict is about if the loss got worse after it (the level is then the ceiling)."""
-        flag, before, grown_at = self._verdict  # type: ignore[misc]
-        self._verdict = None
-        if not _read(flag):
+        undo = self.trial.judge()
+        if undo is None:
             return
+        before, grown_at = undo
         f = self._factor
         self._factor = self.ceiling = before
         self.grown, self.clean_steps = False, 0
         self._note(step, f"growth of step {grown_at} undone: the loss got worse")
         log.info("LRBackoff: the loss got worse after growing at step %d: factor %.6g -> %.6g for good", grown_at, f, before)
 
-    # ------------------------------------------------------------------ spike detection (on the device)
-    @torch.no_grad()
-    def _test(self, loss: float | Tensor) -> _Deferred | None:
-        """Test ``loss`` against the window, then add it; returns the agreed 0/1 flag (read back later)."""
-        assert self.spike_zscore is not None  # only called with spike detection on
-        x = scalar_loss(loss)
-        window = self._window
-        flag = None
-        if window.filled >= self.min_history:
-            median = window.values.nanmedian()
-            mad = (window.values - median).abs().nanmedian()
-            scale = torch.maximum(MAD_TO_STD * mad, REL_SCALE_FLOOR * median.abs())
-            spike = torch.isfinite(x) & ((x - median) / scale > self.spike_zscore)
-            flag = self.reduce(spike.float().reshape(1))
-        window.push(x)
-        self._seen += 1
-        return flag if flag is None else _Deferred(flag)
-
     def spike_window(self) -> list[float]:
         """The finite losses of the spike window, oldest first (reads them back to the host)."""
-        return self._window.tolist()
+        return self.spikes.ring.tolist()
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ the LR-scaling hooks
     def attach(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer]) -> None:
-        """Scale the learning rate of every step of these optimizers (once each; Lightning wrappers are unwrapped)."""
-        if isinstance(optimizers, torch.optim.Optimizer) or hasattr(optimizers, "param_groups"):
-            optimizers = [cast(torch.optim.Optimizer, optimizers)]
-        for opt in cast(Iterable[torch.optim.Optimizer], optimizers):
-            opt = _unwrap(opt)
-            if any(o is opt for o in self._optimizers):
-                continue
-            self._optimizers.append(opt)
-            self._handles.append(opt.register_step_pre_hook(self._pre_step))
-            self._handles.append(opt.register_step_post_hook(self._post_step))
+        """Scale the learning rate of every step of these optimizers by the factor (:class:`LRScaler`)."""
+        self.scaler.attach(optimizers)
 
     def detach(self) -> None:
         """Remove the hooks, putting back any ``lr`` a failed step left scaled."""
-        self.restore_lrs()
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self._optimizers = [], []
+        self.scaler.detach()
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """The optimizers the hooks are on."""
-        return list(self._optimizers)
+        return self.scaler.optimizers
 
     def restore_lrs(self) -> None:
         """Put back the scheduled ``lr`` wherever a step raised between the hooks (its post-hook never ran)."""
-        for opt in self._optimizers:
-            self._restore(opt)
-
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if id(optimizer) in self._inside:  # the previous step raised: its lr is still scaled
-            self._restore(optimizer)
-        f = self._factor
-        if f == 1.0:
-            self._inside[id(optimizer)] = (1.0, None, None)
-            return
-        # Save every group's value before scaling any: torch puts one `lr` tensor object in every group
-        # when `lr=torch.tensor(...)` is the default, and that tensor must be scaled (and saved) once.
-        groups: list[tuple[dict, Any, Any]] = []  # (group, its scheduled lr, the float written; None: tensor)
-        tensors: dict[int, list[Any]] = {}  # id -> [tensor lr, its scheduled value, the value written]
-        for group in optimizer.param_groups:
-            lr: Any = group.get("lr")
-            if not has_numeric_lr(group):  # no learning rate to scale (an optimizer that sets its own step size)
-                groups.append((group, lr, _UNSCALED))
-            elif isinstance(lr, Tensor):
-                entry = tensors.get(id(lr))
-                if entry is None:
-                    entry = tensors[id(lr)] = [lr, lr.clone(), None]
-                groups.append((group, entry[1], None))
-            else:
-                groups.append((group, lr, lr * f))
-        for group, _, written in groups:
-            if written is not None and written is not _UNSCALED:
-                group["lr"] = written
-        for entry in tensors.values():
-            entry[0].mul_(f)
-            entry[2] = entry[0].clone()
-        self._inside[id(optimizer)] = (f, groups, list(tensors.values()))
-
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._restore(optimizer)
-
-    def _restore(self, optimizer: torch.optim.Optimizer) -> None:
-        """Put back the scheduled lr of each group that still holds exactly the value the pre-hook wrote.
-
-        Anything else was written since (inside the step: the closure, ``on_before_optimizer_step``, a
-        scheduler; or ``optimizer.load_state_dict`` by a rollback) and is kept.
-        """
-        _, groups, tensors = self._inside.pop(id(optimizer), (1.0, None, None))
-        if groups is None:
-            return
-        held: set[int] = set()  # the tensor lrs still in the groups that were scaled
-        for group, (scaled, lr, written) in zip(optimizer.param_groups, groups):
-            if group is not scaled:  # `optimizer.load_state_dict` ran inside the step (a rollback): keep its values
-                continue
-            current = group.get("lr")
-            if written is _UNSCALED:
-                continue
-            if written is None:
-                if isinstance(current, Tensor):
-                    held.add(id(current))
-            elif not isinstance(current, Tensor) and current == written:
-                group["lr"] = lr
-        for tensor, lr, written in tensors or ():
-            if id(tensor) in held:  # once per tensor object; a value written in place since is kept (no host sync)
-                tensor.copy_(torch.where(tensor == written, lr, tensor))
+        self.scaler.restore_lrs()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -493,7 +360,7 @@ class LRBackoffController:
         pending = None
         if self._pending is not None:
             step, clean, flag, superseded = self._pending
-            pending = [step, clean, _read(flag), superseded]
+            pending = [step, clean, read_flag(flag), superseded]
         return {
             "factor_now": self._factor,
             "ceiling": self.ceiling,
@@ -504,15 +371,11 @@ class LRBackoffController:
             "growths": self.growths,
             "history": [dict(h) for h in self.history],
             "spike_window": self.spike_window(),
-            "spike_seen": self._seen,
+            "spike_seen": self.spikes.seen,
             "last_spike": self._last_spike,
             "pending": pending,
             "tested": self.tested,
-            "trial_losses": self._ring.tolist(),
-            "trial": None if self._trial is None else {
-                "before": _finite(self._trial[0]), "factor": self._trial[1], "step": self._trial[2]
-            },
-            "verdict": None if self._verdict is None else [_read(self._verdict[0]), self._verdict[1], self._verdict[2]],
+            **self.trial.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -527,19 +390,11 @@ class LRBackoffController:
         self.growths = int(state.get("growths", self.growths))
         self.history = [dict(h) for h in state.get("history", self.history)]
         self._last_spike = bool(state.get("last_spike", self._last_spike))
-        self._seen = int(state.get("spike_seen", self._seen))
+        self.spikes.seen = int(state.get("spike_seen", self.spikes.seen))
         if "spike_window" in state:
-            self._window.load(state["spike_window"])
+            self.spikes.ring.load(state["spike_window"])
         self.tested = bool(state.get("tested", self.tested))
-        if "trial_losses" in state:
-            self._ring.load(state["trial_losses"])
-        trial = state.get("trial")
-        if trial:
-            self._trial = (torch.tensor([float(v) for v in trial["before"]]), float(trial["factor"]), int(trial["step"]))
-        else:
-            self._trial = None
-        verdict = state.get("verdict")
-        self._verdict = None if not verdict else (bool(verdict[0]), float(verdict[1]), int(verdict[2]))
+        self.trial.load_state_dict(state)
         pending = state.get("pending", None)
         if pending is not None:
             pending = (int(pending[0]), bool(pending[1]), bool(pending[2]), bool(pending[3]) if len(pending) > 3 else False)
@@ -548,111 +403,8 @@ class LRBackoffController:
     def __getstate__(self) -> dict[str, Any]:
         """Pickle settings and state; the hooks, the optimizers and the reducer are runtime links."""
         state = self.__dict__.copy()
-        state.update(_optimizers=[], _handles=[], _inside={}, reduce=all_reduce_max)
+        state["reduce"] = all_reduce_max
         if self._pending is not None:
             step, clean, flag, superseded = self._pending
-            state["_pending"] = (step, clean, _read(flag), superseded)
-        if self._verdict is not None:
-            flag, before, grown_at = self._verdict
-            state["_verdict"] = (_read(flag), before, grown_at)
+            state["_pending"] = (step, clean, read_flag(flag), superseded)
         return state
-
-
-def _finite(x: Tensor) -> list[float]:
-    return [v for v in x.tolist() if math.isfinite(v)]
-
-
-class _LossRing:
-    """The last ``size`` losses in a device tensor (NaN: empty or non-finite); writing one needs no host sync."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.values: Tensor = torch.full((size,), math.nan)
-        self.count = 0  # losses written since the last clear
-
-    @property
-    def filled(self) -> int:
-        return min(self.count, self.size)
-
-    def push(self, x: Tensor) -> None:
-        if self.values.device != x.device:
-            self.values = self.values.to(x.device)
-        self.values[self.count % self.size] = torch.where(torch.isfinite(x), x, math.nan)
-        self.count += 1
-
-    def clear(self) -> None:
-        self.values.fill_(math.nan)
-        self.count = 0
-
-    def tolist(self) -> list[float]:
-        """The finite losses, oldest first (reads them to the host)."""
-        if not self.count:
-            return []
-        start = self.count % self.size if self.count >= self.size else 0
-        return _finite(torch.roll(self.values, -start)[: self.filled])
-
-    def load(self, values: list[float]) -> None:
-        """Start again from ``values`` (oldest first; only the last ``size`` are kept)."""
-        kept = [float(v) for v in values][-self.size :]
-        self.values = torch.full((self.size,), math.nan, device=self.values.device)
-        if kept:
-            self.values[: len(kept)] = torch.tensor(kept, device=self.values.device)
-        self.count = len(kept)
-
-
-def _zscore(before: Tensor, after: Tensor) -> Tensor:
-    """Welch's z of ``mean(after) - mean(before)`` over the finite values of each (0 with too few)."""
-    stats = []
-    for x in (before, after):
-        ok = torch.isfinite(x)
-        n = ok.sum().clamp_min(1)
-        mean = torch.where(ok, x, 0.0).sum() / n
-        var = torch.where(ok, (x - mean) ** 2, 0.0).sum() / (n - 1).clamp_min(1)
-        stats.append((mean, var / n, ok.sum()))
-    (mb, vb, nb), (ma, va, na) = stats
-    z = (ma - mb) / (vb + va).sqrt().clamp_min(1e-12 * mb.abs().clamp_min(1e-30))
-    return torch.where((nb >= TRIAL_MIN_LOSSES) & (na >= TRIAL_MIN_LOSSES), z, torch.zeros_like(z))
-
-
-class _Deferred:
-    """A device flag read back later without stalling: a non-blocking copy to the host on CUDA."""
-
-    def __init__(self, flag: Tensor) -> None:
-        self.event = None
-        if flag.device.type == "cuda":
-            self.value = flag.to("cpu", non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.value = flag
-
-    def get(self) -> bool:
-        if self.event is not None:
-            self.event.synchronize()  # recorded a step ago: long done
-        return bool(self.value.item() > 0)
-
-
-def _read(flag: Any) -> bool:
-    if flag is None:
-        return False
-    if isinstance(flag, _Deferred):
-        return flag.get()
-    return bool(flag)
-
-
-def _unwrap(optimizer: Any) -> Any:
-    """The torch optimizer behind a wrapper such as Lightning's ``LightningOptimizer``."""
-    return getattr(optimizer, "_optimizer", optimizer)
-
-
-_UNSCALED = object()  # the pre-hook's mark of a group without a numeric lr (left alone)
-
-
-def has_numeric_lr(group: dict[str, Any]) -> bool:
-    """Whether a param group has an ``lr`` the backoff can scale: a number (not a bool) or a tensor.
-
-    >>> has_numeric_lr({"lr": 0.1}), has_numeric_lr({"lr": None}), has_numeric_lr({"step_size": 0.1})
-    (True, False, False)
-    """
-    lr = group.get("lr")
-    return isinstance(lr, Tensor) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool))

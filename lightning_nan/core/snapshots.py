@@ -5,7 +5,7 @@ Pure PyTorch; the Lightning callback :class:`~lightning_nan.CheckpointRollback` 
 scaler's states (every tensor, to CPU; asynchronously from a GPU, into pinned memory) so that later
 in-place updates do not touch the copy, and writes them back in place, bit for bit. A new snapshot
 is *pending* until :meth:`SnapshotStore.promote` declares it *good* (the caller decides when, with
-:func:`check_known_good` and a :class:`LossSpikeDetector`); the newest ``max_snapshots`` good ones
+:func:`check_known_good` and a :class:`~lightning_nan.core.spikes.LossSpikeDetector`); the newest ``max_snapshots`` good ones
 are kept, in memory and optionally on disk.
 
 >>> import torch
@@ -30,8 +30,6 @@ import glob
 import math
 import os
 import re
-import statistics
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +39,7 @@ from torch import Tensor
 
 from lightning_nan.core.files import atomic_write
 from lightning_nan.core.norms import tensor_norms, total_norm
-from lightning_nan.core.validate import integer, number
+from lightning_nan.core.validate import integer
 
 #: Default ``every_n_steps`` of :class:`~lightning_nan.CheckpointRollback`. A snapshot copies the
 #: whole training state once; at one copy per 100 steps that copy costs under 1% of the training
@@ -420,57 +418,3 @@ def check_known_good(
     if worst > allowed:
         return f"the weight norm grew from {ref:.3g} to {worst:.3g} (more than {max_norm_growth:g}x per snapshot interval)"
     return None
-
-
-class LossSpikeDetector:
-    """Robust z-scores of new losses against a running window: ``(loss - median) / (1.4826 * MAD)``.
-
-    Host floats only: the caller reads a batch of losses at once (one transfer) and passes them to
-    :meth:`update`. Each value is scored against the window *before* it, then joins the window;
-    non-finite values are neither scored nor kept. Scores are ``nan`` until ``min_history`` values are in.
-
-    Args:
-        window: how many recent losses make the reference.
-        threshold: a robust z above it is a spike (:meth:`is_spike`).
-        min_history: values needed before scoring (default ``max(5, window // 5)``).
-
-    >>> det = LossSpikeDetector(window=20, threshold=6.0)
-    >>> z = det.update([1.0, 1.1, 0.9, 1.05, 0.95] * 2 + [5.0])
-    >>> [det.is_spike(v) for v in z[-2:]], round(z[-1], 1)
-    ([False, True], 54.0)
-    """
-
-    def __init__(self, window: int = 100, threshold: float = 6.0, min_history: int | None = None) -> None:
-        self.window = integer("window", window, low=5)
-        self.threshold = number("threshold", threshold, low=0, low_open=True, infinite=True)
-        min_history = max(5, window // 5) if min_history is None else min_history
-        self.min_history = integer("min_history", min_history, low=1, high=window, hint="at most `window`")
-        self.history: deque[float] = deque(maxlen=window)
-
-    def zscore(self, value: float) -> float:
-        """The robust z of ``value`` against the current window (``nan`` with too little history)."""
-        if len(self.history) < self.min_history or not math.isfinite(value):
-            return math.nan
-        median = statistics.median(self.history)
-        mad = statistics.median(abs(v - median) for v in self.history)
-        scale = max(1.4826 * mad, 1e-3 * abs(median), 1e-12)
-        return (value - median) / scale
-
-    def update(self, values: Iterable[float]) -> list[float]:
-        """Score each value in turn, then add it to the window; return the scores."""
-        out = []
-        for v in values:
-            v = float(v)
-            out.append(self.zscore(v))
-            if math.isfinite(v):
-                self.history.append(v)
-        return out
-
-    def is_spike(self, z: float) -> bool:
-        return math.isfinite(z) and z > self.threshold
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = deque((float(v) for v in state.get("history", [])), maxlen=self.window)

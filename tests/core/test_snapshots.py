@@ -1,4 +1,4 @@
-"""SnapshotStore, the known-good test and the loss-spike detector, on plain tensors and modules."""
+"""SnapshotStore and the known-good test, on plain tensors and modules."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "callbacks"))
 from faulty import identical  # noqa: E402
 
 from lightning_nan.core.snapshots import (
-    LossSpikeDetector,
     Snapshot,
     SnapshotStore,
     check_known_good,
@@ -278,52 +277,6 @@ def test_known_good_rules():
     assert check_known_good(30.0, 30.0, reference_norm=10.0, intervals=1, max_norm_growth=3.0) is None
 
 
-def _robust_z(value: float, history: list[float]) -> float:
-    """Independent recomputation: median and MAD by sorting."""
-
-    def median(xs):
-        xs = sorted(xs)
-        n = len(xs)
-        return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-    m = median(history)
-    mad = median([abs(x - m) for x in history])
-    return (value - m) / (1.4826 * mad)
-
-
-def test_spike_detector_scores_against_the_window_before_each_value():
-    g = torch.Generator().manual_seed(0)
-    values = (1.0 + 0.1 * torch.randn(40, generator=g)).tolist()
-    values[30] = float("nan")  # skipped: neither scored nor kept
-    values[35] = 9.0
-    det = LossSpikeDetector(window=16, threshold=6.0)
-    assert det.min_history == 5
-    z = det.update(values)
-    kept: list[float] = []
-    for i, v in enumerate(values):
-        if math.isnan(v):
-            assert math.isnan(z[i])
-            continue
-        if len(kept) < 5:
-            assert math.isnan(z[i])
-        else:
-            assert z[i] == pytest.approx(_robust_z(v, kept[-16:]), rel=1e-9)
-        kept.append(v)
-    assert [i for i, v in enumerate(z) if det.is_spike(v)] == [35]
-    assert list(det.history) == kept[-16:]
-    clone = LossSpikeDetector(window=16, threshold=6.0)
-    clone.load_state_dict(det.state_dict())
-    assert clone.zscore(1.3) == det.zscore(1.3)
-
-
-def test_constant_losses_do_not_divide_by_zero():
-    det = LossSpikeDetector(window=10)
-    det.update([2.0] * 10)
-    assert det.zscore(2.0) == 0.0
-    assert det.is_spike(det.zscore(2.1))  # 0.1 over a loss that never moved: 50 times the floor 1e-3 * 2
-    assert not det.is_spike(det.zscore(2.01))
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -334,15 +287,6 @@ def test_constant_losses_do_not_divide_by_zero():
 def test_store_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SnapshotStore(**kwargs)
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [({"window": 3}, "window"), ({"threshold": 0}, "threshold"), ({"window": 10, "min_history": 11}, "min_history")],
-)
-def test_detector_validation(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        LossSpikeDetector(**kwargs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
