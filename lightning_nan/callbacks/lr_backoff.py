@@ -9,6 +9,8 @@ import torch
 
 from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, starts_afresh
+from lightning_nan.core.diagnosis import DIVERGENCE_ADVICE
+from lightning_nan.core.events import IncidentEvent, Phase, RollbackEvent
 from lightning_nan.core.losses import unscaled_loss
 from lightning_nan.core.lr_backoff import LRBackoffController
 from lightning_nan.core.lr_scaling import has_numeric_lr
@@ -108,6 +110,9 @@ class LRBackoffBase:
         True
     """
 
+    #: Acts on the diagnosed incident (after NaNGuard's diagnosis and BatchBisection's evidence).
+    incident_phase = Phase.ACTION
+
     def __init__(
         self,
         factor: float = 0.5,
@@ -153,7 +158,11 @@ class LRBackoffBase:
         return self.controller.history
 
     def lr_hint(self) -> str | None:
-        """What the backoff has learnt about a safe learning rate, for the diagnosis's advice."""
+        """What the backoff has learnt about a safe learning rate (``None``: nothing yet).
+
+        Added to the advice of a divergence (:data:`~lightning_nan.core.diagnosis.DIVERGENCE_ADVICE`)
+        when LRBackoff hears of it, after the diagnosis and before it backs off.
+        """
         controller = self.controller
         if not controller.history:
             return None
@@ -177,7 +186,7 @@ class LRBackoffBase:
             return self.controller.back_off_below(since, step, reason)
         return self.controller.back_off(step, reason)
 
-    def on_nan_rollback(self, event: Any) -> bool:
+    def on_nan_rollback(self, event: RollbackEvent) -> bool:
         """A rollback restored ``event.restored_step``: go one level below the factor the run left it with
         (unless the learning rate is not to blame, after weight corruption)."""
         if not event.lr_to_blame:
@@ -185,9 +194,13 @@ class LRBackoffBase:
         self.back_off(event.step, event.reason, since=event.restored_step)
         return True
 
-    def on_nan_incident(self, event: Any) -> None:
+    def on_nan_incident(self, event: IncidentEvent) -> None:
+        """Back off on a diagnosed divergence or overflow; add to the divergence advice what is known so far."""
         incident = event.incident
         self._dirty = True
+        hint = self.lr_hint() if incident.cause == "divergence" and incident.advice == DIVERGENCE_ADVICE else None
+        if hint:  # what the run learnt before this incident
+            incident.advice = f"{incident.advice} {hint}"
         if incident.cause not in BACKOFF_CAUSES:  # a lower LR cures none of the others: record, do not act
             return
         self.controller.back_off(incident.step, f"incident: {incident.kind}")

@@ -98,6 +98,13 @@ class StepRecord:
     cause: str | None = None
 
 
+#: The advice of a divergence (LRBackoff adds what it learnt about a safe learning rate).
+DIVERGENCE_ADVICE = (
+    "Divergence: lower the learning rate (LRBackoff does it automatically), clip gradients "
+    "(GradientClipping), normalise the inputs and check the initialisation."
+)
+
+
 @dataclass
 class Diagnosis:
     """``cause`` (see the table above), the ``evidence`` used, one actionable ``advice``, what is ``missing``."""
@@ -112,14 +119,13 @@ def diagnose(
     incident: Incident,
     history: Sequence[StepRecord] = (),
     *,
-    lr_hint: str | None = None,
     present: Collection[str] = (),
 ) -> Diagnosis:
     """Decide the cause of ``incident`` from its own details and the ``history`` of the steps before it.
 
-    ``lr_hint``: what is known about a safe learning rate (e.g. from LRBackoff), added to divergence
-    advice. ``present``: the class names of the callbacks taking part, so that ``missing`` never asks
-    for one that is there.
+    ``present``: the class names of the callbacks taking part, so that ``missing`` never asks for one
+    that is there. The advice for divergence is :data:`DIVERGENCE_ADVICE`, to which LRBackoff, acting
+    after the diagnosis, adds what it knows about a safe learning rate.
     """
     detail = incident.detail or {}
     bisection: dict[str, Any] = detail.get("bisection") or {}
@@ -185,13 +191,7 @@ def diagnose(
     if not trend and bisection.get("whole_batch"):  # not some samples: the weights themselves
         trend = _whole_batch_trend(earlier)
     if trend and not overflow:
-        advice = (
-            "Divergence: lower the learning rate (LRBackoff does it automatically), clip gradients "
-            "(GradientClipping), normalise the inputs and check the initialisation."
-        )
-        if lr_hint:
-            advice += f" {lr_hint}"
-        return Diagnosis("divergence", trend, advice)
+        return Diagnosis("divergence", trend, DIVERGENCE_ADVICE)
     if overflow:
         return Diagnosis(
             "overflow",

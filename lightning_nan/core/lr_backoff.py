@@ -30,10 +30,9 @@ step 3: scheduled 0.0125, applied 0.0125
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_nan.core.distributed import all_reduce_max
@@ -51,8 +50,8 @@ MAX_HISTORY = 256
 TESTED_AFTER = 3
 
 
-class LRBackoffController:
-    """Scale every param group's learning rate by a backoff factor at optimizer-step time.
+class LRBackoffController(LRScaler):
+    """When to lower the learning rate's backoff factor and when to grow it back (applied at optimizer-step time).
 
     Rules (``f``: the current factor, ``c``: the ceiling, initially 1):
 
@@ -95,13 +94,10 @@ class LRBackoffController:
     step (at 4.0: 2e-3); Student-t(3) noise 4e-3. A false alarm costs one back-off, undone after
     ``patience`` clean steps.
 
-    The factor is applied by :class:`~lightning_nan.core.lr_scaling.LRScaler`'s step hooks: each group's
-    ``lr`` is scaled inside ``optimizer.step()`` only. An ``lr`` written *inside* the step (by the
-    closure, or by Lightning's ``on_before_optimizer_step`` under automatic optimization: both run
-    after the pre-hook) is used **unscaled** for that step and kept; set warm-up or hand-made LRs
-    before the step (a scheduler, ``on_train_batch_start``) for the backoff to apply to them. A group
-    without a numeric ``lr`` (none, or ``lr=None``: an optimizer that sets its own step size) is left
-    alone (:func:`~lightning_nan.core.lr_scaling.has_numeric_lr`).
+    The factor is applied by the step hooks of :class:`~lightning_nan.core.lr_scaling.LRScaler`
+    (:meth:`attach`, :meth:`detach`): an ``lr`` written *inside* the step (by the closure, or by
+    Lightning's ``on_before_optimizer_step``) is used **unscaled** for that step; set warm-up or
+    hand-made LRs before it (a scheduler, ``on_train_batch_start``) for the backoff to apply to them.
 
     Cost: the hooks' (see :class:`~lightning_nan.core.lr_scaling.LRScaler`). A loss given to
     :meth:`observe` is written into a device ring (no host sync); a trial's verdict is one small read,
@@ -176,7 +172,7 @@ class LRBackoffController:
         self.growth_trial = growth_trial
         self.reduce = reduce
 
-        self._factor = 1.0
+        super().__init__(1.0)
         self.ceiling = 1.0
         #: Whether the current factor was reached by growing back (see the memory rule).
         self.grown = False
@@ -194,30 +190,8 @@ class LRBackoffController:
         # (step, clean, deferred spike flag, superseded by a back-off) of the step still to settle
         self._pending: tuple[int, bool, DeferredFlag | bool | None, bool] | None = None
         self.trial = GrowthTrial(growth_trial)
-        self.scaler = LRScaler(self._current_factor)
 
     # ------------------------------------------------------------------ the factor
-    @property
-    def factor_now(self) -> float:
-        """The factor the next optimizer step will be taken with."""
-        return self._factor
-
-    def _current_factor(self) -> float:
-        return self._factor
-
-    def step_factor(self, optimizer: torch.optim.Optimizer) -> float:
-        """The factor of ``optimizer``'s step in progress (inside ``step()``), else :attr:`factor_now`."""
-        f = self.scaler.step_factor(optimizer)
-        return self._factor if f is None else f
-
-    def effective_lrs(self, optimizer: torch.optim.Optimizer) -> list[float | None]:
-        """Each group's ``scheduled lr x factor`` for the step in progress or, outside a step, the next one
-        (``None`` for a group without a numeric ``lr``, which is left alone).
-
-        Reads tensor learning rates back to the host: call it on logging steps only.
-        """
-        return self.scaler.effective_lrs(optimizer, self._factor)
-
     def back_off(self, step: int, reason: str = "incident") -> float:
         """Lower the factor by ``factor`` (down to ``min_factor``); returns the new factor.
 
@@ -336,24 +310,6 @@ class LRBackoffController:
         """The finite losses of the spike window, oldest first (reads them back to the host)."""
         return self.spikes.ring.tolist()
 
-    # ------------------------------------------------------------------ the LR-scaling hooks
-    def attach(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer]) -> None:
-        """Scale the learning rate of every step of these optimizers by the factor (:class:`LRScaler`)."""
-        self.scaler.attach(optimizers)
-
-    def detach(self) -> None:
-        """Remove the hooks, putting back any ``lr`` a failed step left scaled."""
-        self.scaler.detach()
-
-    @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        """The optimizers the hooks are on."""
-        return self.scaler.optimizers
-
-    def restore_lrs(self) -> None:
-        """Put back the scheduled ``lr`` wherever a step raised between the hooks (its post-hook never ran)."""
-        self.scaler.restore_lrs()
-
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume mid-backoff, as primitives (reads the spike window to the host)."""
@@ -402,7 +358,7 @@ class LRBackoffController:
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle settings and state; the hooks, the optimizers and the reducer are runtime links."""
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state["reduce"] = all_reduce_max
         if self._pending is not None:
             step, clean, flag, superseded = self._pending

@@ -3,13 +3,13 @@
 :class:`LRScaler` puts torch step hooks on optimizers: the pre-hook remembers each group's ``lr``
 (whatever the scheduler set) and writes ``lr * factor``; the post-hook writes the remembered value
 back once the update is done. Schedulers and checkpoints only ever see their own values. *When* to
-change the factor is :class:`~lightning_nan.core.lr_backoff.LRBackoffController`'s business; the
-scaler asks for it at each step.
+change the factor is the business of its subclass
+:class:`~lightning_nan.core.lr_backoff.LRBackoffController`.
 
 >>> import torch
 >>> w = torch.nn.Parameter(torch.zeros(1))
 >>> opt = torch.optim.SGD([w], lr=0.1)
->>> scaler = LRScaler(lambda: 0.5)
+>>> scaler = LRScaler(0.5)
 >>> scaler.attach(opt)
 >>> w.grad = torch.ones(1)
 >>> opt.step()
@@ -21,7 +21,7 @@ scaler asks for it at each step.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, cast
 
 import torch
@@ -34,7 +34,7 @@ _Step = tuple[float, list[tuple[dict, Any, Any]] | None, list[list[Any]] | None]
 
 
 class LRScaler:
-    """Step hooks that scale every param group's ``lr`` by ``factor()`` during ``optimizer.step()`` only.
+    """Step hooks that scale every param group's ``lr`` by :attr:`factor_now` during ``optimizer.step()`` only.
 
     At each step the pre-hook saves every group's ``lr``, then scales it (a tensor ``lr`` shared by
     several groups, as torch makes for ``lr=torch.tensor(...)``, is scaled and restored once); the
@@ -47,14 +47,19 @@ class LRScaler:
     ``lr`` per step (a float, or an in-place op on a tensor ``lr``: no host sync).
 
     Args:
-        factor: called at each step's pre-hook for the factor of that step.
+        factor: the factor (a subclass changes ``_factor`` between steps).
     """
 
-    def __init__(self, factor: Callable[[], float]) -> None:
-        self.factor = factor
+    def __init__(self, factor: float = 1.0) -> None:
+        self._factor = float(factor)
         self._optimizers: list[torch.optim.Optimizer] = []
         self._handles: list[Any] = []
         self._inside: dict[int, _Step] = {}  # id(optimizer) -> its step in progress
+
+    @property
+    def factor_now(self) -> float:
+        """The factor the next optimizer step will be taken with."""
+        return self._factor
 
     def attach(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer]) -> None:
         """Scale the learning rate of every step of these optimizers (once each; Lightning wrappers are unwrapped)."""
@@ -85,13 +90,13 @@ class LRScaler:
         for opt in self._optimizers:
             self._restore(opt)
 
-    def step_factor(self, optimizer: torch.optim.Optimizer) -> float | None:
-        """The factor of ``optimizer``'s step in progress (inside ``step()``), else ``None``."""
+    def step_factor(self, optimizer: torch.optim.Optimizer) -> float:
+        """The factor of ``optimizer``'s step in progress (inside ``step()``), else :attr:`factor_now`."""
         entry = self._inside.get(id(unwrap_optimizer(optimizer)))
-        return None if entry is None else entry[0]
+        return self._factor if entry is None else entry[0]
 
-    def effective_lrs(self, optimizer: torch.optim.Optimizer, factor: float) -> list[float | None]:
-        """Each group's ``scheduled lr x factor`` for the step in progress or, outside a step, with ``factor``
+    def effective_lrs(self, optimizer: torch.optim.Optimizer) -> list[float | None]:
+        """Each group's ``scheduled lr x factor`` for the step in progress or, outside a step, the next one
         (``None`` for a group without a numeric ``lr``, which is left alone).
 
         Reads tensor learning rates back to the host: call it on logging steps only.
@@ -100,13 +105,13 @@ class LRScaler:
         entry = self._inside.get(id(optimizer))
         if entry is not None and entry[1] is not None:
             return [None if written is _UNSCALED else float(lr) * entry[0] for _, lr, written in entry[1]]
-        f = factor if entry is None else entry[0]
+        f = self._factor if entry is None else entry[0]
         return [float(group["lr"]) * f if has_numeric_lr(group) else None for group in optimizer.param_groups]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if id(optimizer) in self._inside:  # the previous step raised: its lr is still scaled
             self._restore(optimizer)
-        f = self.factor()
+        f = self._factor
         if f == 1.0:
             self._inside[id(optimizer)] = (1.0, None, None)
             return
@@ -162,8 +167,10 @@ class LRScaler:
                 tensor.copy_(torch.where(tensor == written, lr, tensor))
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle the factor source only; the hooks and the optimizers are runtime links."""
-        return {"factor": self.factor, "_optimizers": [], "_handles": [], "_inside": {}}
+        """Pickle without the hooks and the optimizers: they are runtime links."""
+        state = self.__dict__.copy()
+        state.update(_optimizers=[], _handles=[], _inside={})
+        return state
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:

@@ -534,9 +534,8 @@ class StepGuard:
         """Fill ``cause``, ``advice`` and ``detail["evidence"]`` from the incident and the history."""
         if incident.cause != "unknown":  # a listener already decided
             return
-        hint = next((li.lr_hint() for li in self.listeners if callable(getattr(li, "lr_hint", None))), None)
         present = {type(listener).__name__ for listener in self.listeners}
-        found = diagnose(incident, list(self.history), lr_hint=hint, present=present)
+        found = diagnose(incident, list(self.history), present=present)
         previous = self.incidents[-1] if self.incidents else None
         if (
             found.cause == "unknown"
