@@ -530,3 +530,23 @@ def test_a_nan_the_evidence_does_not_explain_leaves_the_lr(tmp_path):
     trainer.fit(model, loader(dtype=torch.float32))
     assert [(i.step, i.cause) for i in guard.incidents] == [(2, "unknown"), (6, "unknown")]
     assert backoff.history == [] and backoff.factor_now == 1.0
+
+
+def test_the_divergence_advice_gets_what_was_learnt_before_the_incident_and_nothing_else_does():
+    from lightning_nan.core.diagnosis import DIVERGENCE_ADVICE
+
+    backoff = LRBackoff(patience=100)
+    first = Incident(step=3, kind="divergence", cause="divergence", advice=DIVERGENCE_ADVICE)
+    notify([backoff], IncidentEvent(first))
+    assert first.advice == DIVERGENCE_ADVICE and backoff.factor_now == 0.5  # nothing learnt before it
+    for step in range(4, 8):
+        backoff.controller.observe(step, clean=True)  # 3 clean steps test 0.5
+    second = Incident(step=8, kind="divergence", cause="divergence", advice=DIVERGENCE_ADVICE)
+    overflow = Incident(step=8, kind="loss", cause="overflow", advice="Overflow: ...")
+    own = Incident(step=8, kind="loss", cause="divergence", advice="A listener's own advice.")
+    notify([backoff], IncidentEvent(second))
+    notify([backoff], IncidentEvent(overflow))  # the same step: no second back-off
+    notify([backoff], IncidentEvent(own))
+    assert second.advice == f"{DIVERGENCE_ADVICE} LRBackoff has the learning rate at 0.5x the schedule."
+    assert overflow.advice == "Overflow: ..." and own.advice == "A listener's own advice."
+    assert backoff.factor_now == 0.25  # backed off once at step 8, after the advice was written
