@@ -174,8 +174,17 @@ class LRScaler:
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer behind a wrapper such as Lightning's ``LightningOptimizer``."""
-    return getattr(optimizer, "_optimizer", optimizer)
+    """The torch optimizer behind a wrapper such as Lightning's ``LightningOptimizer`` (its public ``optimizer``).
+
+    >>> import torch
+    >>> sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    >>> class Wrapper:  # as LightningOptimizer exposes the optimizer it wraps
+    ...     optimizer = sgd
+    >>> unwrap_optimizer(Wrapper()) is sgd, unwrap_optimizer(sgd) is sgd
+    (True, True)
+    """
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
 def has_numeric_lr(group: dict[str, Any]) -> bool:
