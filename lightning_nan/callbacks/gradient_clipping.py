@@ -22,9 +22,10 @@ from lightning_nan.core.sharding import is_sharded
 from lightning_nan.core.validate import boolean, integer
 
 
-# RestoredOnRollback: CheckpointRollback restores the statistics with the weights (a blow-up's norms
-# must not stay in AutoClip's or ZClip's history).
-class GradientClippingBase(RestoredOnRollback):
+# CheckpointRollback restores the statistics with the weights (a blow-up's norms must not stay in
+# AutoClip's or ZClip's history). Registered, not derived: the written-out classes keep (Base, Callback).
+@RestoredOnRollback.register
+class GradientClippingBase:
     """Clip gradients with one of five methods, NaN-proof, reusing the guard's gradient norms.
 
     ``method``: ``"norm"`` (``max_norm``, ``norm_type``; the same result as

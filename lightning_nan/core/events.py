@@ -136,14 +136,19 @@ class RestoredOnRollback(abc.ABC):
 
     CheckpointRollback keeps :meth:`state_dict` in every snapshot and hands it back to
     :meth:`load_state_dict` when it restores that snapshot (from a ModelCheckpoint save: the state
-    Lightning saved for the callback), so a blow-up's numbers do not outlive the rollback.
+    Lightning saved for the callback), so a blow-up's numbers do not outlive the rollback. Derive
+    from it, or declare a class that already has both methods with ``@RestoredOnRollback.register``.
 
     >>> class Counter(RestoredOnRollback):
     ...     def __init__(self): self.seen = 0
     ...     def state_dict(self): return {"seen": self.seen}
     ...     def load_state_dict(self, state_dict): self.seen = state_dict["seen"]
-    >>> isinstance(Counter(), RestoredOnRollback), isinstance(object(), RestoredOnRollback)
-    (True, False)
+    >>> @RestoredOnRollback.register
+    ... class Stats:
+    ...     def state_dict(self): return {}
+    ...     def load_state_dict(self, state_dict): pass
+    >>> isinstance(Counter(), RestoredOnRollback), isinstance(Stats(), RestoredOnRollback), isinstance(object(), RestoredOnRollback)
+    (True, True, False)
     """
 
     @abc.abstractmethod
