@@ -20,6 +20,7 @@ import torch
 from lightning_nan.callbacks._checkpoint_source import CheckpointSource
 from lightning_nan.callbacks._memory_source import MemorySource
 from lightning_nan.callbacks._namespace import check_namespace
+from lightning_nan.callbacks._rollback_arguments import check_arguments
 from lightning_nan.callbacks._rank_agreement import distributed
 from lightning_nan.callbacks._rollback_sources import Restoration, RollbackSource, callback_states, load_callback_states
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_grads
@@ -28,10 +29,10 @@ from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import RollbackEvent, announce_rollback
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.losses import unscaled_loss
-from lightning_nan.core.rollback import SOURCES, RollbackRecord
+from lightning_nan.core.rollback import RollbackRecord
 from lightning_nan.core.rollback_triggers import SkipTrigger, SpikeTrigger, curable, escalation_reason
 from lightning_nan.core.snapshots import DEFAULT_EVERY_N_STEPS, LossSpikeDetector, SnapshotStore
-from lightning_nan.core.validate import choice, fs_path, integer, number
+from lightning_nan.core.validate import integer
 
 
 class CheckpointRollbackBase:
@@ -171,36 +172,12 @@ class CheckpointRollbackBase:
         source: str = "memory",
         dirpath: str | os.PathLike[str] | None = None,
     ) -> None:
-        for name, value, low in (
-            ("every_n_steps", every_n_steps, 1),
-            ("confirm_steps", confirm_steps, 0),
-            ("max_consecutive_skips", max_consecutive_skips, 1),
-            ("spike_patience", spike_patience, 0),
-            ("skip_batches", skip_batches, 0),
-            ("max_rollbacks", max_rollbacks, 0),
-        ):
-            integer(name, value, low=low)
-        if skip_rate is not None and not (
-            isinstance(skip_rate, (tuple, list))
-            and len(skip_rate) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in skip_rate)
-            and 1 <= skip_rate[0] <= skip_rate[1]
-        ):
-            raise ValueError(
-                f"Expected `skip_rate` to be None or (k, n) with ints 1 <= k <= n (k skipped steps among the last n), "
-                f"got {skip_rate!r}"
-            )
-        if confirm_steps >= every_n_steps:
-            raise ValueError(
-                f"Expected `confirm_steps` < `every_n_steps` ({every_n_steps}), got {confirm_steps!r}: "
-                "a snapshot must be confirmed before the next one is taken"
-            )
-        number("max_norm_growth", max_norm_growth, low=1, low_open=True, infinite=True, hint="inf: no growth test")
-        choice("source", source, SOURCES)
-        dirpath = fs_path("dirpath", dirpath, optional=True, kind="folder", hint="None: snapshots in memory only")
-        number("spike_threshold", spike_threshold, low=0, low_open=True, optional=True, infinite=True, hint="None: no loss tests")
-        if dirpath is not None and source != "memory":
-            raise ValueError(f"`dirpath` stores snapshots, which source={source!r} does not take: remove `dirpath`")
+        dirpath = check_arguments(
+            every_n_steps=every_n_steps, confirm_steps=confirm_steps, max_norm_growth=max_norm_growth,
+            max_consecutive_skips=max_consecutive_skips, skip_rate=skip_rate, spike_threshold=spike_threshold,
+            spike_patience=spike_patience, skip_batches=skip_batches, max_rollbacks=max_rollbacks, source=source,
+            dirpath=dirpath,
+        )
         super().__init__()
         self.every_n_steps = every_n_steps
         self.confirm_steps = confirm_steps
