@@ -59,7 +59,8 @@ from guard_overhead import (  # noqa: E402  (the shared timing machinery)
 )
 
 from lightning_nan import CheckpointRollback, NaNGuard  # noqa: E402
-from lightning_nan.core.snapshots import SnapshotStore, save_snapshot, state_norm  # noqa: E402
+from lightning_nan.core.known_good import state_norm  # noqa: E402
+from lightning_nan.core.snapshots import SnapshotStore, save_snapshot  # noqa: E402
 
 ROLLBACK_HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
 

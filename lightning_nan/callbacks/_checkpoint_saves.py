@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lightning_nan.core.snapshots import state_norm
+from lightning_nan.core.known_good import state_norm
 
 #: Lightning's metadata file in a folder of shards (``lightning_fabric.strategies.fsdp._METADATA_FILENAME``).
 _METADATA = "meta.pt"

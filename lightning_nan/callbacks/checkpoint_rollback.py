@@ -1,9 +1,15 @@
-"""CheckpointRollback: restore the last known-good training state in memory and carry on."""
+"""CheckpointRollback: restore the last known-good training state in memory and carry on.
+
+The hooks are here; what they use is apart: the sources of the states restored
+(:mod:`~lightning_nan.callbacks._memory_source`, :mod:`~lightning_nan.callbacks._checkpoint_source`,
+one interface in :mod:`~lightning_nan.callbacks._rollback_sources`), the triggers
+(:mod:`lightning_nan.core.rollback_triggers`) and the cross-rank agreement
+(:mod:`~lightning_nan.callbacks._rank_agreement`).
+"""
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 import warnings
 from collections import deque
@@ -11,35 +17,23 @@ from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._checkpoint_source import CheckpointSource
+from lightning_nan.callbacks._memory_source import MemorySource
 from lightning_nan.callbacks._namespace import check_namespace
-from lightning_nan.callbacks._checkpoint_saves import (
-    candidate_saves,
-    finite_aside,
-    param_group_settings,
-    restore_param_group_settings,
-)
+from lightning_nan.callbacks._rollback_arguments import check_arguments
+from lightning_nan.callbacks._rank_agreement import distributed
+from lightning_nan.callbacks._rollback_sources import Restoration, RollbackSource, callback_states, load_callback_states
 from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_grads
-from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, partitions_state, starts_afresh
-from lightning_nan.core.losses import unscaled_loss
-from lightning_nan.core.validate import choice, fs_path, integer, number
-from lightning_nan.core.distributed import gather_objects, world
+from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, starts_afresh
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import RollbackEvent, announce_rollback
 from lightning_nan.core.incident import Incident
+from lightning_nan.core.losses import unscaled_loss
+from lightning_nan.core.rollback import RollbackRecord
+from lightning_nan.core.rollback_triggers import SkipTrigger, SpikeTrigger, curable, escalation_reason
+from lightning_nan.core.snapshots import DEFAULT_EVERY_N_STEPS, SnapshotStore
 from lightning_nan.core.spikes import LossSpikeDetector
-from lightning_nan.core.snapshots import (
-    DEFAULT_EVERY_N_STEPS,
-    Snapshot,
-    SnapshotStore,
-    check_known_good,
-    state_norm,
-)
-
-SOURCES = ("memory", "checkpoint")
-
-
-#: Causes a rollback does not cure: the same samples or the same operation fail from an earlier state too.
-NO_ROLLBACK_CAUSES = ("unsafe_op", "dirty_data", "broken_pipeline")
+from lightning_nan.core.validate import integer
 
 
 class CheckpointRollbackBase:
@@ -47,8 +41,8 @@ class CheckpointRollbackBase:
 
     Every ``every_n_steps`` optimizer steps (and at the start of training, trusted at once when finite:
     nothing earlier exists to go back to) the model, optimizers,
-    LR schedulers, AMP scaler and the state of callbacks whose class sets ``restore_on_rollback = True``
-    are copied to CPU memory (asynchronously from a GPU). The copy is *pending* until
+    LR schedulers, AMP scaler and the state of callbacks that derive from
+    :class:`~lightning_nan.core.events.RestoredOnRollback` (GradientClipping's statistics) are copied to CPU memory (asynchronously from a GPU). The copy is *pending* until
     ``confirm_steps`` steps later; it becomes *good* only if no NaN/Inf incident and no loss spike
     (a robust z-score above ``spike_threshold`` at two steps in a row: one outlier batch does not
     count) came within ``confirm_steps`` steps of it, and its
@@ -72,9 +66,9 @@ class CheckpointRollbackBase:
     after that step's hooks and scheduler step, so every state ends exactly as in the snapshot; a
     strategy that loads a checkpoint in place loads the optimizers at once too, and their settings
     are put back at the end of the batch), reset
-    NaNGuard's consecutive-skip count, call ``back_off(step, reason, since=restored_step)`` on the
-    first callback that has it (``LRBackoff``, which goes one level below the factor the run left that
-    state with; without one the LR stays as it was, with a warning), restore
+    NaNGuard's consecutive-skip count, announce the rollback (``on_nan_rollback``: ``LRBackoff``
+    goes one level below the factor the run left that state with; without one the LR stays as it
+    was, with a warning), restore
     the loss-spike statistics of the snapshot (not those of the blow-up), drop the updates of the
     next ``skip_batches`` batches, and carry on with the next batches: the data is not rewound and
     ``trainer.global_step`` keeps counting steps attempted. NaNGuard's incidents and LRBackoff's
@@ -117,6 +111,10 @@ class CheckpointRollbackBase:
     to ``max_snapshots + 1`` of the full state (the good ones and the pending one, whose buffers are
     reused). With ``dirpath`` each confirmed snapshot is written synchronously (about 3 s per GB here).
 
+    Each rollback, done or refused, is recorded on the incident that asked for it
+    (``incident.rollback``, a :class:`~lightning_nan.core.rollback.RollbackRecord`, also in
+    ``nan_incidents.jsonl``); ``history`` lists the rollbacks done.
+
     Logged through the trainer's loggers:
 
     ============================  ================================================
@@ -152,6 +150,8 @@ class CheckpointRollbackBase:
         ...
         >>> rollback.history
         [{'step': 7, 'restored_step': 4, 'reason': 'non-finite weights'}]
+        >>> trainer.callbacks[0].incidents[0].rollback.summary()
+        'step 7: rolled back to step 4 (the snapshot of step 4) for non-finite weights'
         >>> trainer.global_step, all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
         (10, True)
     """
@@ -173,36 +173,12 @@ class CheckpointRollbackBase:
         source: str = "memory",
         dirpath: str | os.PathLike[str] | None = None,
     ) -> None:
-        for name, value, low in (
-            ("every_n_steps", every_n_steps, 1),
-            ("confirm_steps", confirm_steps, 0),
-            ("max_consecutive_skips", max_consecutive_skips, 1),
-            ("spike_patience", spike_patience, 0),
-            ("skip_batches", skip_batches, 0),
-            ("max_rollbacks", max_rollbacks, 0),
-        ):
-            integer(name, value, low=low)
-        if skip_rate is not None and not (
-            isinstance(skip_rate, (tuple, list))
-            and len(skip_rate) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in skip_rate)
-            and 1 <= skip_rate[0] <= skip_rate[1]
-        ):
-            raise ValueError(
-                f"Expected `skip_rate` to be None or (k, n) with ints 1 <= k <= n (k skipped steps among the last n), "
-                f"got {skip_rate!r}"
-            )
-        if confirm_steps >= every_n_steps:
-            raise ValueError(
-                f"Expected `confirm_steps` < `every_n_steps` ({every_n_steps}), got {confirm_steps!r}: "
-                "a snapshot must be confirmed before the next one is taken"
-            )
-        number("max_norm_growth", max_norm_growth, low=1, low_open=True, infinite=True, hint="inf: no growth test")
-        choice("source", source, SOURCES)
-        dirpath = fs_path("dirpath", dirpath, optional=True, kind="folder", hint="None: snapshots in memory only")
-        number("spike_threshold", spike_threshold, low=0, low_open=True, optional=True, infinite=True, hint="None: no loss tests")
-        if dirpath is not None and source != "memory":
-            raise ValueError(f"`dirpath` stores snapshots, which source={source!r} does not take: remove `dirpath`")
+        dirpath = check_arguments(
+            every_n_steps=every_n_steps, confirm_steps=confirm_steps, max_norm_growth=max_norm_growth,
+            max_consecutive_skips=max_consecutive_skips, skip_rate=skip_rate, spike_threshold=spike_threshold,
+            spike_patience=spike_patience, skip_batches=skip_batches, max_rollbacks=max_rollbacks, source=source,
+            dirpath=dirpath,
+        )
         super().__init__()
         self.every_n_steps = every_n_steps
         self.confirm_steps = confirm_steps
@@ -215,37 +191,41 @@ class CheckpointRollbackBase:
         self.source = source
         self.store = SnapshotStore(max_snapshots, dirpath)
         integer("spike_window", spike_window, low=5)
-        #: The loss-spike test (``None`` when ``spike_threshold`` is ``None``).
-        self.detector = None if spike_threshold is None else LossSpikeDetector(spike_window, spike_threshold)
+        detector = None if spike_threshold is None else LossSpikeDetector(spike_window, spike_threshold)
+        #: Trigger 2 (skipped steps) and trigger 3 (loss spikes, also read by the known-good test).
+        self.skips = SkipTrigger(max_consecutive_skips, self.skip_rate)
+        self.spikes = SpikeTrigger(detector, spike_patience, confirm_steps)
         #: One dict per rollback: ``step`` (when), ``restored_step``, ``reason``.
         self.history: list[dict[str, Any]] = []
         #: ``(step, reason)`` of the latest pending snapshots that were not promoted.
         self.rejected: deque[tuple[int, str]] = deque(maxlen=100)
+        self._source: RollbackSource = (
+            MemorySource(self.store, every_n_steps, confirm_steps, self.max_norm_growth, self.rejected)
+            if source == MemorySource.name
+            else CheckpointSource()
+        )
         self._reset()
         self._warned: set[str] = set()
-        self._resume_good: list[dict[str, Any]] = []
 
     def _reset(self) -> None:
         """Per-run state (the policy part of it is also in ``state_dict``)."""
         self._trainer: Any = None
         self._rank_zero = True
-        self._losses: list[tuple[int, torch.Tensor]] = []
-        self._flushed_step = 0
-        self._spike_run = 0
-        self._spike_steps: deque[int] = deque(maxlen=64)
-        self._skip_steps: deque[int] = deque()  # steps skipped (not for the data) within the skip_rate window
+        self.spikes.reset()
+        self.skips.steps.clear()
+        self._source.reset()
         self._last_incident_step: int | None = None
-        self._next_snapshot_step = 0
         self._drop_left = 0
         self._dropping = False
         self._dropped_in_batch = False
-        self._deferred: Any = None  # the rest of a rollback started inside an optimizer step
+        self._deferred: Restoration | None = None  # a rollback started inside an optimizer step, to finish
         self._checked_step = -1
         self._start_step = 0  # the step this fit started from
-        self._start_not_finite: int | None = None  # the same, when its weights were not finite
-        detector = getattr(self, "detector", None)
-        if detector is not None:
-            self.detector = LossSpikeDetector(detector.window, detector.threshold)
+
+    @property
+    def detector(self) -> LossSpikeDetector | None:
+        """The loss-spike test (``None`` when ``spike_threshold`` is ``None``)."""
+        return self.spikes.detector
 
     @property
     def rollbacks(self) -> int:
@@ -253,7 +233,7 @@ class CheckpointRollbackBase:
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
-        state.update(_trainer=None, _losses=[], _deferred=None)
+        state.update(_trainer=None, _deferred=None)
         return state
 
     # ------------------------------------------------------------------ hooks
@@ -261,15 +241,12 @@ class CheckpointRollbackBase:
         check_namespace(self, trainer)
         if stage != "fit":
             return
-        if self.source == "memory" and partitions_state(trainer):
-            raise ValueError(
-                f"CheckpointRollback(source='memory') copies the full state on every rank, which "
-                f"{type(trainer.strategy).__name__} shards: use strategy='ddp', or source='checkpoint'."
-            )
+        self._source.check(trainer)
         self._reset()
         self.store.clear()  # snapshots of an earlier fit belong to another run
         if starts_afresh(trainer):  # so do its rollbacks (against max_rollbacks) and warnings; a resume loads its own
-            self.history, self._warned, self._resume_good = [], set(), []
+            self.history, self._warned = [], set()
+            self._source.load_state_dict({})
             self.rejected.clear()
         self._trainer = trainer
         self._rank_zero = trainer.is_global_zero
@@ -281,31 +258,9 @@ class CheckpointRollbackBase:
             )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        step = trainer.global_step
-        self._flushed_step = self._start_step = step
-        if self.source == "memory":
-            if self._resume_good and self.store.dirpath is not None:
-                found = self.store.reload(
-                    [g["step"] for g in self._resume_good], {g["step"]: g.get("norm") for g in self._resume_good}
-                )
-                for g in self._resume_good:
-                    snap = next((s for s in self.store.good if s.step == g["step"]), None)
-                    if snap is not None:
-                        snap.restores = int(g.get("restores", 0))
-                if found and trainer.is_global_zero:
-                    log_metrics(trainer, {"rollback/snapshot_step": float(found[-1])})
-            snapshot = self._take(trainer, pl_module)
-            if not self.store.good:
-                # The state training starts from is trusted at once (if finite): there is nothing
-                # earlier to go back to, and a run that blows up in its first steps needs it most.
-                norm = state_norm(pl_module)
-                if not self._agree_any(trainer, not math.isfinite(float(norm)), norm.device):
-                    self.store.promote()
-                    log_metrics(trainer, {"rollback/snapshot_step": float(snapshot.step)})
-                else:
-                    self._start_not_finite = step
-        self._resume_good = []
-        self._next_snapshot_step = (step // self.every_n_steps + 1) * self.every_n_steps
+        self._start_step = trainer.global_step
+        self.spikes.drop_before(self._start_step)
+        self._source.start(trainer, pl_module, lambda: self._kept_with(trainer))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._drop_left > 0 and not self._dropping:
@@ -313,31 +268,29 @@ class CheckpointRollbackBase:
             self._drop_left -= 1
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        if self.detector is None:
-            return
-        self._losses.append((trainer.global_step, unscaled_loss(loss, grad_scaler(trainer))))
+        if self.detector is not None:
+            self.spikes.record(trainer.global_step, unscaled_loss(loss, grad_scaler(trainer)))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step
         if step != self._checked_step:  # the first optimizer of this step: the periodic reads
             self._checked_step = step
-            pending = self.store.pending
-            confirm_due = self.source == "memory" and pending is not None and step >= pending.step + self.confirm_steps
-            every = self.spike_patience or self.confirm_steps or 1
-            flush_due = self.detector is not None and (confirm_due or step - self._flushed_step >= every)
+            confirm_due = self._source.confirm_due(step)
+            flush_due = self.spikes.flush_due(step, confirm_due)
             if confirm_due or flush_due:
                 # NaNGuard's check (and its one host transfer) first: what is read below then finds the
                 # device idle, so it does not stall it. The check may itself roll back.
                 step_grads(trainer, pl_module, optimizer)
                 if self._deferred is not None:
                     return
-                if flush_due:
-                    self._flush(trainer, pl_module)
-                if self.spike_patience and self._spike_run >= self.spike_patience:
+                if flush_due:  # under DDP averaged over the ranks first: every rank scores the global batch
+                    mean = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if distributed(trainer) else None
+                    self.spikes.flush(step, mean, pl_module.device)
+                if self.spikes.fired:
                     self._on_spike(trainer, pl_module, optimizer)
                     return
                 if confirm_due:
-                    self._confirm(trainer, pl_module)
+                    self._source.confirm(trainer, pl_module, self._last_incident_step, self.spikes)
         if self._dropping:
             step_grads(trainer, pl_module, optimizer)  # the guard checks the step first (and may roll back)
             _clear_grads(trainer, optimizer)
@@ -349,186 +302,81 @@ class CheckpointRollbackBase:
             self._dropping = self._dropped_in_batch = False
         step = trainer.global_step
         if self._deferred is not None:  # a rollback inside this batch's optimizer step: finish it
-            restore, self._deferred = self._deferred, None
-            restore()
-            self._losses = [(s, v) for s, v in self._losses if s >= step]
-            self._flushed_step = step
+            restoration, self._deferred = self._deferred, None
+            self._finish(trainer, restoration)
+            self.spikes.drop_before(step)
             return
-        if self.source != "memory" or step < self._next_snapshot_step or dropped or self._dropping:
+        if dropped or self._dropping:
             return
-        self._take(trainer, pl_module)  # no host sync: asynchronous copies from a GPU
-        self._next_snapshot_step = (step // self.every_n_steps + 1) * self.every_n_steps
-        if self.confirm_steps == 0:
-            self._confirm(trainer, pl_module)
+        if self._source.take(trainer, pl_module, lambda: self._kept_with(trainer)) and self._source.confirm_due(step):
+            self._source.confirm(trainer, pl_module, self._last_incident_step, self.spikes)  # confirm_steps=0
 
     # ------------------------------------------------------------------ incident events (from NaNGuard)
     def on_nan_incident(self, event: Any) -> None:
+        """Trigger 2: skipped steps, in a row or spread; the record of the rollback (or why none) goes on the incident."""
         incident = event.incident
         self._last_incident_step = incident.step
         guard = event.guard
         if guard is None or incident.kind == "param":  # non-finite weights: NaNGuard escalates next
             return
-        if incident.blames_data or incident.cause in NO_ROLLBACK_CAUSES:  # rolling back does not cure those
+        if not curable(incident):  # rolling back does not cure those
             return
-        skips, recent = guard.consecutive_skips, 0
-        if self.skip_rate is not None:
-            if not self._skip_steps or self._skip_steps[-1] != incident.step:  # several optimizers: one step
-                self._skip_steps.append(incident.step)
-            while self._skip_steps[0] <= incident.step - self.skip_rate[1]:
-                self._skip_steps.popleft()
-            recent = len(self._skip_steps)
-        if skips >= guard.max_consecutive:
-            return  # NaNGuard escalates next
-        if skips >= self.max_consecutive_skips:
-            reason = f"{skips} consecutive skipped steps"
-        elif self.skip_rate is not None and recent >= self.skip_rate[0]:
-            reason = f"{recent} of the last {self.skip_rate[1]} steps skipped"
-        else:
-            return
+        reason = self.skips.observe(incident.step, guard.consecutive_skips, escalates_at=guard.max_consecutive)
         trainer, pl_module = self._objects(event)
-        if trainer is None:
+        if reason is None or trainer is None:
             return
-        ok, why = self._rollback(trainer, pl_module, reason, event.optimizer is not None)
-        if ok:
+        incident.rollback = self._rollback(trainer, pl_module, reason, event.optimizer is not None)
+        if incident.rollback.restored:
             incident.action = f"recovered by {type(self).__name__}"
-            incident.detail["rollback"] = dict(self.history[-1])
             guard.recovered()  # agreed on every rank, like the guard's own reset after escalation
-        else:  # keep skipping: NaNGuard escalates at its max_consecutive and raises with this reason
-            incident.detail["rollback"] = why
+        # else keep skipping: NaNGuard escalates at its max_consecutive
 
     def on_nan_escalation(self, event: Any) -> bool:
+        """Trigger 1: skipping cannot help (non-finite weights, too many skips, divergence)."""
         trainer, pl_module = self._objects(event)
         if trainer is None:
             return False
         incident = event.incident
-        if incident.blames_data or incident.cause in NO_ROLLBACK_CAUSES:
+        if not curable(incident):
             incident.detail["escalation"] = (
                 f"{incident.detail.get('escalation', '')} CheckpointRollback does not roll back for cause "
                 f"{incident.cause}: an earlier state fails the same way."
             ).strip()
             return False
-        if incident.kind == "param":
-            reason = "non-finite weights"
-        elif incident.cause == "corruption":
-            reason = "weight corruption"
-        elif incident.kind in ("divergence", "jump"):
-            reason = f"divergence ({incident.detail.get('growth', incident.kind)})"
-        else:
-            reason = f"{getattr(event.guard, 'consecutive_skips', '?')} consecutive skipped steps"
-        ok, why = self._rollback(
-            trainer, pl_module, reason, event.optimizer is not None, back_off=incident.cause != "corruption"
-        )
-        if ok:
-            incident.detail["rollback"] = dict(self.history[-1])
+        reason = escalation_reason(incident, event.guard.consecutive_skips if event.guard is not None else "?")
+        back_off = incident.cause != "corruption"
+        incident.rollback = self._rollback(trainer, pl_module, reason, event.optimizer is not None, back_off=back_off)
+        if incident.rollback.restored:
             return True
-        incident.detail["escalation"] = f"{incident.detail.get('escalation', '')} {why}".strip()
+        incident.detail["escalation"] = f"{incident.detail.get('escalation', '')} {incident.rollback.refused}".strip()
         return False
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "rollbacks": len(self.history),
             "history": copy.deepcopy(self.history),
-            "good": [{"step": s.step, "norm": s.norm, "restores": s.restores} for s in self.store.good],
+            "good": [],
             "policy": {
                 "drop_left": self._drop_left + int(self._dropping),
-                "spike_run": self._spike_run,
-                "spike_steps": list(self._spike_steps),
-                "skip_steps": list(self._skip_steps),
+                **self.spikes.state_dict(),
+                "skip_steps": list(self.skips.steps),
                 "last_incident_step": self._last_incident_step,
-                "detector": self.detector.state_dict() if self.detector is not None else {},
                 "warned": sorted(self._warned),
             },
         }
+        state.update(self._source.state_dict())
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
-        self._resume_good = [dict(g) for g in state_dict.get("good", [])]
+        self._source.load_state_dict(state_dict)
         policy = state_dict.get("policy", {})
         self._drop_left = int(policy.get("drop_left", 0))
-        self._spike_run = int(policy.get("spike_run", 0))
-        self._spike_steps = deque(policy.get("spike_steps", []), maxlen=64)
-        self._skip_steps = deque(int(s) for s in policy.get("skip_steps", []))
+        self.spikes.load_state_dict(policy)
+        self.skips.steps = deque(int(s) for s in policy.get("skip_steps", []))
         self._last_incident_step = policy.get("last_incident_step")
         self._warned = set(policy.get("warned", []))
-        if self.detector is not None:
-            self.detector.load_state_dict(policy.get("detector", {}))
-
-    # ------------------------------------------------------------------ snapshots
-    def _take(self, trainer: Any, pl_module: Any) -> Snapshot:
-        states = {
-            _key(cb): cb.state_dict()
-            for cb in trainer.callbacks
-            if getattr(type(cb), "restore_on_rollback", False) is True and cb is not self
-        }
-        return self.store.take(
-            trainer.global_step,
-            pl_module,
-            trainer.optimizers,
-            [config.scheduler for config in trainer.lr_scheduler_configs],
-            grad_scaler(trainer),
-            {"callbacks": states, "detector": self.detector.state_dict() if self.detector is not None else {}},
-        )
-
-    def _confirm(self, trainer: Any, pl_module: Any) -> None:
-        """Promote the pending snapshot if it is known-good, else discard it (agreed across ranks)."""
-        pending = self.store.pending
-        if pending is None:
-            return
-        near = pending.step - self.confirm_steps
-        incident = self._last_incident_step is not None and self._last_incident_step >= near
-        spikes = set(self._spike_steps)
-        spike = any(s >= near and s - 1 in spikes for s in spikes)  # two in a row: not one outlier batch
-        norms = state_norm(pl_module)
-        snap_norm = pending._norm if isinstance(pending._norm, torch.Tensor) else torch.tensor(pending.norm)
-        snap_value, current = torch.stack([snap_norm.to(norms.device).float(), norms.float()]).tolist()
-        pending._norm = snap_value
-        ref = self.store.newest
-        reason = check_known_good(
-            snap_value,
-            current,
-            reference_norm=None if ref is None else ref.norm,
-            intervals=1.0 if ref is None else (pending.step - ref.step) / self.every_n_steps,
-            max_norm_growth=self.max_norm_growth,
-            incident=incident,
-            spike=spike,
-        )
-        if self._agree_any(trainer, reason is not None, norms.device) and reason is None:
-            reason = "another rank found it not good"
-        if reason is None:
-            self.store.promote()
-            log_metrics(trainer, {"rollback/snapshot_step": float(pending.step)})
-        else:
-            self.rejected.append((pending.step, reason))
-            self.store.discard()
-
-    def _flush(self, trainer: Any, pl_module: Any) -> None:
-        """Read the losses since the last flush (one transfer), average them over ranks, score them.
-
-        Under DDP the per-step losses are averaged across ranks first (one collective), so every rank
-        scores the same global-batch loss and reaches the same decisions.
-        """
-        step, start = trainer.global_step, self._flushed_step
-        losses = [(s, v) for s, v in self._losses if start <= s < step]
-        self._losses = [(s, v) for s, v in self._losses if s >= step]
-        self._flushed_step = step
-        if step <= start or self.detector is None:
-            return
-        values = torch.stack([v.to(losses[0][1].device) for _, v in losses]).tolist() if losses else []
-        per_step: dict[int, float] = {}
-        for (s, _), v in zip(losses, values):
-            per_step[s] = per_step.get(s, 0.0) + v  # micro-batch losses add up (NaN stays NaN)
-        steps = range(start, step)
-        vector = [per_step.get(s, math.nan) for s in steps]
-        if self._distributed(trainer):
-            device = losses[0][1].device if losses else pl_module.device
-            vector = trainer.strategy.reduce(torch.tensor(vector, device=device), reduce_op="mean").tolist()
-        for s, z in zip(steps, self.detector.update(vector)):
-            if self.detector.is_spike(z):
-                self._spike_run += 1
-                self._spike_steps.append(s)
-            elif math.isfinite(z):
-                self._spike_run = 0
 
     # ------------------------------------------------------------------ rollback
     def _on_spike(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
@@ -536,9 +384,9 @@ class CheckpointRollbackBase:
         steps = self.spike_patience
         assert self.detector is not None  # a spike was detected
         reason = f"loss spike (robust z > {self.detector.threshold:g} for {steps} steps in a row)"
-        ok, why = self._rollback(trainer, pl_module, reason, in_step=True)
-        self._spike_run = 0
-        if ok:
+        record = self._rollback(trainer, pl_module, reason, in_step=True)
+        self.spikes.run = 0
+        if record.restored:
             _clear_grads(trainer, optimizer)
             guard = self._guard(trainer)
             if guard is not None:
@@ -550,16 +398,17 @@ class CheckpointRollbackBase:
                 kind="loss",
                 cause="divergence",
                 epoch=trainer.current_epoch,
-                detail={"escalation": f"The loss spiked (robust z > {self.detector.threshold:g} for {steps} steps). {why}"},
+                detail={"escalation": f"The loss spiked (robust z > {self.detector.threshold:g} for {steps} steps). {record.refused}"},
                 action="raised",
                 advice="Lower the learning rate, clip gradients, or check the data around these steps.",
+                rollback=record,
             )
             guard = self._guard(trainer)
             raise NonFiniteError(incident, list(guard.incidents) if guard is not None else [])
-        self._warn("spike", f"CheckpointRollback could not roll back a {reason}: {why}")
+        self._warn("spike", f"CheckpointRollback could not roll back a {reason}: {record.refused}")
 
-    def _rollback(self, trainer: Any, pl_module: Any, reason: str, in_step: bool, back_off: bool = True) -> tuple[bool, str]:
-        """Restore the newest good state; ``(True, "")``, or ``(False, why not)``. Same answer on every rank.
+    def _rollback(self, trainer: Any, pl_module: Any, reason: str, in_step: bool, back_off: bool = True) -> RollbackRecord:
+        """Restore the newest good state, or say why not (the same answer on every rank).
 
         ``in_step``: called from inside ``optimizer.step()`` (NaNGuard's check). The weights are
         restored at once (the step itself changes nothing: the guard cleared the gradients); the
@@ -569,166 +418,51 @@ class CheckpointRollbackBase:
         optimizers at once; their param-group settings are put back at the end of the batch.)
         """
         step = trainer.global_step
+        record = RollbackRecord(step=step, reason=reason, source=self._source.name)
         if len(self.history) >= self.max_rollbacks:
-            return False, f"CheckpointRollback: max_rollbacks={self.max_rollbacks} reached ({self._listing()})."
-        if self.source == "checkpoint":
-            ckpt, why = self._find_checkpoint(trainer)
-            if ckpt is None and reason == "non-finite weights" and step == self._start_step:  # no update yet
-                return False, self._not_finite_at_start(step)
-            if ckpt is None:
-                return False, why
-            restored = int(ckpt.get("global_step", -1))
-            # Loaded in place, the optimizers' settings (lr, ...) are the save's now, before this step's
-            # scheduler step moves them: put them back once the schedulers are restored, as a load would.
-            settings = param_group_settings(trainer.optimizers) if partitions_state(trainer) else None
-
-            def weights() -> None:
-                trainer.strategy.load_model_state_dict(ckpt)
-
-            def everything() -> None:
-                self._apply_checkpoint(trainer, ckpt)
-                if settings is not None:
-                    restore_param_group_settings(trainer.optimizers, settings)
-
-        else:
-            snap = self._choose()
-            if snap is None and self._start_not_finite is not None:
-                return False, self._not_finite_at_start(self._start_not_finite)
-            if snap is None:
-                first = self.store.pending.step if self.store.pending is not None else None
-                return False, (
-                    "CheckpointRollback had no known-good snapshot yet"
-                    + (f" (the one of step {first} was still pending)" if first is not None else "")
-                    + f": a snapshot is taken every every_n_steps={self.every_n_steps} steps and confirmed "
-                    f"confirm_steps={self.confirm_steps} steps later; use a smaller `every_n_steps`."
-                )
-            self._agree_step(trainer, snap.step, pl_module.device)
-            restored = snap.step
-
-            def weights() -> None:
-                self.store.restore_model(snap, pl_module)
-
-            def everything() -> None:
-                extra = self.store.restore(
-                    snap,
-                    pl_module,
-                    trainer.optimizers,
-                    [config.scheduler for config in trainer.lr_scheduler_configs],
-                    grad_scaler(trainer),
-                )
-                self._load_callbacks(trainer, extra.get("callbacks", {}))
-                if self.detector is not None:  # the loss statistics of the good state, not of the blow-up
-                    self.detector.load_state_dict(extra.get("detector", {}))
-
+            record.refused = f"CheckpointRollback: max_rollbacks={self.max_rollbacks} reached ({self._listing()})."
+            return record
+        found = self._source.restore(trainer, pl_module, reason)
+        if isinstance(found, str):
+            record.refused = found
+            return record
         if in_step:
-            weights()
-            self._deferred = everything
+            found.weights()
+            self._deferred = found
         else:
-            everything()
-        self.store.discard()  # a pending snapshot is newer than the state restored
-        self.history.append({"step": step, "restored_step": restored, "reason": reason})
-        self._skip_steps.clear()
+            self._finish(trainer, found)
+        record.restored_step, record.restored_from = found.step, found.description
+        self.history.append({"step": step, "restored_step": found.step, "reason": reason})
+        self.skips.steps.clear()
         self._last_incident_step = step
-        self._losses, self._flushed_step, self._spike_run = [], step + int(in_step), 0
+        self.spikes.restart(step + int(in_step))
         self._drop_left, self._dropping = self.skip_batches, False
-        metrics = {"rollback/count": float(len(self.history)), "rollback/restored_step": float(restored)}
+        metrics = {"rollback/count": float(len(self.history)), "rollback/restored_step": float(found.step)}
         if self.store.newest is not None:
             metrics["rollback/snapshot_step"] = float(self.store.newest.step)
         log_metrics(trainer, metrics)
         listeners = [cb for cb in trainer.callbacks if cb is not self]
-        acted = announce_rollback(listeners, RollbackEvent(step, restored, reason, lr_to_blame=back_off))
+        acted = announce_rollback(listeners, RollbackEvent(step, found.step, reason, lr_to_blame=back_off))
         if back_off and not acted:  # (not after weight corruption: the learning rate is not to blame)
             self._warn(
                 "backoff",
                 "CheckpointRollback restored an earlier state but the learning rate is unchanged, so the same "
                 "blow-up may recur: add LRBackoff() to the Trainer's callbacks.",
             )
-        return True, ""
+        return record
 
-    @staticmethod
-    def _not_finite_at_start(start: int) -> str:
-        return (
-            f"CheckpointRollback has nothing to go back to: the weights training started from (step {start}) "
-            "were already not finite, before any update. "
-            + ("Check the model's initialisation (and any weights loaded into it) before `fit`"
-               if start == 0 else "The checkpoint resumed from holds non-finite weights: resume from an earlier one")
-            + ", e.g. all(bool(p.isfinite().all()) for p in model.parameters())."
-        )
+    def _finish(self, trainer: Any, restoration: Restoration) -> None:
+        """Everything but the weights: optimizers, schedulers, scaler, opt-in callbacks, loss statistics."""
+        restored = restoration.rest()
+        load_callback_states(trainer, restored.callbacks, exclude=self)
+        if restored.loss_statistics is not None:  # those of the good state, not of the blow-up
+            self.spikes.load_statistics(restored.loss_statistics)
 
-    def _choose(self) -> Snapshot | None:
-        """The newest good snapshot; one restored before that failed again gives way to the one before it."""
-        newest = self.store.newest
-        if newest is not None and newest.restores >= 1 and len(self.store.good) > 1:
-            self.store.discard(newest)
-            newest = self.store.newest
-        return newest
-
-    def _find_checkpoint(self, trainer: Any) -> tuple[dict[str, Any] | None, str]:
-        """The newest ModelCheckpoint save (by rank zero's reckoning) whose weights are finite, loaded.
-
-        Where the strategy loads a save into the model and optimizers in place (ModelParallelStrategy,
-        FSDP, DeepSpeed: see :mod:`~lightning_nan.callbacks._checkpoint_saves`), each candidate is
-        read aside and checked first (all ranks agree), so a non-finite save never reaches the live
-        state; one that cannot be read aside (a DeepSpeed folder, untested) is loaded, then checked.
-        """
-        chosen = gather_objects(candidate_saves(trainer))[0]  # rank zero's saves
-        in_place, module = partitions_state(trainer), trainer.lightning_module
-        for path in chosen:
-            if not in_place:  # the states are handed back: check them before anything is loaded
-                ckpt = trainer.strategy.load_checkpoint(path, weights_only=False)
-                weights = [v for v in ckpt.get("state_dict", {}).values() if isinstance(v, torch.Tensor)]
-                if weights and bool(torch.isfinite(state_norm(weights))):
-                    return ckpt, ""
-                continue
-            finite = finite_aside(trainer, path)
-            if finite is not None and self._agree_any(trainer, not finite, module.device):
-                continue
-            ckpt = trainer.strategy.load_checkpoint(path, weights_only=False)
-            if finite is None and self._agree_any(trainer, not bool(torch.isfinite(state_norm(module))), module.device):
-                continue
-            return ckpt, ""
-        return None, (
-            "CheckpointRollback(source='checkpoint') found no ModelCheckpoint save with finite weights yet: "
-            "save checkpoints more often (ModelCheckpoint(every_n_train_steps=...)) or use source='memory'."
-        )
-
-    def _apply_checkpoint(self, trainer: Any, ckpt: dict[str, Any]) -> None:
-        """Model, optimizer, scheduler, precision-plugin and opt-in callback states of a Lightning checkpoint."""
-        trainer.strategy.load_model_state_dict(ckpt)
-        if "optimizer_states" in ckpt:
-            trainer.strategy.load_optimizer_state_dict(ckpt)
-        for config, state in zip(trainer.lr_scheduler_configs, ckpt.get("lr_schedulers", [])):
-            config.scheduler.load_state_dict(state)
-        key = type(trainer.precision_plugin).__qualname__
-        if key in ckpt:
-            trainer.precision_plugin.load_state_dict(ckpt[key])
-        self._load_callbacks(trainer, ckpt.get("callbacks", {}))
-
-    def _load_callbacks(self, trainer: Any, states: dict[str, Any]) -> None:
-        for cb in trainer.callbacks:
-            if getattr(type(cb), "restore_on_rollback", False) is True and cb is not self and _key(cb) in states:
-                cb.load_state_dict(states[_key(cb)])
+    def _kept_with(self, trainer: Any) -> dict[str, Any]:
+        """What a snapshot keeps besides the training state: opt-in callback states, the loss statistics."""
+        return {"callbacks": callback_states(trainer, exclude=self), "detector": self.spikes.statistics()}
 
     # ------------------------------------------------------------------ helpers
-    def _agree_step(self, trainer: Any, step: int, device: torch.device) -> None:
-        if not self._distributed(trainer):
-            return
-        low, high = max_reducer(trainer)(torch.tensor([-float(step), float(step)], device=device)).tolist()
-        if -low != high:
-            raise RuntimeError(
-                f"CheckpointRollback: the ranks hold different snapshots (steps {-low:g} to {high:g}); every rank must "
-                "take and confirm snapshots at the same steps. Report this with the run's settings."
-            )
-
-    def _agree_any(self, trainer: Any, flag: bool, device: torch.device) -> bool:
-        if not self._distributed(trainer):
-            return flag
-        return bool(max_reducer(trainer)(torch.tensor([float(flag)], device=device)).item() > 0)
-
-    @staticmethod
-    def _distributed(trainer: Any) -> bool:
-        return world()[1] > 1 or getattr(trainer, "world_size", 1) > 1
-
     @staticmethod
     def _guard(trainer: Any) -> Any:
         return next((cb for cb in trainer.callbacks if hasattr(cb, "ensure_checked") and hasattr(cb, "guard")), None)
@@ -756,7 +490,3 @@ def _clear_grads(trainer: Any, optimizer: torch.optim.Optimizer) -> None:
         for p in group["params"]:
             p.grad = None
     publish(trainer, optimizer, StepGrads([], None, skipped=True))
-
-
-def _key(callback: Any) -> str:
-    return getattr(callback, "state_key", type(callback).__qualname__)

@@ -17,10 +17,14 @@ from lightning_nan.core.clipping import (
     final_layer_parameters,
     refuse_other_methods,
 )
+from lightning_nan.core.events import RestoredOnRollback
 from lightning_nan.core.sharding import is_sharded
 from lightning_nan.core.validate import boolean, integer
 
 
+# CheckpointRollback restores the statistics with the weights (a blow-up's norms must not stay in
+# AutoClip's or ZClip's history). Registered, not derived: the written-out classes keep (Base, Callback).
+@RestoredOnRollback.register
 class GradientClippingBase:
     """Clip gradients with one of five methods, NaN-proof, reusing the guard's gradient norms.
 
@@ -72,10 +76,6 @@ class GradientClippingBase:
         >>> float(clip.last["coef"]) < 1.0  # the second step was clipped to the first step's norm
         True
     """
-
-    #: CheckpointRollback restores this callback's statistics with the weights (a blow-up's norms
-    #: must not stay in AutoClip's or ZClip's history).
-    restore_on_rollback = True
 
     def __init__(
         self,

@@ -22,7 +22,8 @@ from lightning_nan.core.norms import any_nonfinite, iter_tensors, tensor_norms, 
 from lightning_nan.core.quarantine import Quarantine
 from lightning_nan.core.reevaluate import preserved
 from lightning_nan.core.sampling import TrackingBatchSampler, track
-from lightning_nan.core.snapshots import Snapshot, SnapshotStore, state_norm
+from lightning_nan.core.known_good import state_norm
+from lightning_nan.core.snapshots import Snapshot, SnapshotStore
 from lightning_nan.core.spikes import LossSpikeDetector
 from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, StepVerdict
 

@@ -43,6 +43,7 @@ saw grad at step 4
 
 from __future__ import annotations
 
+import abc
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,35 @@ class RollbackEvent:
     restored_step: int
     reason: str
     lr_to_blame: bool = True
+
+
+class RestoredOnRollback(abc.ABC):
+    """Base of a component whose state a rollback restores with the weights (GradientClipping's statistics).
+
+    CheckpointRollback keeps :meth:`state_dict` in every snapshot and hands it back to
+    :meth:`load_state_dict` when it restores that snapshot (from a ModelCheckpoint save: the state
+    Lightning saved for the callback), so a blow-up's numbers do not outlive the rollback. Derive
+    from it, or declare a class that already has both methods with ``@RestoredOnRollback.register``.
+
+    >>> class Counter(RestoredOnRollback):
+    ...     def __init__(self): self.seen = 0
+    ...     def state_dict(self): return {"seen": self.seen}
+    ...     def load_state_dict(self, state_dict): self.seen = state_dict["seen"]
+    >>> @RestoredOnRollback.register
+    ... class Stats:
+    ...     def state_dict(self): return {}
+    ...     def load_state_dict(self, state_dict): pass
+    >>> isinstance(Counter(), RestoredOnRollback), isinstance(Stats(), RestoredOnRollback), isinstance(object(), RestoredOnRollback)
+    (True, True, False)
+    """
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """The state to restore with the weights."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Put back a state :meth:`state_dict` gave."""
 
 
 @runtime_checkable

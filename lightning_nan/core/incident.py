@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_nan.core.rollback import RollbackRecord
+
 if sys.version_info >= (3, 11):
     from enum import StrEnum
 else:  # Python 3.10
@@ -92,6 +94,7 @@ class Incident:
         action: ``skipped``, ``escalated``, ``raised``, ``recovered by <Name>``, or for ``val``/``test``
             what was left out of the epoch's metrics.
         time: wall-clock time of the check, seconds since the epoch.
+        rollback: the rollback this incident triggered, done or refused (:class:`~lightning_nan.core.rollback.RollbackRecord`).
     """
 
     step: int
@@ -108,6 +111,7 @@ class Incident:
     action: str = "skipped"
     time: float = field(default_factory=time.time, compare=False)
     triggers: list[int] | None = None
+    rollback: RollbackRecord | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -116,6 +120,8 @@ class Incident:
             self.kind = self.kind.value
         if isinstance(self.cause, enum.Enum):
             self.cause = self.cause.value
+        if isinstance(self.rollback, dict):  # as a JSON line gives it back
+            self.rollback = RollbackRecord.from_dict(self.rollback)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (primitives, lists and dicts only)."""
@@ -123,9 +129,22 @@ class Incident:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Incident:
-        """Rebuild from :meth:`to_dict` output; unknown keys (from newer versions) are ignored."""
+        """Rebuild from :meth:`to_dict` output; unknown keys (from newer versions) are ignored.
+
+        Files of older versions, which kept the rollback in ``detail["rollback"]``, load too:
+
+        >>> old = {"step": 9, "kind": "param", "detail": {"rollback": {"step": 9, "restored_step": 5, "reason": "r"}}}
+        >>> inc = Incident.from_dict(old)
+        >>> inc.rollback.restored_step, inc.detail
+        (5, {})
+        """
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        detail = fields.get("detail")
+        if fields.get("rollback") is None and isinstance(detail, dict) and "rollback" in detail:
+            detail = dict(detail)
+            fields.update(detail=detail, rollback=RollbackRecord.from_legacy(int(data["step"]), detail.pop("rollback")))
+        return cls(**fields)
 
     @property
     def blames_data(self) -> bool:

@@ -1,11 +1,11 @@
-"""Snapshots of a training state in host memory, and the test that says a snapshot is known-good.
+"""Snapshots of a training state in host memory (and on disk), pending until declared known-good.
 
 Pure PyTorch; the Lightning callback :class:`~lightning_nan.CheckpointRollback` drives it. A
 :class:`SnapshotStore` copies a model's ``state_dict``, the optimizers', schedulers' and AMP
 scaler's states (every tensor, to CPU; asynchronously from a GPU, into pinned memory) so that later
 in-place updates do not touch the copy, and writes them back in place, bit for bit. A new snapshot
 is *pending* until :meth:`SnapshotStore.promote` declares it *good* (the caller decides when, with
-:func:`check_known_good` and a :class:`~lightning_nan.core.spikes.LossSpikeDetector`); the newest ``max_snapshots`` good ones
+:func:`~lightning_nan.core.known_good.check_known_good`); the newest ``max_snapshots`` good ones
 are kept, in memory and optionally on disk.
 
 >>> import torch
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import glob
-import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -38,7 +37,8 @@ import torch
 from torch import Tensor
 
 from lightning_nan.core.files import atomic_write
-from lightning_nan.core.norms import tensor_norms, total_norm
+from lightning_nan.core.known_good import state_norm
+from lightning_nan.core.state_copies import clone_tree, copy_to_host
 from lightning_nan.core.validate import integer
 
 #: Default ``every_n_steps`` of :class:`~lightning_nan.CheckpointRollback`. A snapshot copies the
@@ -170,11 +170,11 @@ class SnapshotStore:
         events: dict[torch.device, Any] = {}
         snap = Snapshot(
             step=int(step),
-            model=_copy_tree(state, reuse.model if reuse else None, events),
-            optimizers=_copy_tree([o.state_dict() for o in optimizers], reuse.optimizers if reuse else None, events),
-            schedulers=_copy_tree([s.state_dict() for s in schedulers], None, events),
-            scaler=None if scaler is None else _copy_tree(scaler.state_dict(), None, events),
-            extra=_copy_tree(dict(extra or {}), None, events),
+            model=copy_to_host(state, reuse.model if reuse else None, events),
+            optimizers=copy_to_host([o.state_dict() for o in optimizers], reuse.optimizers if reuse else None, events),
+            schedulers=copy_to_host([s.state_dict() for s in schedulers], None, events),
+            scaler=None if scaler is None else copy_to_host(scaler.state_dict(), None, events),
+            extra=copy_to_host(dict(extra or {}), None, events),
             _norm=state_norm(state),
         )
         for device in events:
@@ -236,13 +236,13 @@ class SnapshotStore:
             )
         self.restore_model(snap, model)
         for opt, state in zip(optimizers, snap.optimizers):
-            opt.load_state_dict(_clone_tree(state))
+            opt.load_state_dict(clone_tree(state))
         for sched, state in zip(schedulers, snap.schedulers):
             sched.load_state_dict(copy.deepcopy(state))
         if scaler is not None and snap.scaler is not None:
             scaler.load_state_dict(copy.deepcopy(snap.scaler))
         snap.restores += 1
-        return _clone_tree(snap.extra)
+        return clone_tree(snap.extra)
 
     @staticmethod
     def restore_model(snapshot: Snapshot, model: torch.nn.Module) -> None:
@@ -324,97 +324,3 @@ def load_snapshot(path: str | os.PathLike[str]) -> Snapshot:
         path=path,
         _norm=data.get("norm"),
     )
-
-
-# ---------------------------------------------------------------------------------- copies
-def _copy_tree(obj: Any, reuse: Any, events: dict[torch.device, Any]) -> Any:
-    """A copy of nested dicts/lists/tuples with every tensor copied to CPU (into ``reuse``'s buffers when they fit)."""
-    if isinstance(obj, Tensor):
-        src = obj.detach()
-        if src.device.type == "cpu":
-            if _fits(reuse, src):
-                return reuse.copy_(src)
-            return src.clone()
-        cuda = src.device.type == "cuda"
-        dst = reuse if _fits(reuse, src) and (reuse.is_pinned() or not cuda) else None
-        if dst is None:
-            dst = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=cuda)
-        dst.copy_(src, non_blocking=cuda)  # asynchronous into pinned memory; waited for before use
-        if cuda:
-            events.setdefault(src.device, None)
-        return dst
-    if isinstance(obj, dict):
-        return {k: _copy_tree(v, reuse.get(k) if isinstance(reuse, dict) else None, events) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        same = isinstance(reuse, (list, tuple)) and len(reuse) == len(obj)
-        items = [_copy_tree(v, reuse[i] if same else None, events) for i, v in enumerate(obj)]
-        return type(obj)(items) if type(obj) in (list, tuple) else copy.deepcopy(obj)
-    return copy.deepcopy(obj)
-
-
-def _fits(buf: Any, src: Tensor) -> bool:
-    return isinstance(buf, Tensor) and buf.shape == src.shape and buf.dtype == src.dtype and buf.device.type == "cpu"
-
-
-def _clone_tree(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _clone_tree(v) for k, v in obj.items()}
-    if type(obj) in (list, tuple):
-        return type(obj)(_clone_tree(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-# ---------------------------------------------------------------------------------- known-good
-def state_norm(state: torch.nn.Module | dict[str, Tensor] | Iterable[Tensor]) -> Tensor:
-    """Total 2-norm of the floating-point tensors of a module's ``state_dict`` (or of tensors), on their device.
-
-    Non-finite exactly when a tensor holds NaN/Inf (or the norm overflows float32). No host sync.
-
-    >>> state_norm({"w": torch.tensor([3.0, 4.0]), "steps": torch.tensor(7)})
-    tensor(5.)
-    """
-    if isinstance(state, torch.nn.Module):
-        state = state.state_dict()
-    tensors = list(state.values()) if isinstance(state, dict) else list(state)
-    floats = [t.detach() for t in tensors if isinstance(t, Tensor) and t.is_floating_point()]
-    return total_norm(tensor_norms(floats)) if floats else torch.zeros(())
-
-
-def check_known_good(
-    snapshot_norm: float,
-    current_norm: float,
-    *,
-    reference_norm: float | None = None,
-    intervals: float = 1.0,
-    max_norm_growth: float = 2.0,
-    incident: bool = False,
-    spike: bool = False,
-) -> str | None:
-    """``None`` when a pending snapshot may be promoted, else why not (one sentence).
-
-    A snapshot is known-good when no incident and no loss spike came near it, its weights and the
-    weights ``confirm_steps`` later are finite, and neither norm grew more than ``max_norm_growth``
-    per snapshot interval over the newest good snapshot (``reference_norm``, ``intervals`` intervals
-    ago; at least one factor). Without a reference, the later norm is compared to the snapshot's.
-
-    >>> check_known_good(10.0, 11.0, reference_norm=9.0) is None
-    True
-    >>> check_known_good(10.0, 50.0, reference_norm=9.0)
-    'the weight norm grew from 9 to 50 (more than 2x per snapshot interval)'
-    >>> check_known_good(10.0, float("nan"))
-    'the weights are not finite'
-    """
-    if not (math.isfinite(snapshot_norm) and math.isfinite(current_norm)):
-        return "the weights are not finite"
-    if incident:
-        return "a NaN/Inf incident happened near it"
-    if spike:
-        return "the loss spiked near it"
-    ref = snapshot_norm if reference_norm is None else reference_norm
-    allowed = ref * max_norm_growth ** max(1.0, float(intervals))
-    worst = max(snapshot_norm, current_norm)
-    if worst > allowed:
-        return f"the weight norm grew from {ref:.3g} to {worst:.3g} (more than {max_norm_growth:g}x per snapshot interval)"
-    return None

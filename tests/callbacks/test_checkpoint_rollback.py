@@ -11,6 +11,8 @@ from faulty import cause_class, identical, trainer_kwargs
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nan.core import NonFiniteError, read_jsonl
+from lightning_nan.core.events import RestoredOnRollback
+from lightning_nan.core.rollback import RollbackRecord
 
 STEPS_PER_EPOCH = 16  # 64 samples, batches of 4
 
@@ -103,10 +105,8 @@ def helpers(pl):
             self.since.append(event.restored_step)
             return True
 
-    class Counter(pl.Callback):
+    class Counter(pl.Callback, RestoredOnRollback):
         """A callback whose state rolls back with the model."""
-
-        restore_on_rollback = True
 
         def __init__(self):
             self.seen = 0
@@ -152,8 +152,12 @@ def test_nan_weight_is_rolled_back_to_a_bit_identical_snapshot(ns, tmp_path):
     # NaNGuard's weight check at step 25 saw the NaN planted after step 24's update; the rollback recovered
     assert [(i.step, i.kind, i.action) for i in guard.incidents] == [(25, "param", "recovered by CheckpointRollback")]
     assert rollback.history == [{"step": 25, "restored_step": 20, "reason": "non-finite weights"}]
-    assert guard.incidents[0].detail["rollback"] == rollback.history[0]
-    assert [r["action"] for r in read_jsonl(tmp_path / "nan_incidents.jsonl")] == ["recovered by CheckpointRollback"]
+    record = RollbackRecord(
+        step=25, reason="non-finite weights", source="memory", restored_step=20, restored_from="the snapshot of step 20"
+    )
+    assert guard.incidents[0].rollback == record and "rollback" not in guard.incidents[0].detail
+    (written,) = read_jsonl(tmp_path / "nan_incidents.jsonl")
+    assert written["action"] == "recovered by CheckpointRollback" and written["rollback"] == record.to_dict()
     # right after the rollback: bit for bit the state recorded at step 20, weights and momentum
     assert not same_state(rec.states[25], rec.states[20])
     assert same_state(rec.states[26], rec.states[20])
@@ -331,6 +335,9 @@ def test_max_rollbacks_then_nonfinite_error_lists_them(ns, tmp_path):
     err = info.value
     assert err.incident.step == 35 and err.incident.kind == "param" and err.incident.action == "raised"
     assert "max_rollbacks=2 reached (step 15 -> 10 (non-finite weights); step 25 -> 20 (non-finite weights))" in str(err)
+    refused = err.incident.rollback  # the refusal is recorded on the incident, typed
+    assert (refused.step, refused.reason, refused.restored_step) == (35, "non-finite weights", None)
+    assert refused.refused.startswith("CheckpointRollback: max_rollbacks=2 reached")
     assert [i.action for i in err.history] == ["recovered by CheckpointRollback"] * 2
     assert [r["action"] for r in read_jsonl(tmp_path / "nan_incidents.jsonl")] == [
         "recovered by CheckpointRollback",
@@ -439,6 +446,8 @@ def test_restore_from_the_newest_modelcheckpoint_file(ns, tmp_path):
         ns, tmp_path, rollback, callbacks=[Corrupt(12), ckpt], max_epochs=2, enable_checkpointing=True
     )
     assert rollback.history == [{"step": 12, "restored_step": 10, "reason": "non-finite weights"}]
+    restored = guard.incidents[0].rollback
+    assert restored.source == "checkpoint" and restored.restored_from.endswith("epoch=0-step=10.ckpt")
     assert rollback.store.good == [] and rollback.store.pending is None  # no snapshots in this mode
     saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=10.ckpt", weights_only=False)
     assert identical(rec.states[13]["model"], saved["state_dict"])
@@ -450,8 +459,11 @@ def test_restore_from_the_newest_modelcheckpoint_file(ns, tmp_path):
 def test_without_a_checkpoint_file_the_guard_raises_saying_so(ns, tmp_path):
     _, Corrupt, _, _ = helpers(ns.pl)
     rollback = ns.lib.CheckpointRollback(source="checkpoint")
-    with pytest.raises(NonFiniteError, match="found no ModelCheckpoint save with finite weights"):
+    with pytest.raises(NonFiniteError, match="found no ModelCheckpoint save with finite weights") as info:
         fit(ns, tmp_path, rollback, callbacks=[Corrupt(3)])
+    refused = info.value.incident.rollback
+    assert (refused.source, refused.restored_step, refused.restored) == ("checkpoint", None, False)
+    assert "found no ModelCheckpoint save with finite weights" in refused.refused
 
 
 def test_logged_metrics(ns, tmp_path):

@@ -14,13 +14,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "callbacks"))
 from faulty import identical  # noqa: E402
 
+from lightning_nan.core.known_good import check_known_good, state_norm
 from lightning_nan.core.snapshots import (
     Snapshot,
     SnapshotStore,
-    check_known_good,
     load_snapshot,
     save_snapshot,
-    state_norm,
 )
 
 
