@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_nan.core.records import BisectionRecord, LocalizationRecord
+
 if sys.version_info >= (3, 11):
     from enum import StrEnum
 else:  # Python 3.10
@@ -89,6 +91,8 @@ class Incident:
         ranks: the ranks that saw the fault (``[0]`` when not distributed).
         params: the first parameter names with non-finite gradients or values.
         detail: free-form facts (loss value, gradient norm, consecutive skips, ...).
+        bisection: what BatchBisection's search found (:class:`~lightning_nan.core.records.BisectionRecord`).
+        localization: where the NaN first appeared (:class:`~lightning_nan.core.records.LocalizationRecord`).
         action: ``skipped``, ``escalated``, ``raised``, ``recovered by <Name>``, or for ``val``/``test``
             what was left out of the epoch's metrics.
         time: wall-clock time of the check, seconds since the epoch.
@@ -108,6 +112,8 @@ class Incident:
     action: str = "skipped"
     time: float = field(default_factory=time.time, compare=False)
     triggers: list[int] | None = None
+    bisection: BisectionRecord | None = None
+    localization: LocalizationRecord | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -123,9 +129,24 @@ class Incident:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Incident:
-        """Rebuild from :meth:`to_dict` output; unknown keys (from newer versions) are ignored."""
+        """Rebuild from :meth:`to_dict` output; unknown keys (from newer versions) are ignored. Files
+        written before the typed records kept them in ``detail``: they are moved to their fields."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        detail = fields.get("detail")
+        if isinstance(detail, dict) and ("bisection" in detail or "localization" in detail):
+            detail = dict(detail)
+            for key in ("bisection", "localization"):
+                if fields.get(key) is None and key in detail:
+                    fields[key] = detail.pop(key)
+            fields["detail"] = detail
+        for key, record in (("bisection", BisectionRecord), ("localization", LocalizationRecord)):
+            value = fields.get(key)
+            if isinstance(value, dict):
+                fields[key] = record.from_dict(value)
+            elif value is not None and not isinstance(value, record):  # a hand-edited file: not a record
+                fields[key] = None
+        return cls(**fields)
 
     @property
     def blames_data(self) -> bool:
