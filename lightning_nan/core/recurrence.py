@@ -9,11 +9,12 @@ failing batch a content key, so that a cause carries over only to the very same 
 
 >>> from lightning_nan.core.incident import Incident
 >>> recurrence = Recurrence(unsafe_op_repeats=2)
->>> loc = {"op": "log", "op_location": "model.py:7 in forward"}
->>> first = Incident(step=3, kind="loss", cause="unsafe_op", detail={"localization": loc})
+>>> from lightning_nan.core.records import LocalizationRecord
+>>> loc = LocalizationRecord(op="log", op_location="model.py:7 in forward")
+>>> first = Incident(step=3, kind="loss", cause="unsafe_op", localization=loc)
 >>> recurrence.stop(first) is None
 True
->>> recurrence.stop(Incident(step=9, kind="loss", cause="unsafe_op", detail={"localization": loc}))
+>>> recurrence.stop(Incident(step=9, kind="loss", cause="unsafe_op", localization=loc))
 'The unsafe operation log at model.py:7 in forward failed on 2 steps (3, 9): skipping its batches hides a bug in the model that will fail at inference too.'
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from lightning_nan.core.incident import Incident
+from lightning_nan.core.records import LocalizationRecord
 from lightning_nan.core.validate import integer
 
 __all__ = ["PIPELINE_REPEATS", "UNSAFE_OP_REPEATS", "Recurrence", "batch_key", "joined_key"]
@@ -67,11 +69,11 @@ class Recurrence:
     def _unsafe_op(self, incident: Incident) -> str | None:
         if not self.unsafe_op_repeats:
             return None
-        loc = incident.detail.get("localization") or {}
-        op = loc.get("op") or loc.get("backward_op")
+        loc = incident.localization or LocalizationRecord()
+        op = loc.op or loc.backward_op
         if op is None and not incident.module:
             return None
-        key = f"{op} at {loc.get('op_location') or loc.get('backward_location') or incident.module}" if op else f"module {incident.module}"
+        key = f"{op} at {loc.op_location or loc.backward_location or incident.module}" if op else f"module {incident.module}"
         steps = self.unsafe_ops.setdefault(key, [])
         if not steps or steps[-1] != incident.step:  # several optimizers on one batch: one step
             steps.append(incident.step)
