@@ -228,6 +228,32 @@ def test_iterable_dataset_reports_positions_and_fingerprints(ns, tmp_path):
     assert record["fingerprint"] == fingerprint(one, 0)
 
 
+def test_an_index_less_sample_found_at_two_incidents_gets_one_record_under_its_own_fingerprint(ns, tmp_path):
+    from lightning_nan.core.quarantine import sample_fingerprint
+
+    data = Indexed(n=48, poison={19: "nan"})
+
+    class Rotating(IterableDataset):  # each epoch starts 5 samples later: sample 19 sits at another position
+        epochs = 0
+
+        def __iter__(self):
+            start, Rotating.epochs = 5 * Rotating.epochs, Rotating.epochs + 1
+            for i in range(48):
+                yield data[(start + i) % 48]
+
+    model = module_class(ns.pl)()
+    guard = ns.NaNGuard()
+    bisection = ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl")
+    trainer = ns.pl.Trainer(callbacks=[guard, bisection], **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(model, DataLoader(Rotating(), batch_size=16))
+    first, second = guard.incidents  # no index: nothing can leave the sample out, so it fails again
+    assert first.bisection.positions == [[0, 1, 3]] and second.bisection.positions == [[0, 0, 14]]
+    assert first.bisection.fingerprints == second.bisection.fingerprints == [sample_fingerprint(data[19])]
+    (record,) = read_jsonl(tmp_path / "q.jsonl")  # one sample, one record
+    assert record["index"] is None and record["fingerprint"] == sample_fingerprint(data[19])
+    assert len(bisection.quarantine_records) == 1
+
+
 def test_resumed_run_with_the_same_quarantine_file_leaves_the_samples_out(ns, tmp_path):
     poison = {3: "nan", 60: "inf"}
     guard, _, _ = fit(ns, tmp_path, module_class(ns.pl)(), Indexed(poison=poison), epochs=1)

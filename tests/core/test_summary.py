@@ -162,3 +162,21 @@ def test_max_rows_shows_the_first_and_last_incidents_and_counts_the_rest():
     assert rows == ["0", "1", "2", "…", "27", "28", "29"]
     assert "24 more incidents" in lines[5]
     assert "by cause: unknown 30" in summary_table(incidents, max_rows=6)
+
+
+def test_records_are_top_level_json_keys_and_old_files_with_them_in_detail_still_load():
+    old = {
+        "step": 5, "kind": "loss", "module": "head", "detail": {
+            "loss": 1.0,
+            "bisection": {"step": 5, "forward_passes": 3, "indices_known": False, "batches": [{"batch_idx": 2, "size": 8}],
+                          "positions": [[0, 2, 1]], "fingerprints": ["ab"], "from_a_newer_version": 1},
+            "localization": {"module": "head", "op": "log", "op_location": "m.py:3 in forward", "summary": "log of 0"},
+        },
+    }
+    inc = Incident.from_dict(json.loads(json.dumps(old)))
+    assert inc.detail == {"loss": 1.0}  # moved out of detail
+    assert inc.bisection.batches[0].size == 8 and inc.bisection.positions == [[0, 2, 1]] and inc.localization.op == "log"
+    assert _rows(summary_table([inc]))[1][4:6] == ["head (log at m.py:3)", "pos [1]"]
+    line = json.loads(json.dumps(inc.to_dict()))
+    assert line["bisection"]["forward_passes"] == 3 and line["localization"]["summary"] == "log of 0"
+    assert Incident.from_dict(line) == inc
