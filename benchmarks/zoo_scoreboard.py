@@ -45,7 +45,7 @@ def score(result: Result) -> Row:
     causes = list(dict.fromkeys(i.cause for i in result.incidents))
     accepted = set(result.scenario.causes)
     confirm = sum(
-        int((i.detail.get("bisection") or {}).get("confirm_passes", 0)) for i in result.incidents
+        i.bisection.confirm_passes if i.bisection is not None else 0 for i in result.incidents
     )
     return Row(
         name=result.scenario.name,

@@ -176,13 +176,13 @@ def main(argv: list[str] | None = None) -> tuple[Result, Result]:
     assert guarded.guard is not None and guarded.bisection is not None
     print("\nNaNGuard + BatchBisection:")
     for inc in guarded.guard.incidents:
-        bis = inc.detail.get("bisection", {})
+        passes = inc.bisection.forward_passes if inc.bisection is not None else None
         found = f"dirty samples {inc.samples} quarantined" if inc.samples else f"ordinary samples {inc.triggers} trigger it"
         print(f"  epoch {inc.epoch} step {inc.step}: non-finite {inc.kind}, cause {inc.cause}; {found} "
-              f"({bis.get('forward_passes')} forward passes)")
+              f"({passes} forward passes)")
     first = guarded.guard.incidents[0] if guarded.guard.incidents else None
-    if first is not None and "localization" in first.detail:
-        print(f"  localization of the first: module {first.module!r}: {first.detail['localization'].get('summary', '')}")
+    if first is not None and first.localization is not None:
+        print(f"  localization of the first: module {first.module!r}: {first.localization.summary}")
     for epoch, losses in sorted(guarded.losses.items()):
         bad = sum(not math.isfinite(v) for v in losses)
         print(f"  epoch {epoch}: {bad} non-finite losses of {len(losses)}; mean loss {sum(v for v in losses if math.isfinite(v)) / max(1, len(losses) - bad):.3f}")

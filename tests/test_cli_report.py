@@ -18,6 +18,7 @@ from lightning_nan.cli import main
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl, read_jsonl
 from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record
+from lightning_nan.core.records import BisectionRecord, LocalizationRecord
 
 INCIDENTS = "nan_incidents.jsonl"
 
@@ -27,16 +28,14 @@ def _incidents() -> list[Incident]:
         Incident(
             step=7, kind="loss", cause="dirty_data", samples=[21, 5, 9, 30], epoch=0, batch_idx=[7],
             advice="Drop or fix the quarantined samples.",
-            detail={"bisection": {"forward_passes": 7, "whole_batch": False, "reproduced": True, "indices_known": True}},
+            bisection=BisectionRecord(step=7, forward_passes=7, whole_batch=False, reproduced=True, indices_known=True),
         ),
         Incident(
             step=19, kind="grad", cause="unsafe_op", module="decoder.proj", epoch=1, action="recovered by CheckpointRollback",
             advice="Clamp the input of log.",
-            detail={
-                "bisection": {"forward_passes": 4, "whole_batch": True, "note": "a model problem"},
-                "localization": {"module": "decoder.proj", "module_type": "Linear", "op": "log",
-                                 "op_location": "models/net.py:120 in forward", "summary": "first non-finite value from log"},
-            },
+            bisection=BisectionRecord(step=19, forward_passes=4, whole_batch=True, note="a model problem"),
+            localization=LocalizationRecord(module="decoder.proj", module_type="Linear", op="log",
+                                            op_location="models/net.py:120 in forward", summary="first non-finite value from log"),
         ),
         Incident(step=20, kind="param", cause="divergence", epoch=1, action="raised", advice="Lower the learning rate."),
     ]

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_nan.core.diagnosis import StepRecord, diagnose
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.incident import Incident
+from lightning_nan.core.records import BatchRecord, BisectionRecord, LocalizationRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -49,8 +50,8 @@ def test_exploding_cnn_with_unnormalised_input_is_divergence_ending_in_log_of_ze
     _, guard = exploding_cnn.run(True, epochs=1, root=str(tmp_path), callbacks=callbacks)
     first = guard.incidents[0]
     assert first.cause == "divergence" and first.module == "PatchCNN"
-    assert first.detail["localization"]["op"] == "log"  # the saturated softmax fed to log, in training_step
-    assert first.detail["localization"]["op_location"].startswith("examples/exploding_cnn.py:")
+    assert first.localization.op == "log"  # the saturated softmax fed to log, in training_step
+    assert first.localization.op_location.startswith("examples/exploding_cnn.py:")
     assert any("gradient norm grew" in e for e in first.detail["evidence"])
     assert "normalise the inputs" in first.advice
 
@@ -71,8 +72,8 @@ def test_log_of_a_learned_variance_is_an_unsafe_op(tmp_path):
     guard = unsafe_op.run(str(tmp_path))
     first = guard.incidents[0]
     assert first.cause == "unsafe_op" and first.module == "GaussianRegressor"
-    loc = first.detail["localization"]
-    assert loc["op"] == "log" and loc["op_location"] == f"examples/unsafe_op.py:{_line_of('torch.log(self.var)')} in training_step"
+    loc = first.localization
+    assert loc.op == "log" and loc.op_location == f"examples/unsafe_op.py:{_line_of('torch.log(self.var)')} in training_step"
     assert "its input holds negative values" in " ".join(first.detail["evidence"])
     assert "softplus" in first.advice
     assert all(i.cause == "unsafe_op" for i in guard.incidents)  # each incident diagnosed on its own batch
@@ -113,17 +114,17 @@ def test_rules_on_hand_made_evidence():
     # the input: dirty data even without bisection
     assert diagnose(Incident(step=3, kind="input", detail={"input_fields": ["batch 3[0]"]}), steady).cause == "dirty_data"
     # values at float32's limit in the failing op: overflow
-    loc = {"op": "pow", "op_location": "m.py:3 in forward", "op_inputs": [{"dtype": "torch.float32", "min": 0.0, "max": 1e38}]}
-    assert diagnose(Incident(step=10, kind="loss", detail={"localization": loc}), steady).cause == "overflow"
+    loc = LocalizationRecord(op="pow", op_location="m.py:3 in forward", op_inputs=[{"dtype": "torch.float32", "min": 0.0, "max": 1e38}])
+    assert diagnose(Incident(step=10, kind="loss", localization=loc), steady).cause == "overflow"
     # fp16's limit is 65504
-    loc16 = {"op": "mul", "op_location": "m.py:3", "op_inputs": [{"dtype": "torch.float16", "min": 0.0, "max": 6e4}]}
-    assert diagnose(Incident(step=10, kind="loss", detail={"localization": loc16}), steady).cause == "overflow"
+    loc16 = LocalizationRecord(op="mul", op_location="m.py:3", op_inputs=[{"dtype": "torch.float16", "min": 0.0, "max": 6e4}])
+    assert diagnose(Incident(step=10, kind="loss", localization=loc16), steady).cause == "overflow"
     # samples that fail alone with ordinary inputs trigger an unsafe op: never dirty data
-    triggers = {"bisection": {"batches": [{"reproduced": True, "size": 64}], "whole_batch": False, "triggers": [4]}}
-    assert diagnose(Incident(step=10, kind="loss", triggers=[4], detail=triggers), steady).cause == "unknown"
+    triggers = BisectionRecord(step=10, batches=[BatchRecord(batch_idx=0, reproduced=True, size=64)], whole_batch=False, triggers=[4])
+    assert diagnose(Incident(step=10, kind="loss", triggers=[4], bisection=triggers), steady).cause == "unknown"
     # confirmed samples whose own input is bad, quarantined by bisection: dirty data, and the advice says so
-    big = {"bisection": {"batches": [{"reproduced": True, "size": 64}], "whole_batch": False, "forward_passes": 8, "quarantined": [4]}}
-    dirty = diagnose(Incident(step=10, kind="loss", samples=[4], detail=big), steady)
+    big = BisectionRecord(step=10, batches=[BatchRecord(batch_idx=0, reproduced=True, size=64)], whole_batch=False, forward_passes=8, quarantined=[4])
+    dirty = diagnose(Incident(step=10, kind="loss", samples=[4], bisection=big), steady)
     assert dirty.cause == "dirty_data" and "quarantined" in dirty.advice
     # without bisection a NaN input is still the data's fault, but nothing claims a quarantine
     alone = diagnose(Incident(step=3, kind="input"), steady)

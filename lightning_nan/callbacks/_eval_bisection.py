@@ -15,22 +15,26 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightning_nan.callbacks._trainer import log_metrics
-from lightning_nan.callbacks.batch_bisection import patched
+from lightning_nan.callbacks._training_step import patched
 from lightning_nan.core.batches import select
 from lightning_nan.core.culprits import find_culprits
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.events import IncidentEvent
 from lightning_nan.core.norms import iter_tensors
-from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record, record_key
+from lightning_nan.core.quarantine import QUARANTINE_FILE, Quarantine, make_record
+from lightning_nan.core.records import BisectionRecord
+
+if TYPE_CHECKING:
+    from lightning_nan.callbacks.batch_bisection import BatchBisectionBase
 
 
-def bisect_eval(bisection: Any, event: IncidentEvent) -> None:
-    """Fill ``event.incident`` (samples, cause, ``detail["bisection"]``), quarantine, set ``clean_batch``."""
+def bisect_eval(bisection: BatchBisectionBase, event: IncidentEvent) -> None:
+    """Fill ``event.incident`` (samples, cause, ``bisection``), quarantine, set ``clean_batch``."""
     incident = event.incident
     trainer, pl_module = event.extra["trainer"], event.extra["pl_module"]
     stage, dataloader_idx = event.extra["stage"], event.extra["dataloader_idx"]
@@ -81,39 +85,36 @@ def bisect_eval(bisection: Any, event: IncidentEvent) -> None:
     known = all(v["indices_known"] for v in views)
     passes = sum(v["tests"] for v in views)
     bisection.forward_passes += passes
-    summary: dict[str, Any] = {"step": incident.step, "split": incident.kind, "forward_passes": passes, "indices_known": known}
     errors = [f"rank {r}: {v['error']}" for r, v in enumerate(views) if v["error"]]
-    if errors:
-        summary["errors"] = errors
+    summary = BisectionRecord(step=incident.step, split=incident.kind, forward_passes=passes, indices_known=known, errors=errors)
     triggers = sorted({i for v in views for i in v.get("triggers", []) if i is not None})
     if triggers:
         incident.triggers = triggers
-        summary["triggers"] = triggers
+        summary.triggers = triggers
     if whole:
-        summary["note"] = "every sample fails on its own: a model problem, not the data (nothing quarantined)"
+        summary.note = "every sample fails on its own: a model problem, not the data (nothing quarantined)"
     elif records:
         incident.cause = "dirty_data"
         found = sorted({r["index"] for r in records if r["index"] is not None})
         incident.samples = found if known else None
         if not known:
-            summary["positions"] = [(r["rank"], r["batch_idx"], r["position"]) for r in records]
-            summary["fingerprints"] = [r["fingerprint"] for r in records]
+            summary.positions = [[r["rank"], r["batch_idx"], r["position"]] for r in records]
+            summary.fingerprints = [r["fingerprint"] for r in records]
         where = f"data set indices {found}" if known else "samples (by position and fingerprint)"
         incident.advice = (
             f"Dirty {stage} data: {where} of the {stage} set are quarantined with split '{incident.kind}' "
             "(`lightning-nan quarantine list`); fix or drop them."
         )
-        if bisection._quarantine is not None:  # during fit: kept with the run's records (checkpoints, unwritable files)
-            kept = {record_key(r) for r in bisection._records}
-            bisection._records.extend(r for r in records if record_key(r) not in kept)
-            bisection._write(records)
-            summary["quarantine"] = bisection._quarantine.path
-        elif bisection._rank_zero:  # trainer.validate / test alone
+        keeper = bisection._keeper
+        if keeper.quarantine is not None:  # during fit: kept with the run's records (checkpoints, unwritable files)
+            keeper.add(records, leave_out=False)  # a validation index is not a training one
+            summary.quarantine = keeper.path
+        elif keeper.rank_zero:  # trainer.validate / test alone
             path = bisection.quarantine_path or os.path.join(trainer.default_root_dir or os.getcwd(), QUARANTINE_FILE)
             Quarantine(path).add(records)
-            summary["quarantine"] = path
-    incident.detail["bisection"] = summary
-    bisection.reports.append(dict(summary, samples=incident.samples or []))
+            summary.quarantine = os.fspath(path)
+    incident.bisection = summary
+    bisection.reports.append({k: v for k, v in summary.to_dict().items() if k != "batches"} | {"samples": incident.samples or []})
     if not whole and clean is not None:
         event.extra["clean_batch"] = clean
     log_metrics(trainer, {"bisection/forward_passes": float(passes)}, step=incident.step)

@@ -97,7 +97,7 @@ class EvalGuard:
         # would have to re-run together (a logged value with sync_dist is a collective): the batch stays out.
         clean = event.extra.get("clean_batch") if world()[1] == 1 else None
         if clean is None:
-            if "bisection" not in incident.detail:
+            if incident.bisection is None:
                 incident.detail["metrics"] += "; add BatchBisection to leave out only the dirty samples"
             return incident
         kept = _size(clean)

@@ -18,7 +18,6 @@ from lightning_nan.core.events import EscalationHandler, EvalIncidentListener, I
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl, missing_from
 from lightning_nan.core.pending import PendingRecords
-from lightning_nan.core.quarantine import Quarantine
 from lightning_nan.core.recurrence import UNSAFE_OP_REPEATS
 from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, StepVerdict
 from lightning_nan.core.validate import boolean, fs_path, integer
@@ -350,11 +349,11 @@ class NaNGuardBase:
             return
         from lightning_nan.core.summary import summary_table
 
-        quarantine = next((cb for cb in trainer.callbacks if hasattr(cb, "quarantine_file")), None)
-        path = getattr(quarantine, "quarantine_file", None)
-        records = getattr(quarantine, "quarantine_records", None)  # written or not (an unwritable file)
-        if records is None:
-            records = Quarantine(path).records() if path and os.path.exists(path) else []
+        from lightning_nan.callbacks.batch_bisection import BatchBisectionBase  # it imports this module
+
+        bisection = next((cb for cb in trainer.callbacks if isinstance(cb, BatchBisectionBase)), None)
+        path = None if bisection is None else bisection.quarantine_file
+        records = [] if bisection is None else bisection.quarantine_records  # written or not (an unwritable file)
         print(summary_table(incidents, records, quarantine_path=path, max_rows=SUMMARY_ROWS))
         self._incidents_at_start = len(self.guard.incidents)
 

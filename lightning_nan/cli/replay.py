@@ -83,7 +83,7 @@ def _replay_module(module: Any, batch: Any, dump: dict[str, Any]) -> tuple[bool,
 
 def _loss_fn(module: Any, dump: dict[str, Any]) -> Any:
     if hasattr(module, "training_step"):
-        from lightning_nan.callbacks.batch_bisection import training_step_loss
+        from lightning_nan.callbacks._training_step import training_step_loss
 
         return lambda b: training_step_loss(module, b, dump["batch_idx"], manual=dump["manual"])
     return lambda b: module(b)  # a plain nn.Module whose forward returns the loss

@@ -132,14 +132,14 @@ def _nodes(root: Any) -> list[Any]:
 
 def _user_frame(trace: str) -> tuple[str | None, list[tuple[str, int]]]:
     """The innermost user frame of a formatted forward traceback, and every user frame (outermost first)."""
-    from lightning_nan.core.localize import _is_library_file, _relative
+    from lightning_nan.core.source_location import is_library_file, relative_path
 
     frames = [(m["file"], int(m["line"]), m["func"]) for m in _FRAME.finditer(trace)]
-    user = [f for f in frames if not _is_library_file(f[0])]
+    user = [f for f in frames if not is_library_file(f[0])]
     if not user:
         return None, []
     file, line, func = user[-1]
-    return f"{_relative(file)}:{line} in {func}", [(f, ln) for f, ln, _ in user]
+    return f"{relative_path(file)}:{line} in {func}", [(f, ln) for f, ln, _ in user]
 
 
 def _module_of(model: torch.nn.Module, frames: list[tuple[str, int]]) -> tuple[str | None, str | None]:

@@ -25,13 +25,14 @@ import collections
 import copy
 import dataclasses
 import hashlib
-import math
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_nan.core.fingerprint import DIGITS, hash_value, tensor_bytes, tensor_header
 
 __all__ = ["BatchSplitError", "Splitter", "batch_size", "fingerprint", "fingerprints", "select"]
 
@@ -98,7 +99,9 @@ def fingerprint(batch: Any, position: int, *, size: int | None = None) -> str:
     It covers every per-sample field, in structure order: its path, dtype, per-sample shape and raw
     bytes (tensors, read on the CPU) or ``repr`` (other values). The same sample content gives the
     same fingerprint wherever it sits and whatever else is in the batch (for batches of the same
-    structure). Raw bytes are native-endian; a ``repr`` that shows an object address is not stable.
+    structure), and it is the :func:`~lightning_nan.core.fingerprint.sample_fingerprint` of that
+    sample as the data set yielded it (for a batch ``default_collate`` made). Raw bytes are
+    native-endian; a ``repr`` that shows an object address is not stable.
 
     >>> import torch
     >>> a, b = {"x": torch.tensor([[1.0], [2.0]])}, {"x": torch.tensor([[9.0], [1.0], [2.0]])}
@@ -291,26 +294,19 @@ def _sample_fields(obj: Any, n: int, path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _hashes(batch: Any, pos: list[int], n: int) -> list[str]:
+    """:func:`~lightning_nan.core.fingerprint.sample_fingerprint` of the samples at ``pos``, each tensor read to the host once."""
     hashers = [hashlib.sha256() for _ in pos]
     for path, value in _sample_fields(batch, n, ""):
         if isinstance(value, Tensor):
             rows = value.detach()
             if len(pos) != n:  # only the rows asked for travel to the host
                 rows = rows.index_select(0, torch.tensor(pos, dtype=torch.long, device=rows.device))
-            rows = rows.cpu()
-            if rows.is_sparse:
-                rows = rows.to_dense()
-            rows = rows.resolve_conj().resolve_neg().contiguous()
-            head = f"{path}\0{rows.dtype}\0{tuple(rows.shape[1:])}\0".encode()
-            per_sample = math.prod(rows.shape[1:])
-            raw = rows.reshape(len(pos), per_sample).view(torch.uint8).numpy()
+            raw = tensor_bytes(rows).numpy()
+            head = tensor_header(path, rows.dtype, tuple(rows.shape[1:]), raw.shape[1])
             for h, row in zip(hashers, raw):
-                data = row.tobytes()
-                h.update(head + str(len(data)).encode() + b"\0")
-                h.update(data)
+                h.update(head)
+                h.update(row.tobytes())
         else:
             for h, i in zip(hashers, pos):
-                data = repr(value[i]).encode()
-                h.update(f"{path}\0repr\0{len(data)}\0".encode())
-                h.update(data)
-    return [h.hexdigest()[:16] for h in hashers]
+                hash_value(h, value[i], path)
+    return [h.hexdigest()[:DIGITS] for h in hashers]

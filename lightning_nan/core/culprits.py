@@ -39,6 +39,7 @@ from torch import Tensor
 from lightning_nan.core.batches import BatchSplitError, batch_size, fingerprint, select
 from lightning_nan.core.bisection import BisectionResult, bisect
 from lightning_nan.core.data_evidence import SampleEvidence, sample_evidence
+from lightning_nan.core.fingerprint import sample_fingerprint
 from lightning_nan.core.localize import Localization, localize
 from lightning_nan.core.norms import iter_tensors
 from lightning_nan.core.reevaluate import evaluate, preserved
@@ -203,7 +204,7 @@ def find_culprits(
     if splitter is None:
         report.fingerprints = [fingerprint(batch, p, size=n) for p in report.positions]
     else:
-        report.fingerprints = [_fingerprint_any(split(batch, [p])) for p in report.positions]
+        report.fingerprints = [_one_sample_fingerprint(split(batch, [p])) for p in report.positions]
     report.input_nonfinite = [
         any(not bool(torch.isfinite(t).all()) for _, t in iter_tensors(split(batch, [p]))) for p in report.positions
     ]
@@ -256,16 +257,11 @@ def _evidence_alone(sample: Any) -> SampleEvidence:
     return sample_evidence(sample, whole=True)[0] if any(True for _ in iter_tensors(sample)) else SampleEvidence()
 
 
-def _fingerprint_any(sample: Any) -> str:
-    """A content hash of a one-sample batch of any type (for custom splitters)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for path, t in iter_tensors(sample):
-        h.update(path.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().cpu().numpy().tobytes())
-    if not any(True for _ in iter_tensors(sample)):
-        h.update(repr(sample).encode())
-    return h.hexdigest()[:16]
+def _one_sample_fingerprint(sub: Any) -> str:
+    """A custom splitter's one-sample batch: the fingerprint of its one sample, as the default splitter
+    gives it, when its structure can be looked into; else of the whole object (``repr`` of opaque types)."""
+    try:
+        one = batch_size(sub) == 1
+    except BatchSplitError:
+        one = False
+    return fingerprint(sub, 0, size=1) if one else sample_fingerprint(sub)

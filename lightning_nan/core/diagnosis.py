@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_nan.core.incident import Incident
+from lightning_nan.core.records import BisectionRecord, LocalizationRecord
 
 #: How many steps before an incident the trend tests look at.
 TREND_STEPS = 10
@@ -128,8 +129,8 @@ def diagnose(
     after the diagnosis, adds what it knows about a safe learning rate.
     """
     detail = incident.detail or {}
-    bisection: dict[str, Any] = detail.get("bisection") or {}
-    loc: dict[str, Any] = detail.get("localization") or {}
+    bisection = incident.bisection or BisectionRecord(step=incident.step)
+    loc = incident.localization or LocalizationRecord()
     before = [r for r in history if r.step <= incident.step][-TREND_STEPS:]  # the failing step's finite values count
     earlier = [r for r in before if r.step < incident.step]
 
@@ -158,17 +159,17 @@ def diagnose(
         )
 
     # 2. the data: a confirmed culprit whose own input is bad, or non-finite inputs seen by the guard
-    quarantined = bisection.get("quarantined") or []
+    quarantined = bisection.quarantined
     if incident.samples or quarantined or incident.kind == "input":
         evidence = []
         if incident.kind == "input":
             evidence.append(f"the input batch holds NaN/Inf ({', '.join(detail.get('input_fields', [])[:3]) or 'checked by the guard'})")
-        facts = [f"{k}: {v}" for b in bisection.get("batches", []) for k, v in (b.get("evidence") or {}).items() if int(k) in (incident.samples or []) or not incident.samples]
+        facts = [f"{k}: {v}" for b in bisection.batches for k, v in b.evidence.items() if int(k) in (incident.samples or []) or not incident.samples]
         if quarantined:
             who = f"samples {incident.samples}" if incident.samples else f"samples at (rank, batch, position) {quarantined}"
             evidence.append(
                 f"bisection: {who} make the batch fail on their own, again under a fresh random state, and the rest of "
-                f"the batch trains ({bisection.get('forward_passes', '?')} forward passes)"
+                f"the batch trains ({bisection.forward_passes} forward passes)"
             )
             evidence.extend(f"sample {f}" for f in facts[:4])
             where = f"data set indices {incident.samples}" if incident.samples else "the samples named in the quarantine file (by position and fingerprint)"
@@ -188,7 +189,7 @@ def diagnose(
         trend = [detail["growth"], *trend]
     if incident.kind in ("param", "jump") and not trend:
         trend = [jump or "the weights turned non-finite"]
-    if not trend and bisection.get("whole_batch"):  # not some samples: the weights themselves
+    if not trend and bisection.whole_batch:  # not some samples: the weights themselves
         trend = _whole_batch_trend(earlier)
     if trend and not overflow:
         return Diagnosis("divergence", trend, DIVERGENCE_ADVICE)
@@ -201,15 +202,15 @@ def diagnose(
         )
 
     # 4. an operation that made NaN/Inf from finite, ordinary inputs (forward or backward)
-    triggers = incident.triggers or bisection.get("triggers") or []
+    triggers = incident.triggers or bisection.triggers
     who = f"; triggered by samples {triggers} (ordinary, finite inputs: not quarantined)" if triggers else ""
-    degenerate = [f"sample {k}: {v}" for b in bisection.get("batches", []) for k, v in (b.get("evidence") or {}).items() if "constant" in v]
-    op = loc.get("op")
-    own_infinities = loc.get("op_inputs_finite") is False and loc.get("module") is not None and loc.get("inputs_finite")
-    if op is not None and (loc.get("op_inputs_finite", True) is not False or own_infinities):
+    degenerate = [f"sample {k}: {v}" for b in bisection.batches for k, v in b.evidence.items() if "constant" in v]
+    op = loc.op
+    own_infinities = loc.op_inputs_finite is False and loc.module is not None and loc.inputs_finite
+    if op is not None and (loc.op_inputs_finite is not False or own_infinities):
         name = op.rstrip("_")
-        where = f"{op} at {loc.get('op_location')}" if loc.get("op_location") else op
-        module = incident.module or loc.get("module")
+        where = f"{op} at {loc.op_location}" if loc.op_location else op
+        module = incident.module or loc.module
         made = "turned the module's own +-inf (no NaN) into NaN" if own_infinities else "turned finite inputs into NaN/Inf"
         evidence = [f"localization: {where} {made}" + (f" inside {module}" if module else "") + who]
         hint = _op_hint(loc)
@@ -219,29 +220,29 @@ def diagnose(
         if before:
             evidence.append("the loss and gradient norm were steady before the incident")
         fix = STABLE_ALTERNATIVE.get(name, "guard the operation's input (clamp, add an epsilon) or use a numerically stable variant")
-        if name in ("log", "sqrt") and any(i.get("has_negative") for i in loc.get("op_inputs") or []):
+        if name in ("log", "sqrt") and any(i.get("has_negative") for i in loc.op_inputs or []):
             fix = f"its argument went negative: keep it positive by construction (learn its logarithm, or use softplus(raw) + eps) or clamp it before {name}"
         return Diagnosis("unsafe_op", evidence, f"Unsafe operation {where}: {fix}.")
-    if loc.get("backward_op"):
-        node = str(loc["backward_op"])
+    if loc.backward_op:
+        node = str(loc.backward_op)
         name = re.sub(r"Backward\d*$", "", node).lower()
-        where = f"{node} (forward at {loc.get('backward_location')})" if loc.get("backward_location") else node
-        module = loc.get("backward_module")
-        inside = f" inside {module or '<root>'} ({loc.get('backward_module_type')})" if module is not None else ""
+        where = f"{node} (forward at {loc.backward_location})" if loc.backward_location else node
+        module = loc.backward_module
+        inside = f" inside {module or '<root>'} ({loc.backward_module_type})" if module is not None else ""
         evidence = [f"the loss was finite but the gradient was not: the backward of {where}{inside} made NaN/Inf from finite gradients{who}"]
         evidence.extend(degenerate[:2])
         fix = BACKWARD_FIX.get(name, STABLE_ALTERNATIVE.get(name, "make the operation's derivative finite where it is used (clamp or add an epsilon)"))
         return Diagnosis("unsafe_op", evidence, f"Unsafe operation in the backward pass, {where}: {fix}.")
-    if loc.get("module") and loc.get("inputs_finite"):
-        module = incident.module or loc["module"]
+    if loc.module and loc.inputs_finite:
+        module = incident.module or loc.module
         return Diagnosis(
             "unsafe_op",
-            [f"localization: module {module} ({loc.get('module_type')}) produced NaN/Inf from finite inputs in {loc.get('input_range')}{who}"],
+            [f"localization: module {module} ({loc.module_type}) produced NaN/Inf from finite inputs in {loc.input_range}{who}"],
             f"Unsafe operation in {module}: look for log(0), 0/0, sqrt of a negative or exp overflow there; use log_softmax, an epsilon or clamping.",
         )
 
     missing = []
-    if not loc:
+    if incident.localization is None:
         missing.append(
             "no localization (BatchBisection localizes each incident it can re-evaluate)"
             if "BatchBisection" in present
@@ -249,10 +250,10 @@ def diagnose(
         )
     if not before:
         missing.append("no history of the steps before the incident")
-    if bisection.get("whole_batch"):
+    if bisection.whole_batch:
         missing.append("every sample fails, so the data is not to blame, but nothing else stood out")
-    if bisection.get("unconfirmed"):
-        missing.append(f"samples {bisection['unconfirmed']} failed only together or only once: not confirmed as culprits")
+    if bisection.unconfirmed:
+        missing.append(f"samples {bisection.unconfirmed} failed only together or only once: not confirmed as culprits")
     return Diagnosis("unknown", [], incident.advice, missing)
 
 
@@ -323,27 +324,27 @@ def _trend_evidence(before: Sequence[StepRecord], *, weights: bool = True) -> li
     return evidence
 
 
-def _overflow_evidence(incident: Incident, loc: dict[str, Any], before: Sequence[StepRecord]) -> list[str]:
+def _overflow_evidence(incident: Incident, loc: LocalizationRecord, before: Sequence[StepRecord]) -> list[str]:
     evidence = []
-    for item in loc.get("op_inputs") or []:
+    for item in loc.op_inputs or []:
         limit = DTYPE_MAX.get(str(item.get("dtype")), DTYPE_MAX["torch.float32"])
         biggest = max(abs(_num(item.get("min"))), abs(_num(item.get("max"))), abs(_num(item.get("value"))))
         if math.isfinite(biggest) and biggest > NEAR_LIMIT * limit:
             evidence.append(
-                f"localization: {loc.get('op')} at {loc.get('op_location')} got values up to {biggest:.3g}, near the "
+                f"localization: {loc.op} at {loc.op_location} got values up to {biggest:.3g}, near the "
                 f"{item.get('dtype', 'float32')} limit {limit:.3g}"
             )
             break
-    if not evidence and loc.get("input_range"):
-        lo, hi = (abs(_num(v)) for v in loc["input_range"])
+    if not evidence and loc.input_range:
+        lo, hi = (abs(_num(v)) for v in loc.input_range)
         if max(lo, hi) > NEAR_LIMIT * DTYPE_MAX["torch.float32"]:
-            evidence.append(f"localization: {loc.get('module')} got inputs up to {max(lo, hi):.3g}, near the float32 limit")
+            evidence.append(f"localization: {loc.module} got inputs up to {max(lo, hi):.3g}, near the float32 limit")
     return evidence
 
 
-def _op_hint(loc: dict[str, Any]) -> str | None:
-    name = str(loc.get("op", "")).rstrip("_")
-    inputs = loc.get("op_inputs") or []
+def _op_hint(loc: LocalizationRecord) -> str | None:
+    name = str(loc.op or "").rstrip("_")
+    inputs = loc.op_inputs or []
     zero = any(i.get("has_zero") for i in inputs)
     negative = any(i.get("has_negative") for i in inputs)
     if name == "log" and zero:

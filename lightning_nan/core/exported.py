@@ -36,7 +36,8 @@ import torch.fx.traceback
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from lightning_nan.core.localize import Localization, _describe, _first_nonfinite_grad
+from lightning_nan.core.localize import Localization, first_nonfinite_grad
+from lightning_nan.core.op_trace import describe_operand
 from lightning_nan.core.reevaluate import all_finite, as_loss, loss_is_finite, preserved
 
 #: The name the model has inside the exported program (``model.conv.0`` is the model's ``conv.0``).
@@ -128,7 +129,7 @@ def replay_program(program: Any, batch: Any, *, backward: bool = False) -> tuple
         reproduced = not loc.loss_finite
         if backward and loc.loss_finite:
             named = [(_model_name(n), p) for n, p in gm.named_parameters()]
-            loc.grad_param = _first_nonfinite_grad(loss, named)
+            loc.grad_param = first_nonfinite_grad(loss, named)
             reproduced = loc.grad_param is not None
     return reproduced, loc
 
@@ -157,7 +158,7 @@ class _FirstNonFinite(torch.fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         operands = [(f"args[{i}]", a) for i, a in enumerate(args)] + [(f"kwargs[{k!r}]", v) for k, v in kwargs.items()]
         operands = [(p, v) for p, v in operands if isinstance(v, Tensor) or (isinstance(v, (int, float)) and not isinstance(v, bool))]
-        inputs = [_describe(p, v, None) for p, v in operands[:16]]
+        inputs = [describe_operand(p, v, None) for p, v in operands[:16]]
         inputs_finite = all_finite([v for _, v in operands if isinstance(v, Tensor) and v.is_floating_point()])
         module, module_type = _module_of(n)
         ranges = [(e["min"], e["max"]) for e in inputs if e.get("min") is not None and "shape" in e]

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_nan.core.records import BisectionRecord, LocalizationRecord
 from lightning_nan.core.rollback import RollbackRecord
 
 if sys.version_info >= (3, 11):
@@ -91,10 +92,12 @@ class Incident:
         ranks: the ranks that saw the fault (``[0]`` when not distributed).
         params: the first parameter names with non-finite gradients or values.
         detail: free-form facts (loss value, gradient norm, consecutive skips, ...).
+        bisection: what BatchBisection's search found (:class:`~lightning_nan.core.records.BisectionRecord`).
+        localization: where the NaN first appeared (:class:`~lightning_nan.core.records.LocalizationRecord`).
+        rollback: the rollback this incident triggered, done or refused (:class:`~lightning_nan.core.rollback.RollbackRecord`).
         action: ``skipped``, ``escalated``, ``raised``, ``recovered by <Name>``, or for ``val``/``test``
             what was left out of the epoch's metrics.
         time: wall-clock time of the check, seconds since the epoch.
-        rollback: the rollback this incident triggered, done or refused (:class:`~lightning_nan.core.rollback.RollbackRecord`).
     """
 
     step: int
@@ -112,6 +115,8 @@ class Incident:
     time: float = field(default_factory=time.time, compare=False)
     triggers: list[int] | None = None
     rollback: RollbackRecord | None = None
+    bisection: BisectionRecord | None = None
+    localization: LocalizationRecord | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -131,7 +136,7 @@ class Incident:
     def from_dict(cls, data: dict[str, Any]) -> Incident:
         """Rebuild from :meth:`to_dict` output; unknown keys (from newer versions) are ignored.
 
-        Files of older versions, which kept the rollback in ``detail["rollback"]``, load too:
+        Files written before the typed records kept them in ``detail``: they are moved to their fields.
 
         >>> old = {"step": 9, "kind": "param", "detail": {"rollback": {"step": 9, "restored_step": 5, "reason": "r"}}}
         >>> inc = Incident.from_dict(old)
@@ -141,9 +146,20 @@ class Incident:
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in data.items() if k in names}
         detail = fields.get("detail")
-        if fields.get("rollback") is None and isinstance(detail, dict) and "rollback" in detail:
+        if isinstance(detail, dict) and any(key in detail for key in ("bisection", "localization", "rollback")):
             detail = dict(detail)
-            fields.update(detail=detail, rollback=RollbackRecord.from_legacy(int(data["step"]), detail.pop("rollback")))
+            for key in ("bisection", "localization", "rollback"):
+                if fields.get(key) is None and key in detail:
+                    fields[key] = detail.pop(key)
+            if "rollback" in fields and not isinstance(fields["rollback"], (dict, RollbackRecord, type(None))):
+                fields["rollback"] = RollbackRecord.from_legacy(int(data["step"]), fields["rollback"])
+            fields["detail"] = detail
+        for key, record in (("bisection", BisectionRecord), ("localization", LocalizationRecord)):
+            value = fields.get(key)
+            if isinstance(value, dict):
+                fields[key] = record.from_dict(value)
+            elif value is not None and not isinstance(value, record):  # a hand-edited file: not a record
+                fields[key] = None
         return cls(**fields)
 
     @property

@@ -24,7 +24,6 @@ by training and by ``lightning-nan quarantine list`` (:func:`record_index`): an 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -32,9 +31,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-import torch
 
 from lightning_nan.core.files import fsync_dir
+from lightning_nan.core.fingerprint import sample_fingerprint as sample_fingerprint  # where callers have always found it
 from lightning_nan.core.jsonl import append_jsonl, locked, read_jsonl_lines
 
 QUARANTINE_FILE = "quarantine.jsonl"
@@ -231,43 +230,6 @@ def make_record(
     }
     record.update(extra)
     return record
-
-
-def sample_fingerprint(sample: Any) -> str:
-    """A content hash of one sample (first 16 hex digits of a sha256), stable across runs and processes.
-
-    Covers every tensor (path, dtype, shape, bytes) in structure order and ``repr`` of other leaves.
-
-    >>> a = {"x": torch.tensor([1.0, 2.0]), "y": 3}
-    >>> sample_fingerprint(a) == sample_fingerprint({"x": torch.tensor([1.0, 2.0]), "y": 3})
-    True
-    >>> sample_fingerprint(a) == sample_fingerprint({"x": torch.tensor([1.0, 2.5]), "y": 3})
-    False
-    >>> len(sample_fingerprint(a))
-    16
-    """
-    h = hashlib.sha256()
-    _hash_into(h, sample, "")
-    return h.hexdigest()[:16]
-
-
-def _hash_into(h: Any, obj: Any, path: str) -> None:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu()
-        t = (t.to_dense() if t.layout != torch.strided else t).contiguous()
-        h.update(f"{path}|tensor|{t.dtype}|{tuple(t.shape)}|".encode())
-        # bytes through uint8 works for every dtype (bfloat16 and bool included), unlike .numpy()
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    elif isinstance(obj, Mapping):
-        h.update(f"{path}|map|{len(obj)}|".encode())
-        for key, value in obj.items():
-            _hash_into(h, value, f"{path}[{key!r}]")
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"{path}|seq|{len(obj)}|".encode())
-        for i, value in enumerate(obj):
-            _hash_into(h, value, f"{path}[{i}]")
-    else:
-        h.update(f"{path}|{obj!r}|".encode())
 
 
 def record_index(record: Mapping[str, Any]) -> int | None:

@@ -8,12 +8,13 @@ whose every sample is non-finite is a broken data pipeline, not one bad shard. I
 failing batch a content key, so that a cause carries over only to the very same samples.
 
 >>> from lightning_nan.core.incident import Incident
+>>> from lightning_nan.core.records import LocalizationRecord
 >>> recurrence = Recurrence(unsafe_op_repeats=2)
->>> loc = {"op": "log", "op_location": "model.py:7 in forward"}
->>> first = Incident(step=3, kind="loss", cause="unsafe_op", detail={"localization": loc})
+>>> loc = LocalizationRecord(op="log", op_location="model.py:7 in forward")
+>>> first = Incident(step=3, kind="loss", cause="unsafe_op", localization=loc)
 >>> recurrence.stop(first) is None
 True
->>> recurrence.stop(Incident(step=9, kind="loss", cause="unsafe_op", detail={"localization": loc}))
+>>> recurrence.stop(Incident(step=9, kind="loss", cause="unsafe_op", localization=loc))
 'The unsafe operation log at model.py:7 in forward failed on 2 steps (3, 9): skipping its batches hides a bug in the model that will fail at inference too.'
 """
 
@@ -23,9 +24,10 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
-
+from lightning_nan.core.batches import BatchSplitError, fingerprints
+from lightning_nan.core.fingerprint import sample_fingerprint
 from lightning_nan.core.incident import Incident
+from lightning_nan.core.records import LocalizationRecord
 from lightning_nan.core.validate import integer
 
 __all__ = ["PIPELINE_REPEATS", "UNSAFE_OP_REPEATS", "Recurrence", "batch_key", "joined_key"]
@@ -67,11 +69,11 @@ class Recurrence:
     def _unsafe_op(self, incident: Incident) -> str | None:
         if not self.unsafe_op_repeats:
             return None
-        loc = incident.detail.get("localization") or {}
-        op = loc.get("op") or loc.get("backward_op")
+        loc = incident.localization or LocalizationRecord()
+        op = loc.op or loc.backward_op
         if op is None and not incident.module:
             return None
-        key = f"{op} at {loc.get('op_location') or loc.get('backward_location') or incident.module}" if op else f"module {incident.module}"
+        key = f"{op} at {loc.op_location or loc.backward_location or incident.module}" if op else f"module {incident.module}"
         steps = self.unsafe_ops.setdefault(key, [])
         if not steps or steps[-1] != incident.step:  # several optimizers on one batch: one step
             steps.append(incident.step)
@@ -100,30 +102,22 @@ class Recurrence:
 
 
 def batch_key(batches: Sequence[tuple[int, Any]]) -> str:
-    """A content hash of the batches (failure path only): the same samples give the same key.
+    """A content hash of the batches (failure path only): the same samples give the same key. It is made
+    of the samples' own fingerprints (:func:`~lightning_nan.core.batches.fingerprints`; a batch that
+    cannot be split counts as one sample).
 
     >>> import torch
     >>> batch_key([(0, (torch.ones(2), torch.tensor([1, 2])))]) == batch_key([(5, (torch.ones(2), torch.tensor([1, 2])))])
     True
     """
-    h = hashlib.sha256()
-
-    def walk(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            h.update(str((t.dtype, tuple(t.shape))).encode())
-            h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                h.update(repr(k).encode())
-                walk(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                walk(v)
-
+    keys = []
     for _, batch in batches:
-        walk(batch)
-    return h.hexdigest()[:16]
+        try:
+            keys.extend(fingerprints(batch))
+        except BatchSplitError:
+            keys.append(sample_fingerprint(batch))
+        keys.append("")  # where a batch ends
+    return joined_key(keys)
 
 
 def joined_key(keys: Iterable[str]) -> str:

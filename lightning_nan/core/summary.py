@@ -4,10 +4,11 @@ One row per incident (step, epoch, kind, cause, module, samples, action), then t
 the advice for each cause once, and the quarantined samples. ``lightning-nan report RUN_DIR`` prints
 the same from a run's ``nan_incidents.jsonl``.
 
+>>> from lightning_nan.core.records import LocalizationRecord
 >>> incidents = [
 ...     Incident(step=3, kind="loss", cause="dirty_data", samples=[137, 911, 4, 5, 6], epoch=0, advice="Clean the data."),
 ...     Incident(step=9, kind="grad", cause="unsafe_op", module="head.1", epoch=1, action="recovered by CheckpointRollback",
-...              detail={"localization": {"module": "head.1", "op": "log", "op_location": "src/model.py:41 in forward"}}),
+...              localization=LocalizationRecord(module="head.1", op="log", op_location="src/model.py:41 in forward")),
 ... ]
 >>> print(summary_table(incidents, [{"index": 137}, {"index": 911}], quarantine_path="runs/quarantine.jsonl", width=120))
 2 non-finite incidents, steps 3 to 9
@@ -131,10 +132,10 @@ def _cell(inc: Incident, column: str) -> str:
 def _module_cell(inc: Incident) -> str:
     """``module``, ``<root>`` for the model itself, plus ``(op at file.py:LINE)`` when an operation was named."""
     text = "-" if inc.module is None else (inc.module or "<root>")
-    loc = _get(inc.detail, "localization")
-    op = loc.get("op") if isinstance(loc, Mapping) else None
-    if op:
-        at = _short_location(loc.get("op_location"))
+    loc = inc.localization
+    op = None if loc is None else loc.op
+    if op and loc is not None:
+        at = _short_location(loc.op_location)
         op_text = f"{op} at {at}" if at else str(op)
         text = op_text if inc.module is None else f"{text} ({op_text})"
     return text
@@ -143,7 +144,7 @@ def _module_cell(inc: Incident) -> str:
 def _samples_cell(inc: Incident) -> str:
     if inc.samples is not None:
         return _short_list(list(inc.samples))
-    positions = _get(_get(inc.detail, "bisection"), "positions")  # (rank, batch_idx, position) when indices are unknown
+    positions = None if inc.bisection is None else inc.bisection.positions  # (rank, batch_idx, position) when indices are unknown
     if isinstance(positions, (list, tuple)) and positions:
         try:
             return "pos " + _short_list([p[-1] for p in positions])
@@ -246,10 +247,6 @@ def _advice(incidents: list[Incident]) -> dict[str, str]:
         if isinstance(inc.advice, str) and inc.advice.strip():
             latest[inc.cause] = inc.advice.strip()
     return {c: latest[c] for c in _by_cause(incidents) if c in latest}
-
-
-def _get(mapping: Any, key: str) -> Any:
-    return mapping.get(key) if isinstance(mapping, Mapping) else None
 
 
 def _json_safe(value: Any) -> Any:

@@ -98,7 +98,7 @@ def test_exact_indices_under_shuffle_quarantined_and_left_out_of_the_next_epoch(
         batch = model.seen[inc.batch_idx[0]]
         assert sorted(inc.samples) == sorted(set(batch) & set(poison))
         assert inc.epoch == 0
-        assert inc.detail["bisection"]["forward_passes"] >= 1
+        assert inc.bisection.forward_passes >= 1
     records = read_jsonl(tmp_path / "quarantine.jsonl")
     assert sorted(r["index"] for r in records) == sorted(poison)
     for r in records:
@@ -149,7 +149,7 @@ def test_dirty_images_all_four_kinds(tmp_path):
     zero = next(inc for inc in result.guard.incidents if 1777 in (inc.triggers or []))
     assert zero.cause == "unsafe_op" and zero.samples in (None, [])
     first = result.guard.incidents[0]
-    assert first.module is not None and "localization" in first.detail
+    assert first.module is not None and first.localization is not None
 
 
 def test_gradient_only_fault_is_bisected_with_backward(ns, tmp_path):
@@ -160,7 +160,7 @@ def test_gradient_only_fault_is_bisected_with_backward(ns, tmp_path):
     (incident,) = guard.incidents
     # An all-zero sample is ordinary data that trips sqrt'(0): named as the trigger, never quarantined.
     assert (incident.samples, incident.triggers, incident.cause) == (None, [33], "unsafe_op")
-    assert incident.detail["localization"]["backward_op"] == "SqrtBackward0"
+    assert incident.localization.backward_op == "SqrtBackward0"
     assert not (tmp_path / "quarantine.jsonl").exists() or read_jsonl(tmp_path / "quarantine.jsonl") == []
 
 
@@ -172,8 +172,8 @@ def test_pair_that_fails_only_together_is_reported_as_a_minimal_group(ns, tmp_pa
     (incident,) = guard.incidents
     # Found and reported as a minimal group, but a pair that fails only together is not quarantined.
     assert incident.samples is None and incident.triggers is None
-    assert incident.detail["bisection"]["batches"][0]["groups"] == [[5, 12]]
-    assert incident.detail["bisection"]["unconfirmed"] == [[5, 12]]
+    assert incident.bisection.batches[0].groups == [[5, 12]]
+    assert incident.bisection.unconfirmed == [[5, 12]]
     assert not (tmp_path / "quarantine.jsonl").exists() or read_jsonl(tmp_path / "quarantine.jsonl") == []
 
 
@@ -196,8 +196,8 @@ def test_a_model_fault_is_not_blamed_on_the_data(ns, tmp_path):
     trainer = ns.pl.Trainer(callbacks=[guard, bisection], **trainer_kwargs(tmp_path))
     trainer.fit(model_class(ns.pl)(faults={2: "loss"}), DataLoader(Triples(), batch_size=8))
     (incident,) = guard.incidents
-    summary = incident.detail["bisection"]
-    assert summary["whole_batch"] and "model problem" in summary["note"]
+    summary = incident.bisection
+    assert summary.whole_batch and "model problem" in summary.note
     assert incident.samples is None
     assert not (tmp_path / "q.jsonl").exists()  # nothing quarantined
 
@@ -216,9 +216,9 @@ def test_iterable_dataset_reports_positions_and_fingerprints(ns, tmp_path):
     trainer.fit(model, DataLoader(Stream(), batch_size=16))
     (incident,) = guard.incidents
     assert incident.samples is None
-    summary = incident.detail["bisection"]
-    assert "indices are unknown" in summary["note"]
-    assert summary["positions"] == [(0, 1, 3)]  # rank 0, batch 1, position 3: sample 19
+    summary = incident.bisection
+    assert "indices are unknown" in summary.note
+    assert summary.positions == [[0, 1, 3]]  # rank 0, batch 1, position 3: sample 19
     (record,) = read_jsonl(tmp_path / "q.jsonl")
     assert record["index"] is None and record["position"] == 3
     from lightning_nan.core.batches import fingerprint
@@ -226,6 +226,32 @@ def test_iterable_dataset_reports_positions_and_fingerprints(ns, tmp_path):
     x, y, i = Indexed(n=48, poison={19: "nan"})[19]
     one = (x.unsqueeze(0), y.unsqueeze(0), torch.tensor([i]))
     assert record["fingerprint"] == fingerprint(one, 0)
+
+
+def test_an_index_less_sample_found_at_two_incidents_gets_one_record_under_its_own_fingerprint(ns, tmp_path):
+    from lightning_nan.core.quarantine import sample_fingerprint
+
+    data = Indexed(n=48, poison={19: "nan"})
+
+    class Rotating(IterableDataset):  # each epoch starts 5 samples later: sample 19 sits at another position
+        epochs = 0
+
+        def __iter__(self):
+            start, Rotating.epochs = 5 * Rotating.epochs, Rotating.epochs + 1
+            for i in range(48):
+                yield data[(start + i) % 48]
+
+    model = module_class(ns.pl)()
+    guard = ns.NaNGuard()
+    bisection = ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl")
+    trainer = ns.pl.Trainer(callbacks=[guard, bisection], **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(model, DataLoader(Rotating(), batch_size=16))
+    first, second = guard.incidents  # no index: nothing can leave the sample out, so it fails again
+    assert first.bisection.positions == [[0, 1, 3]] and second.bisection.positions == [[0, 0, 14]]
+    assert first.bisection.fingerprints == second.bisection.fingerprints == [sample_fingerprint(data[19])]
+    (record,) = read_jsonl(tmp_path / "q.jsonl")  # one sample, one record
+    assert record["index"] is None and record["fingerprint"] == sample_fingerprint(data[19])
+    assert len(bisection.quarantine_records) == 1
 
 
 def test_resumed_run_with_the_same_quarantine_file_leaves_the_samples_out(ns, tmp_path):
@@ -253,8 +279,8 @@ def test_gradient_accumulation_bisects_every_micro_batch(ns, tmp_path):
     trainer.fit(model, DataLoader(Indexed(n=64, poison={21: "nan"}), batch_size=8))
     (incident,) = guard.incidents
     assert incident.samples == [21] and incident.batch_idx == [2, 3]
-    assert [b["batch_idx"] for b in incident.detail["bisection"]["batches"]] == [2, 3]
-    assert [b["reproduced"] for b in incident.detail["bisection"]["batches"]] == [True, False]
+    assert [b.batch_idx for b in incident.bisection.batches] == [2, 3]
+    assert [b.reproduced for b in incident.bisection.batches] == [True, False]
 
 
 @dataclasses.dataclass
@@ -317,7 +343,7 @@ def test_custom_splitter_for_graph_batches_and_a_clear_error_without_it(ns, tmp_
     with pytest.warns(UserWarning, match=r"Graphs.*splitter="):
         trainer.fit(graph_model(ns.pl)(), DataLoader(GraphData(), batch_size=8, collate_fn=graph_collate))
     (incident,) = guard.incidents
-    assert incident.action == "skipped" and "splitter=" in incident.detail["bisection"]["errors"][0]
+    assert incident.action == "skipped" and "splitter=" in incident.bisection.errors[0]
 
 
 def importable(cls: type, name: str) -> type:
@@ -334,8 +360,8 @@ def test_first_incident_is_localized_and_the_dump_replays(ns, tmp_path, capsys):
     model = importable(module_class(ns.pl), f"DumpModel_{ns.name}")()
     guard, _, _ = fit(ns, tmp_path, model, Indexed(poison={70: "nan", 10: "nan"}), epochs=1, dump_dir=tmp_path / "dumps")
     first, second = guard.incidents
-    assert first.detail["localization"]["first_nonfinite_input"] is not None  # the data: NaN already in the input
-    assert second.detail["localization"]["first_nonfinite_input"] is not None  # each incident speaks for itself
+    assert first.localization.first_nonfinite_input is not None  # the data: NaN already in the input
+    assert second.localization.first_nonfinite_input is not None  # each incident speaks for itself
     dump = first.detail["dump"]
     assert Path(dump).is_file()
     assert main(["replay", dump]) == 0
@@ -405,7 +431,7 @@ def test_batch_of_one_blames_a_sample_only_when_its_input_is_not_finite(ns, tmp_
     data = Indexed(n=12, poison={5: "zero"})  # finite input, infinite gradient (sqrt at 0)
     guard, _, _ = fit(ns, tmp_path / "zero", module_class(ns.pl, sqrt_grad=True)(), data, epochs=1, batch_size=1, shuffle=False)
     (incident,) = guard.incidents
-    assert incident.samples is None and incident.detail["bisection"]["whole_batch"]  # not quarantined
+    assert incident.samples is None and incident.bisection.whole_batch  # not quarantined
     assert not (tmp_path / "zero" / "quarantine.jsonl").exists()
 
 def test_a_fit_that_raises_gives_the_strategy_and_the_loader_back(ns, tmp_path):
@@ -609,7 +635,7 @@ def test_ddp_false_skips_bisection_on_every_rank(tmp_path):
     for res in (r0, r1):
         (incident,) = res["incidents"]
         assert incident["step"] == step and incident["ranks"] == [owner] and incident["samples"] is None
-        assert "ddp=False" in incident["detail"]["bisection"]["skipped"]
+        assert "ddp=False" in incident["bisection"]["skipped"]
         assert len(res["batches"]) == 4  # the real steps only: no re-evaluation ran training_step
     assert not (tmp_path / "q.jsonl").exists()
     for name, value in r0["state_dict"].items():

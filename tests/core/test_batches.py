@@ -220,3 +220,26 @@ def test_fingerprint_is_stable_across_processes():
     theirs = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     ours = fingerprints({"x": torch.arange(6.0).reshape(3, 2), "n": ["a", "b", "c"]})
     assert theirs == str(ours)
+
+
+def test_one_fingerprint_alone_in_a_collated_batch_in_a_custom_split_and_in_the_batch_key():
+    from torch.utils.data import default_collate
+
+    from lightning_nan.core.culprits import find_culprits
+    from lightning_nan.core.quarantine import sample_fingerprint
+    from lightning_nan.core.recurrence import batch_key
+
+    samples = [{"x": torch.tensor([float(i), 1.0]), "label": i, "w": 0.5 * i, "ok": i % 2 == 0, "name": f"s{i}"} for i in range(6)]
+    samples[4]["x"][1] = float("nan")
+    batch = default_collate(samples)
+    assert fingerprints(batch) == [sample_fingerprint(s) for s in samples]
+    # a custom splitter's one-sample batches name the culprit by the same fingerprint as the built-in splitter
+    model = torch.nn.Linear(2, 1)
+    loss = lambda b: model(b["x"]).sum()  # noqa: E731
+    split = lambda b, pos: select(b, pos)  # noqa: E731
+    for kwargs in ({}, {"splitter": split, "sizer": batch_size}):
+        report = find_culprits(loss, batch, module=model, **kwargs)
+        assert report.positions == [4] and report.fingerprints == [sample_fingerprint(samples[4])]
+    # the batch key is made of the samples' fingerprints: the same samples, the same key; another sample, another key
+    assert batch_key([(0, batch)]) == batch_key([(7, default_collate(samples))])
+    assert batch_key([(0, batch)]) != batch_key([(0, default_collate(samples[:5] + samples[:1]))])

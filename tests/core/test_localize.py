@@ -459,7 +459,7 @@ def test_the_mode_is_active_only_inside_the_loss_function():
 
     assert _mode_stack() == []
     assert localize(model, loss_fn).op == "exp"
-    assert seen == [["lightning_nan.core.localize"]] and _mode_stack() == []
+    assert seen == [["lightning_nan.core.op_trace"]] and _mode_stack() == []
 
     def boom():
         model(torch.ones(1))

@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_nan.core import Incident, NonFiniteError, StepGuard
 from lightning_nan.core.events import Phase
+from lightning_nan.core.records import LocalizationRecord
 
 OPTIMIZERS = {
     "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
@@ -383,8 +384,8 @@ class _Diagnosed:
     incident_phase = Phase.EVIDENCE
 
     def on_nan_incident(self, event):
-        event.incident.detail["localization"] = {"op": "log", "op_location": "model.py:7 in forward", "module": "head",
-                                                 "inputs_finite": True, "op_inputs": [{"has_zero": True}]}
+        event.incident.localization = LocalizationRecord(op="log", op_location="model.py:7 in forward", module="head",
+                                                         inputs_finite=True, op_inputs=[{"has_zero": True}])
 
 
 def test_the_same_unsafe_op_three_times_raises_with_its_line_and_fix():

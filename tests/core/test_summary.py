@@ -10,6 +10,7 @@ import pytest
 
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.quarantine import make_record
+from lightning_nan.core.records import BisectionRecord, LocalizationRecord
 from lightning_nan.core.summary import COLUMNS, summary_json, summary_table
 
 
@@ -19,22 +20,20 @@ def _incidents() -> list[Incident]:
         Incident(
             step=12, kind="loss", cause="dirty_data", samples=[137, 911, 5, 6, 7], epoch=0, batch_idx=[12],
             advice="old advice for dirty data",
-            detail={"bisection": {"forward_passes": 9, "whole_batch": False, "reproduced": True, "indices_known": True}},
+            bisection=BisectionRecord(step=12, forward_passes=9, whole_batch=False, reproduced=True, indices_known=True),
         ),
         Incident(
             step=40, kind="grad", cause="unsafe_op", module="encoder.attn", epoch=1, action="recovered by CheckpointRollback",
             advice="Replace torch.log(x) by torch.log(x.clamp_min(1e-12)).",
-            detail={
-                "bisection": {"forward_passes": 3, "whole_batch": True, "note": "every sample fails on its own"},
-                "localization": {"module": "encoder.attn", "op": "log", "op_location": "src/pkg/model.py:88 in forward",
-                                 "summary": "first non-finite value from log"},
-            },
+            bisection=BisectionRecord(step=40, forward_passes=3, whole_batch=True, note="every sample fails on its own"),
+            localization=LocalizationRecord(module="encoder.attn", op="log", op_location="src/pkg/model.py:88 in forward",
+                                            summary="first non-finite value from log"),
         ),
         Incident(step=41, kind="param", cause="divergence", epoch=1, action="raised", detail={"evidence": ["lr 10"]}),
         Incident(step=55, kind="input", cause="dirty_data", samples=[3], epoch=2, advice="Run `lightning-nan scan` on the data."),
         Incident(
             step=60, kind="loss", epoch=2, samples=None,  # iterable data set: positions instead of indices
-            detail={"bisection": {"indices_known": False, "positions": [[0, 59, 2], [0, 59, 7]], "fingerprints": ["a", "b"]}},
+            bisection=BisectionRecord(step=60, indices_known=False, positions=[[0, 59, 2], [0, 59, 7]], fingerprints=["a", "b"]),
         ),
     ]
 
@@ -94,7 +93,7 @@ def test_lines_fit_the_width_and_cut_cells_end_with_an_ellipsis(width):
         step=123456, kind="grad", cause="overflow", module="backbone.stages.3.blocks.11.attention.out_proj",
         samples=list(range(1000, 1100)), epoch=7, action="recovered by CheckpointRollbackWithAVeryLongName",
         advice="A long piece of advice " * 12,
-        detail={"localization": {"op": "div", "op_location": "a/b/c/some_long_module_file_name.py:1234 in forward"}},
+        localization=LocalizationRecord(op="div", op_location="a/b/c/some_long_module_file_name.py:1234 in forward"),
     )
     text = summary_table([long, *_incidents()], width=width)
     assert all(len(line) <= width for line in text.splitlines()), text
@@ -110,7 +109,7 @@ def test_lines_fit_the_width_and_cut_cells_end_with_an_ellipsis(width):
 def test_a_long_module_name_keeps_its_tail_and_the_operation():
     inc = Incident(
         step=1, kind="loss", module="very.long.prefix.of.modules.head",
-        detail={"localization": {"op": "log", "op_location": "model.py:9 in forward"}},
+        localization=LocalizationRecord(op="log", op_location="model.py:9 in forward"),
     )
     other = Incident(step=2, kind="loss", cause="unsafe_op", action="a" * 20, samples=list(range(50)))
     cell = _rows(summary_table([inc, other], width=110))[1][4]
@@ -137,7 +136,7 @@ def test_json_is_strict_json_and_round_trips_the_incidents():
     incidents = _incidents()
     incidents[2].detail["loss"] = math.nan
     incidents[2].detail["grad_norm"] = -math.inf
-    incidents[4].detail["bisection"]["positions"] = [(0, 59, 2), (0, 59, 7)]  # tuples, as in memory
+    incidents[4].bisection.positions = [(0, 59, 2), (0, 59, 7)]  # tuples, as a caller may set them
     quarantine = [make_record(index=3, position=1, epoch=2, step=55, batch_idx=54, reason="non-finite input", fingerprint="c")]
     out = json.loads(json.dumps(summary_json(incidents, quarantine), allow_nan=False))
     assert sorted(out) == ["advice", "by_cause", "incidents", "quarantine"]
@@ -146,7 +145,7 @@ def test_json_is_strict_json_and_round_trips_the_incidents():
     assert out["quarantine"] == quarantine
     back = [Incident.from_dict(d) for d in out["incidents"]]
     assert back[2].detail["loss"] == "nan" and back[2].detail["grad_norm"] == "-inf"
-    assert back[4].detail["bisection"]["positions"] == [[0, 59, 2], [0, 59, 7]]
+    assert back[4].bisection.positions == [[0, 59, 2], [0, 59, 7]]
     untouched = [0, 1, 3]  # nothing non-JSON in them: they come back equal
     assert [back[i] for i in untouched] == [incidents[i] for i in untouched]
     assert [b.time for b in back] == [i.time for i in incidents]
@@ -163,3 +162,21 @@ def test_max_rows_shows_the_first_and_last_incidents_and_counts_the_rest():
     assert rows == ["0", "1", "2", "…", "27", "28", "29"]
     assert "24 more incidents" in lines[5]
     assert "by cause: unknown 30" in summary_table(incidents, max_rows=6)
+
+
+def test_records_are_top_level_json_keys_and_old_files_with_them_in_detail_still_load():
+    old = {
+        "step": 5, "kind": "loss", "module": "head", "detail": {
+            "loss": 1.0,
+            "bisection": {"step": 5, "forward_passes": 3, "indices_known": False, "batches": [{"batch_idx": 2, "size": 8}],
+                          "positions": [[0, 2, 1]], "fingerprints": ["ab"], "from_a_newer_version": 1},
+            "localization": {"module": "head", "op": "log", "op_location": "m.py:3 in forward", "summary": "log of 0"},
+        },
+    }
+    inc = Incident.from_dict(json.loads(json.dumps(old)))
+    assert inc.detail == {"loss": 1.0}  # moved out of detail
+    assert inc.bisection.batches[0].size == 8 and inc.bisection.positions == [[0, 2, 1]] and inc.localization.op == "log"
+    assert _rows(summary_table([inc]))[1][4:6] == ["head (log at m.py:3)", "pos [1]"]
+    line = json.loads(json.dumps(inc.to_dict()))
+    assert line["bisection"]["forward_passes"] == 3 and line["localization"]["summary"] == "log of 0"
+    assert Incident.from_dict(line) == inc

@@ -163,7 +163,7 @@ def test_bisection_stands_down_on_every_rank_without_a_hang(tmp_path_factory):
     for rank in (0, 1):
         (incident,) = run.ranks[rank]["incidents"]
         assert (incident["step"], incident["kind"], incident["action"]) == (script.FAULT_BATCH, "loss", "skipped")
-        errors = incident["detail"]["bisection"]["errors"]
+        errors = incident["bisection"]["errors"]
         assert [e.split(":")[0] for e in errors] == ["rank 0", "rank 1"]
         assert all("ModelParallelStrategy shards the parameters" in e for e in errors)
         assert run.ranks[rank]["global_step"] == STEPS

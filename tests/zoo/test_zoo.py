@@ -60,7 +60,7 @@ def assert_unsafe_op(r: Result, *, kind: str, module: str, at: str, op: str | No
     assert incidents, "no incident"
     for inc in incidents:
         assert (inc.kind, inc.cause) == (kind, "unsafe_op"), (inc.step, inc.kind, inc.cause, inc.advice)
-        loc = inc.detail.get("localization") or {}
+        loc = inc.localization.to_dict() if inc.localization else {}
         assert inc.module == module, (inc.step, inc.module)
         if op is not None:
             assert loc.get("op") == op, (inc.step, loc)
@@ -94,8 +94,8 @@ def assert_dirty(r: Result, *, module: str) -> None:
         assert inc.samples and set(inc.samples) <= dirty, (inc.step, inc.samples)
         assert not inc.triggers, (inc.step, inc.triggers)
         assert inc.epoch == 0
-        for batch in inc.detail["bisection"]["batches"]:
-            assert batch.get("unconfirmed", []) == [], batch  # no false groups
+        for batch in inc.bisection.batches:
+            assert batch.unconfirmed == [], batch  # no false groups
     assert inc_module(r) == module
     assert sorted(s for i in r.incidents for s in i.samples) == sorted(dirty)
     assert r.lr_cuts == [], r.backoff.history
@@ -191,7 +191,7 @@ def test_hand_written_softmax_overflow(tmp_path):
         assert_unsafe_op(r, kind="loss", module="CosineClassifier", op="exp", at=at)
     else:
         for inc in r.incidents:
-            loc = inc.detail.get("localization") or {}
+            loc = inc.localization.to_dict() if inc.localization else {}
             assert inc.module == "CosineClassifier" and loc.get("op") == "exp"
             assert str(loc.get("op_location", "")).endswith(at)
         assert_nothing_quarantined(r)
