@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lightning_nan.callbacks._namespace import check_namespace
+from lightning_nan.callbacks.nan_guard import NaNGuardBase
 from lightning_nan.callbacks._trainer import log_metrics, run_dir, shards_parameters, starts_afresh
 from lightning_nan.core.batches import BatchSplitError, batch_size, select
 from lightning_nan.core.culprits import CulpritReport, find_culprits
@@ -220,7 +221,7 @@ class BatchBisectionBase:
         check_namespace(self, trainer)
         if stage != "fit":
             return
-        if not any(hasattr(cb, "ensure_checked") for cb in trainer.callbacks):
+        if not any(isinstance(cb, NaNGuardBase) for cb in trainer.callbacks):
             raise ValueError(
                 "BatchBisection reacts to NaNGuard's incidents, but the Trainer has no NaNGuard: "
                 "use Trainer(callbacks=[NaNGuard(), BatchBisection(...)])."

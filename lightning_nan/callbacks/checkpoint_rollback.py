@@ -12,13 +12,14 @@ from typing import Any
 import torch
 
 from lightning_nan.callbacks._namespace import check_namespace
+from lightning_nan.callbacks.nan_guard import NaNGuardBase
 from lightning_nan.callbacks._checkpoint_saves import (
     candidate_saves,
     finite_aside,
     param_group_settings,
     restore_param_group_settings,
 )
-from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_grads
+from lightning_nan.callbacks._shared_grads import find_step_grads, skip_step
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, partitions_state, starts_afresh
 from lightning_nan.core.losses import unscaled_loss
 from lightning_nan.core.validate import choice, fs_path, integer, number
@@ -328,7 +329,7 @@ class CheckpointRollbackBase:
             if confirm_due or flush_due:
                 # NaNGuard's check (and its one host transfer) first: what is read below then finds the
                 # device idle, so it does not stall it. The check may itself roll back.
-                step_grads(trainer, pl_module, optimizer)
+                find_step_grads(trainer, pl_module, optimizer)
                 if self._deferred is not None:
                     return
                 if flush_due:
@@ -339,8 +340,7 @@ class CheckpointRollbackBase:
                 if confirm_due:
                     self._confirm(trainer, pl_module)
         if self._dropping:
-            step_grads(trainer, pl_module, optimizer)  # the guard checks the step first (and may roll back)
-            _clear_grads(trainer, optimizer)
+            skip_step(trainer, pl_module, optimizer)  # the guard checks the step first (and may roll back)
             self._dropped_in_batch = True
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -539,7 +539,7 @@ class CheckpointRollbackBase:
         ok, why = self._rollback(trainer, pl_module, reason, in_step=True)
         self._spike_run = 0
         if ok:
-            _clear_grads(trainer, optimizer)
+            skip_step(trainer, pl_module, optimizer)
             guard = self._guard(trainer)
             if guard is not None:
                 guard.guard.recovered()
@@ -730,8 +730,8 @@ class CheckpointRollbackBase:
         return world()[1] > 1 or getattr(trainer, "world_size", 1) > 1
 
     @staticmethod
-    def _guard(trainer: Any) -> Any:
-        return next((cb for cb in trainer.callbacks if hasattr(cb, "ensure_checked") and hasattr(cb, "guard")), None)
+    def _guard(trainer: Any) -> NaNGuardBase | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, NaNGuardBase)), None)
 
     def _objects(self, event: Any) -> tuple[Any, Any]:
         trainer = event.extra.get("trainer", self._trainer)
@@ -748,14 +748,6 @@ class CheckpointRollbackBase:
         self._warned.add(key)
         if self._rank_zero:
             warnings.warn(message, UserWarning, stacklevel=3)
-
-
-def _clear_grads(trainer: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Make the coming ``optimizer.step()`` a no-op, and tell clipping and monitoring there is nothing to see."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
-    publish(trainer, optimizer, StepGrads([], None, skipped=True))
 
 
 def _key(callback: Any) -> str:
