@@ -191,34 +191,33 @@ class StepGuard(StepIncidents):
         grad_norms = norms[: len(with_grad)] if with_grad else None
         self.last_grad_norms, self._last_with_grad = grad_norms, with_grad
         device = norms.device if norms.numel() else (params[0].device if params else torch.device("cpu"))
-        at = CheckedStep(
-            step, epoch, optimizer, params, with_grad, grad_norms, self._window or self._recent, self._losses,
-            self._loss_where, loss_scale(scaler), scaler, device, dict(extra or {}),
+        scale, losses, loss_where, batches = loss_scale(scaler), self._losses, self._loss_where, self._window or self._recent
+        seen = screen(
+            norms, grads=len(with_grad), weights=len(weights), losses=losses, inputs=self._input_sums, scale=scale,
+            min_loss_scale=self.min_loss_scale, device=device,
+            reduce=self.reduce if world()[1] > 1 else None,  # under DDP: a fault on one rank is every rank's
         )
-        inputs = self._input_sums
         self._recent = self._window[-1:] or self._recent
         self._window, self._losses, self._loss_where, self._input_sums = [], [], [], []
-
-        seen = screen(
-            norms, grads=len(with_grad), losses=at.losses, inputs=inputs, scale=at.scale, min_loss_scale=self.min_loss_scale,
-            device=device, reduce=self.reduce if world()[1] > 1 else None,  # under DDP: a fault on one rank is every rank's
-        )
         self.history.append(
             StepRecord(
                 step,
-                loss=seen.loss if at.losses else None,
-                grad_norm=seen.grad_norm if with_grad else None,
+                loss=seen.loss if losses else None,
+                grad_norm=seen.grad_norm if with_grad else None,  # the sum of the per-tensor norms: its trend is what counts
                 weight_norm=seen.weight_norm if weights else None,
             )
         )
         self.last_grad_norm_bound = seen.bound if with_grad and math.isfinite(seen.bound) else None
-        if seen.failed:  # rare: exact per-tensor checks, several syncs allowed, agreed again
-            return self._failed(seen, at)
-        growth = self._watch(step, seen, bool(at.losses), bool(with_grad))
+        growth = None if seen.failed else self._watch(step, seen, bool(losses), bool(with_grad))
+        if not seen.failed and growth is None:
+            self.consecutive_skips = 0
+            return StepVerdict()
+        at = CheckedStep(
+            step, epoch, optimizer, params, with_grad, grad_norms, batches, losses, loss_where, scale, scaler, device, dict(extra or {})
+        )
         if growth is not None:  # finite, but exploded: skip it before it turns into NaN
             return self._grew(growth, at)
-        self.consecutive_skips = 0
-        return StepVerdict()
+        return self._failed(seen, at)  # rare: exact per-tensor checks, several syncs allowed, agreed again
 
     def recovered(self) -> None:
         """A listener restored a finite state (a rollback) while acting on an incident: the run of skipped

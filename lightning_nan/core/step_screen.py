@@ -9,15 +9,16 @@ magnitudes, so that a fault on one rank is every rank's. Either way one reading,
 
 >>> import torch
 >>> norms = torch.tensor([3.0, 4.0, 10.0])  # two gradient norms, then one weight norm
->>> seen = screen(norms, grads=2, losses=[torch.tensor(0.5)], inputs=[], scale=None, min_loss_scale=1.0)
+>>> seen = screen(norms, grads=2, weights=1, losses=[torch.tensor(0.5)], inputs=[], scale=None, min_loss_scale=1.0)
 >>> seen.failed, seen.loss, seen.grad_norm, seen.weight_norm, seen.bound
 (False, 0.5, 7.0, 10.0, 5.0)
->>> screen(norms, grads=2, losses=[torch.tensor(float("nan"))], inputs=[], scale=None, min_loss_scale=1.0).faults
+>>> screen(norms, grads=2, weights=1, losses=[torch.tensor(float("nan"))], inputs=[], scale=None, min_loss_scale=1.0).faults
 {'input': False, 'loss': True, 'grad': False, 'param': False, 'scale': False}
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class Layout:
     bound: slice
 
     @classmethod
+    @functools.cache  # one per shape of step: a run has a handful
     def of(cls, grads: int, params: int, losses: int, inputs: int, scaled: bool) -> Layout:
         """The vector as :func:`screen` builds it: gradient norms, weight norms, losses, input sums, scale."""
         ends = [grads]
@@ -79,6 +81,7 @@ class Layout:
         return cls(grad, param, loss, input_, scale, bound=grad)
 
     @classmethod
+    @functools.cache
     def of_totals(cls, scaled: bool) -> Layout:
         """The vector :meth:`totals` makes: one value per segment, then the bound, then the scale."""
         return cls(slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4), slice(5, 5 + int(scaled)), bound=slice(4, 5))
@@ -90,16 +93,23 @@ class Layout:
 
     def read(self, values: Sequence[float], min_loss_scale: float) -> Screen:
         """The :class:`Screen` of the values (host arithmetic, in float64)."""
-        loss, grad, param, inputs = (sum(values[s]) for s in (self.loss, self.grad, self.param, self.input))
-        scale = values[self.scale]
-        faults = [not math.isfinite(v) for v in (inputs, loss, grad, param)] + [bool(scale) and scale[0] < min_loss_scale]
-        return Screen(dict(zip(FLAGS, faults)), loss, grad, param, bound=math.hypot(*values[self.bound]))
+        loss, grad, param, scale = sum(values[self.loss]), sum(values[self.grad]), sum(values[self.param]), values[self.scale]
+        finite = math.isfinite
+        faults = {
+            "input": not finite(sum(values[self.input])),
+            "loss": not finite(loss),
+            "grad": not finite(grad),
+            "param": not finite(param),
+            "scale": bool(scale) and scale[0] < min_loss_scale,
+        }
+        return Screen(faults, loss, grad, param, bound=math.hypot(*values[self.bound]))
 
 
 def screen(
     norms: Tensor,
     *,
     grads: int,
+    weights: int,
     losses: Sequence[Tensor],
     inputs: Sequence[Tensor],
     scale: Tensor | None,
@@ -107,7 +117,7 @@ def screen(
     device: torch.device | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Screen:
-    """Screen a step in one transfer: ``norms`` holds ``grads`` gradient norms, then the weight norms.
+    """Screen a step in one transfer: ``norms`` holds ``grads`` gradient norms, then ``weights`` weight norms.
 
     ``reduce``: the in-place element-wise max over ranks when there are several (``None``: a single
     process). ``device``: where to gather the values (default: that of ``norms``).
@@ -116,7 +126,7 @@ def screen(
     tail = [scalar_loss(v) for v in losses] + list(inputs) + ([scale.float()] if scale is not None else [])
     parts = [norms.reshape(-1).to(device), *(t.reshape(1).to(device, non_blocking=True) for t in tail)]
     values = parts[0] if len(parts) == 1 else torch.cat(parts)
-    layout = Layout.of(grads, len(norms) - grads, len(losses), len(inputs), scale is not None)
+    layout = Layout.of(grads, weights, len(losses), len(inputs), scale is not None)
     if reduce is not None:  # agree: the largest magnitude of each total over the ranks (NaN counts as Inf)
         values = reduce(torch.nan_to_num(layout.totals(values).abs(), nan=math.inf, posinf=math.inf))
         layout = Layout.of_totals(scale is not None)
