@@ -14,7 +14,7 @@ from typing import Any
 from lightning_nan.core.norms import tensor_norms
 from lightning_nan.core.step_grads import GradsSource, HeldGrads, StepGrads
 
-__all__ = ["StepGrads", "find_step_grads", "skip_step", "step_grads"]
+__all__ = ["find_step_grads", "skip_step", "step_grads"]
 
 
 def find_step_grads(trainer: Any, pl_module: Any, optimizer: Any) -> StepGrads | None:

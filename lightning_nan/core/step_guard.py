@@ -191,14 +191,14 @@ class StepGuard(StepIncidents):
         grad_norms = norms[: len(with_grad)] if with_grad else None
         self.last_grad_norms, self._last_with_grad = grad_norms, with_grad
         device = norms.device if norms.numel() else (params[0].device if params else torch.device("cpu"))
-        scale, losses, loss_where, batches = loss_scale(scaler), self._losses, self._loss_where, self._window or self._recent
+        scale, losses, loss_where, inputs = loss_scale(scaler), self._losses, self._loss_where, self._input_sums
+        batches, self._recent = self._window or self._recent, self._window[-1:] or self._recent
+        self._window, self._losses, self._loss_where, self._input_sums = [], [], [], []
         seen = screen(
-            norms, grads=len(with_grad), weights=len(weights), losses=losses, inputs=self._input_sums, scale=scale,
+            norms, grads=len(with_grad), weights=len(weights), losses=losses, inputs=inputs, scale=scale,
             min_loss_scale=self.min_loss_scale, device=device,
             reduce=self.reduce if world()[1] > 1 else None,  # under DDP: a fault on one rank is every rank's
         )
-        self._recent = self._window[-1:] or self._recent
-        self._window, self._losses, self._loss_where, self._input_sums = [], [], [], []
         self.history.append(
             StepRecord(
                 step,
