@@ -86,7 +86,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from pytorch_lightning.loggers.logger import Logger  # noqa: E402
 
 from lightning_nan import GradientClipping, NaNGuard, NormMonitor  # noqa: E402
-from lightning_nan.callbacks import _shared_grads  # noqa: E402
+from lightning_nan.core.step_grads import GradsSource, StepGrads  # noqa: E402
 
 MONITOR_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
 
@@ -166,19 +166,21 @@ def clipping_in_isolation(st: StepState, repeats: int, max_norm: float = 1.0) ->
     guard, clip = NaNGuard(), GradientClipping("norm", max_norm=max_norm)
     for cb in (guard, clip):
         cb.setup(trainer, model, "fit")
+    callbacks = trainer.callbacks
+    trainer.callbacks = [*callbacks, guard]  # the clipper finds the guard there, as in a Trainer
 
     def guard_and_clip(i: int) -> None:
-        guard_step(guard, st, i)  # publishes the gradient norms of the step
+        guard_step(guard, st, i)  # checks the step: the clipper asks the guard for its gradient norms
         clip.on_before_optimizer_step(trainer, model, opt)
 
     def guard_only(i: int) -> None:
         guard_step(guard, st, i)
 
-    def clip_reusing(i: int) -> None:  # the guard's norms of the step are published: a cache hit
+    def clip_reusing(i: int) -> None:  # the guard has checked the step: it hands out its norms
         clip.on_before_optimizer_step(trainer, model, opt)
 
     def clip_alone(i: int) -> None:  # no guard in the Trainer: it computes the norms itself
-        _shared_grads._STEPS.pop(trainer, None)
+        clip._grads.clear()
         clip.on_before_optimizer_step(trainer, model, opt)
 
     def timed(fn: Callable[[int], object]) -> float:
@@ -195,8 +197,9 @@ def clipping_in_isolation(st: StepState, repeats: int, max_norm: float = 1.0) ->
     rows += [
         ("part: GradientClipping's hook, reusing the guard's norms", timed(clip_reusing)),
         ("part: GradientClipper.clip_(params, norms)", timed(lambda i: clip.clipper.clip_(st.params, norms))),
-        ("GradientClipping alone (computes the gradient norms itself)", timed(clip_alone)),
     ]
+    trainer.callbacks = callbacks
+    rows.append(("GradientClipping alone (computes the gradient norms itself)", timed(clip_alone)))
     rows.append(("net: (guard + clipping hooks) - Lightning's clipping", rows[2][1] - rows[0][1]))
     return rows
 
@@ -217,7 +220,7 @@ def monitor_in_isolation(st: StepState, repeats: int, root: str) -> list[tuple[s
 
     def hooks(m: NormMonitor) -> Callable[[int], None]:
         def step(i: int) -> None:
-            _shared_grads._STEPS.pop(trainer, None)  # a new step: the gradient norms are not computed yet
+            m._grads.clear()  # a new step: the gradient norms are not computed yet
             m.on_train_batch_start(trainer, model, batch, i)
             m.on_before_optimizer_step(trainer, model, opt)
             m.on_train_batch_end(trainer, model, None, batch, i)
@@ -228,7 +231,7 @@ def monitor_in_isolation(st: StepState, repeats: int, root: str) -> list[tuple[s
     assert trainer.global_step % 50 != 0  # a non-logging step for every50
 
     def before_step(i: int) -> None:
-        _shared_grads._STEPS.pop(trainer, None)
+        every1._grads.clear()
         every1._pending = {}
         every1.on_before_optimizer_step(trainer, model, opt)
 
@@ -281,7 +284,7 @@ class EveryOtherStep(pl.Callback):
     records the wall time of every step, from one ``on_train_batch_start`` to the next.
 
     The fit-level hooks reach them always; the per-step ones on even steps. A guard among them is
-    found by the clipper as in a Trainer (``ensure_checked``), so the gradient norms are shared."""
+    found by the clipper as in a Trainer (this wrapper hands out its gradient norms), so they are shared."""
 
     ALWAYS = ("setup", "on_fit_start", "on_train_start", "on_train_epoch_end", "on_validation_start", "on_train_end", "teardown")
 
@@ -291,12 +294,14 @@ class EveryOtherStep(pl.Callback):
         for hook in self.ALWAYS:
             setattr(self, hook, self._forward(hook))
 
-    def __getattr__(self, name):
-        if name == "ensure_checked":  # what GradientClipping looks for in trainer.callbacks
-            for cb in self.__dict__.get("callbacks", []):
-                if hasattr(cb, name):
-                    return getattr(cb, name)
-        raise AttributeError(name)
+    def step_grads(self, trainer, pl_module, optimizer) -> StepGrads | None:
+        """The step's gradient norms, as the wrapped guard (or clipper, or monitor) has them."""
+        for cb in self.callbacks:
+            if isinstance(cb, GradsSource):
+                grads = cb.step_grads(trainer, pl_module, optimizer)
+                if grads is not None:
+                    return grads
+        return None
 
     def _forward(self, hook):
         def call(*args, **kwargs):

@@ -418,7 +418,7 @@ def guard_in_isolation(*, batch_size: int, data: TensorDataset, repeats: int, ro
 
 def guard_step(cb: NaNGuard, st: StepState, i: int) -> None:
     """NaNGuard's three per-step hooks, as a new step (the guard's once-per-step cache cleared first)."""
-    cb._checked = None
+    cb._grads.clear()
     cb.on_train_batch_start(st.trainer, st.model, st.batch, i)
     cb.on_before_backward(st.trainer, st.model, st.loss)
     cb.on_before_optimizer_step(st.trainer, st.model, st.opt)

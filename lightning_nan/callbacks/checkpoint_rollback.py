@@ -23,8 +23,9 @@ from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._rollback_arguments import check_arguments
 from lightning_nan.callbacks._rank_agreement import distributed
 from lightning_nan.callbacks._rollback_sources import Restoration, RollbackSource, callback_states, load_callback_states
-from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_grads
+from lightning_nan.callbacks._shared_grads import find_step_grads, skip_step
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, starts_afresh
+from lightning_nan.callbacks.nan_guard import NaNGuardBase
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import RollbackEvent, announce_rollback
 from lightning_nan.core.incident import Incident
@@ -280,7 +281,7 @@ class CheckpointRollbackBase:
             if confirm_due or flush_due:
                 # NaNGuard's check (and its one host transfer) first: what is read below then finds the
                 # device idle, so it does not stall it. The check may itself roll back.
-                step_grads(trainer, pl_module, optimizer)
+                find_step_grads(trainer, pl_module, optimizer)
                 if self._deferred is not None:
                     return
                 if flush_due:  # under DDP averaged over the ranks first: every rank scores the global batch
@@ -292,8 +293,7 @@ class CheckpointRollbackBase:
                 if confirm_due:
                     self._source.confirm(trainer, pl_module, self._last_incident_step, self.spikes)
         if self._dropping:
-            step_grads(trainer, pl_module, optimizer)  # the guard checks the step first (and may roll back)
-            _clear_grads(trainer, optimizer)
+            skip_step(trainer, pl_module, optimizer)  # the guard checks the step first (and may roll back)
             self._dropped_in_batch = True
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -387,7 +387,7 @@ class CheckpointRollbackBase:
         record = self._rollback(trainer, pl_module, reason, in_step=True)
         self.spikes.run = 0
         if record.restored:
-            _clear_grads(trainer, optimizer)
+            skip_step(trainer, pl_module, optimizer)
             guard = self._guard(trainer)
             if guard is not None:
                 guard.guard.recovered()
@@ -464,8 +464,8 @@ class CheckpointRollbackBase:
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _guard(trainer: Any) -> Any:
-        return next((cb for cb in trainer.callbacks if hasattr(cb, "ensure_checked") and hasattr(cb, "guard")), None)
+    def _guard(trainer: Any) -> NaNGuardBase | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, NaNGuardBase)), None)
 
     def _objects(self, event: Any) -> tuple[Any, Any]:
         trainer = event.extra.get("trainer", self._trainer)
@@ -484,9 +484,3 @@ class CheckpointRollbackBase:
             warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def _clear_grads(trainer: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Make the coming ``optimizer.step()`` a no-op, and tell clipping and monitoring there is nothing to see."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
-    publish(trainer, optimizer, StepGrads([], None, skipped=True))

@@ -19,6 +19,7 @@ from lightning_nan.core.clipping import (
 )
 from lightning_nan.core.events import RestoredOnRollback
 from lightning_nan.core.sharding import is_sharded
+from lightning_nan.core.step_grads import HeldGrads, StepGrads
 from lightning_nan.core.validate import boolean, integer
 
 
@@ -117,6 +118,7 @@ class GradientClippingBase:
         #: The device tensors of the last clipping step (``total_norm``, ``threshold``, ``coef``, ...).
         self.last: dict[str, torch.Tensor] = {}
         self._bound_holds = False
+        self._grads = HeldGrads()  # the gradient norms, when this callback computed them (no guard)
 
     @property
     def method(self) -> str:
@@ -147,7 +149,7 @@ class GradientClippingBase:
             raise agc_refused(type(trainer.strategy).__name__)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
-        grads = step_grads(trainer, pl_module, optimizer)
+        grads = step_grads(trainer, pl_module, optimizer, self._grads)
         if grads.skipped or not grads.params:
             return
         self.last = self.clipper.clip_(grads.params, grads.norms, grads.norm_bound if self._bound_holds else None).as_dict()
@@ -155,6 +157,13 @@ class GradientClippingBase:
         if self.last and trainer.global_step % every == 0 and trainer.loggers:
             values = torch.stack([v.float().reshape(()) for v in self.last.values()]).tolist()
             log_metrics(trainer, {f"grad_clip/{k}": v for k, v in zip(self.last, values)})
+
+    def step_grads(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> StepGrads | None:
+        """The step's gradient norms if this callback computed them (no guard in the Trainer), else ``None``."""
+        return self._grads.get(optimizer, trainer.global_step)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._grads.clear()  # let go of the parameters
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.method, "rule": self.clipper.state_dict()}

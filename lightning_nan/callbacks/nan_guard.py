@@ -10,7 +10,6 @@ import torch
 
 from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._eval_guard import EvalGuard
-from lightning_nan.callbacks._shared_grads import StepGrads, publish, step_key
 from lightning_nan.callbacks._step_traces import StepTraces
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir, starts_afresh
 from lightning_nan.core.errors import NonFiniteWarning
@@ -19,6 +18,7 @@ from lightning_nan.core.incident import Incident
 from lightning_nan.core.jsonl import append_jsonl, missing_from
 from lightning_nan.core.pending import PendingRecords
 from lightning_nan.core.recurrence import UNSAFE_OP_REPEATS
+from lightning_nan.core.step_grads import HeldGrads, StepGrads
 from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, StepVerdict
 from lightning_nan.core.validate import boolean, fs_path, integer
 
@@ -171,7 +171,8 @@ class NaNGuardBase:
             "NaNGuard", "the incidents file", fix="make its folder writable, or pass NaNGuard(incidents_path=...) a writable file"
         )
         self._rank_zero = True
-        self._checked: tuple[tuple[int, int], StepVerdict] | None = None
+        self._grads = HeldGrads()  # the step checked last, for the callbacks that clip or monitor it
+        self._verdict = StepVerdict()
         self._trainer: Any = None
         self._incidents_at_start = 0
 
@@ -196,7 +197,7 @@ class NaNGuardBase:
     def __getstate__(self) -> dict[str, Any]:
         # Lightning binds the module's `log`/`log_dict` onto every callback; they are re-bound on the next fit.
         state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
-        state.update(_checked=None, _norm_stats=[], _norm_stats_before=[], _trainer=None, _traces=StepTraces())
+        state.update(_verdict=StepVerdict(), _norm_stats=[], _norm_stats_before=[], _trainer=None, _traces=StepTraces())
         state.update(_eval=EvalGuard(), _eval_listeners=[])
         return state
 
@@ -227,7 +228,7 @@ class NaNGuardBase:
         self._unwritten.reset()
         if self._rank_zero:
             self._unwritten.check(self._path)
-        self._checked = None
+        self._grads.clear()
         self._trainer = trainer
         self._incidents_at_start = len(self.guard.incidents)
 
@@ -266,9 +267,9 @@ class NaNGuardBase:
         self.guard.observe_loss(loss)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
-        verdict = self.ensure_checked(trainer, pl_module, optimizer)
+        self.step_grads(trainer, pl_module, optimizer)
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        if verdict.incident is not None or trainer.global_step % every == 0:
+        if self._verdict.incident is not None or trainer.global_step % every == 0:
             log_metrics(trainer, self.metrics())
 
     # ------------------------------------------------------------------ validation and test
@@ -306,27 +307,30 @@ class NaNGuardBase:
             self.guard.incidents.append(incident)
             self._record(incident)
 
-    def ensure_checked(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> StepVerdict:
-        """Check the current optimizer step once (callbacks that clip or monitor call this first)."""
-        key = step_key(trainer, optimizer)
-        if self._checked is not None and self._checked[0] == key:
-            return self._checked[1]
-        verdict = self.guard.check(
+    def step_grads(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> StepGrads:
+        """The current step's gradients and their norms, checking the step first if it has not been yet.
+
+        Callbacks that clip or monitor gradients call this (through
+        :class:`~lightning_nan.core.step_grads.GradsSource`), so the step is checked once, before them.
+        """
+        grads = self._grads.get(optimizer, trainer.global_step)
+        if grads is not None:
+            return grads
+        verdict = self._verdict = self.guard.check(
             optimizer,
             step=trainer.global_step,
             epoch=trainer.current_epoch,
             scaler=grad_scaler(trainer),
             extra={"trainer": trainer, "pl_module": pl_module},
         )
-        self._checked = (key, verdict)
         if verdict.skipped and self._norm_stats:  # the failed forward pass also moved the running statistics
             torch._foreach_copy_(self._norm_stats, self._norm_stats_before)
         if verdict.skipped and self.clean_metrics:  # its logged values and metric updates go at the batch's end
             self._traces.mark_skipped()
-        skipped = verdict.skipped or verdict.scaler_overflow
         guard = self.guard
-        publish(trainer, optimizer, StepGrads(guard._last_with_grad, guard.last_grad_norms, skipped, guard.last_grad_norm_bound))
-        return verdict
+        skipped = verdict.skipped or verdict.scaler_overflow
+        grads = StepGrads(guard.last_grad_params, guard.last_grad_norms, skipped, guard.last_grad_norm_bound)
+        return self._grads.hold(optimizer, trainer.global_step, grads)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.guard.check_params_every_n_steps > 0:

@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 
 from lightning_nan.callbacks._namespace import check_namespace
-from lightning_nan.callbacks._shared_grads import StepGrads, step_grads
+from lightning_nan.callbacks._shared_grads import step_grads
 from lightning_nan.callbacks._trainer import strategy_is
 from lightning_nan.core.norms import tensor_norms
 from lightning_nan.core.sharding import copies_per_tensor, local_parts, norms_over_ranks
+from lightning_nan.core.step_grads import HeldGrads, StepGrads
 from lightning_nan.core.validate import boolean, choice, integer, number, regex
 
 #: The TensorBoard custom-scalars page: one multi-line chart per quantity, one line per layer.
@@ -101,6 +102,7 @@ class NormMonitorBase:
         self.exclude = exclude
         self.histograms = histograms
         self.eps = eps
+        self._grads = HeldGrads()  # the gradient norms, when this callback computed them (no guard)
         self._reset()
 
     def _reset(self) -> None:
@@ -148,7 +150,7 @@ class NormMonitorBase:
         step = trainer.global_step
         if step % self.every_n_steps != 0:
             return
-        grads = step_grads(trainer, pl_module, optimizer, step)  # on every rank: it may run the guard's check
+        grads = step_grads(trainer, pl_module, optimizer, self._grads)  # on every rank: it may run the guard's check
         if grads.norms is None:
             return
         plan = self._plan(grads)
@@ -237,6 +239,11 @@ class NormMonitorBase:
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._plans, self._keys, self._pending = {}, {}, {}  # let go of parameters and buffers
+        self._grads.clear()
+
+    def step_grads(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> StepGrads | None:
+        """The step's gradient norms if this callback computed them (no guard in the Trainer), else ``None``."""
+        return self._grads.get(optimizer, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

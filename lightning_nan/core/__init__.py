@@ -13,7 +13,7 @@ from lightning_nan.core.distributed import all_reduce_max
 from lightning_nan.core.dump import read_dump, write_dump
 from lightning_nan.core.errors import NonFiniteError, NonFiniteWarning
 from lightning_nan.core.events import EscalationHandler, IncidentEvent, IncidentListener
-from lightning_nan.core.incident import Incident, IncidentCause, IncidentKind
+from lightning_nan.core.incident import Incident, IncidentAction, IncidentCause, IncidentKind
 from lightning_nan.core.jsonl import append_jsonl, read_jsonl
 from lightning_nan.core.localize import Localization, localize
 from lightning_nan.core.lr_backoff import LRBackoffController
@@ -47,6 +47,7 @@ __all__ = [
     "fingerprint",
     "GradientClipper",
     "Incident",
+    "IncidentAction",
     "IncidentCause",
     "IncidentEvent",
     "IncidentKind",

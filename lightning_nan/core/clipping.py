@@ -1,42 +1,41 @@
-"""Gradient clipping that never turns finite gradients non-finite, with no host synchronisation.
+"""GradientClipper: five clipping methods behind one call, NaN-proof, with no host synchronisation.
 
-Every rule works on the device: thresholds and running statistics are tensors, updated with
-``torch.where``, so a step whose gradient norm is NaN/Inf leaves them untouched and is not clipped
-(the guard skips it). The pieces compose as in :func:`torch.nn.utils.clip_grad_norm_`:
-per-tensor norms (:func:`~lightning_nan.core.norms.tensor_norms`) -> total norm -> coefficient ->
-:func:`scale_grads_`.
-
->>> import torch
->>> g = [torch.tensor([3.0, 4.0])]
->>> coef = clip_coefficient(torch.tensor(5.0), 1.0)
->>> scale_grads_(g, coef); g[0]
-tensor([0.6000, 0.8000])
->>> clip_coefficient(torch.tensor(float("nan")), 1.0)  # torch's clip would give NaN here
-tensor(1.)
->>> rule = AutoClip(percentile=50, window=3)
->>> [round(float(rule.threshold(torch.tensor(n))), 2) for n in (1.0, 3.0, float("nan"), 2.0)]
-[1.0, 2.0, 2.0, 2.0]
+The primitives are in :mod:`~lightning_nan.core.clip_ops`, the adaptive thresholds (AutoClip, ZClip)
+in :mod:`~lightning_nan.core.clip_rules`; a step whose gradient norm is NaN/Inf is not clipped (the
+guard skips it) and never enters a rule's statistics.
 """
 
 from __future__ import annotations
 
 import enum
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_nan.core.clip_ops import (
+    adaptive_clip_,
+    agc_with_fraction,
+    clip_coefficient,
+    clip_grads_value_,
+    final_layer_parameters,
+    scale_grads_,
+    unitwise_norm,
+)
+from lightning_nan.core.clip_rules import ZCLIP_MAX_NORM, AutoClip, ZClip
 from lightning_nan.core.norms import tensor_norms, total_norm
 from lightning_nan.core.sharding import copies_per_tensor, local_parts, norms_over_ranks, total_over_ranks
-from lightning_nan.core.validate import choice, integer, number
+from lightning_nan.core.validate import choice, number
+
+__all__ = [
+    "ARGUMENTS", "DEFAULT", "METHODS", "ZCLIP_MAX_NORM", "AutoClip", "ClipStats", "DefaultType", "GradientClipper", "ZClip",
+    "adaptive_clip_", "agc_refused", "clip_coefficient", "clip_grads_value_", "final_layer_parameters",
+    "refuse_other_methods", "scale_grads_", "unitwise_norm",
+]
 
 METHODS = ("norm", "value", "autoclip", "agc", "zclip")
-#: ZClip's cap on every step's norm unless told otherwise: the reference ``zclip`` package's
-#: ``max_grad_norm=1.0``, which is what lets a model that blows up in its first (warm-up) steps survive.
-ZCLIP_MAX_NORM = 1.0
 
 
 class DefaultType(enum.Enum):
@@ -64,192 +63,6 @@ ARGUMENTS: dict[str, tuple[str, ...]] = {
 #: ``norm`` skips a coefficient of exactly 1 when the host's norm plus torch's 1e-6, times this, is under
 #: ``max_norm``: a margin far beyond the float32 rounding of the device's norm, its 1e-6 and its division.
 _MARGIN = 1.001
-
-
-def clip_coefficient(total_norm: Tensor, max_norm: float | Tensor, eps: float = 1e-6) -> Tensor:
-    """``min(1, max_norm / (total_norm + eps))`` as in torch, but 1 when either norm is not finite."""
-    if isinstance(max_norm, Tensor):
-        coef = torch.clamp(max_norm / (total_norm + eps), max=1.0)
-        return torch.where(torch.isfinite(total_norm) & torch.isfinite(max_norm), coef, 1.0)
-    # A NaN/Inf total becomes a 0 denominator, whose coefficient clamps to 1; a finite one is left as
-    # it is, so the coefficient is torch's, bit for bit (max_norm is positive, inf included).
-    return torch.clamp(max_norm / (total_norm + eps).nan_to_num_(nan=0.0, posinf=0.0), max=1.0)
-
-
-@torch.no_grad()
-def scale_grads_(grads: Sequence[Tensor], coef: Tensor) -> None:
-    """Multiply gradients by ``coef`` in place (one fused kernel per device)."""
-    for device, group in _by_device(grads).items():
-        torch._foreach_mul_(group, coef.to(device, non_blocking=True))
-
-
-@torch.no_grad()
-def clip_grads_value_(grads: Sequence[Tensor], clip_value: float) -> None:
-    """Clamp gradients to ``[-clip_value, clip_value]`` in place, as :func:`torch.nn.utils.clip_grad_value_`."""
-    for group in _by_device(grads).values():
-        torch._foreach_clamp_min_(group, -clip_value)
-        torch._foreach_clamp_max_(group, clip_value)
-
-
-def unitwise_norm(x: Tensor) -> Tensor:
-    """Norm per output unit: over all dims but the first (whole tensor for scalars and vectors)."""
-    if x.ndim <= 1:
-        return torch.linalg.vector_norm(x.float())
-    return torch.linalg.vector_norm(x.float(), dim=tuple(range(1, x.ndim)), keepdim=True)
-
-
-@torch.no_grad()
-def adaptive_clip_(params: Sequence[Tensor], clip_factor: float = 0.01, eps: float = 1e-3) -> None:
-    """Unit-wise adaptive gradient clipping (Brock et al. 2021), in place.
-
-    For each output unit, when ``|G| / max(|W|, eps) > clip_factor`` the unit's gradient is scaled to
-    ``clip_factor * max(|W|, eps)``. A unit whose gradient norm is not finite is left alone.
-
-    >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
-    >>> w.grad = torch.tensor([[1.0, 0.0], [1e-6, 0.0]])
-    >>> adaptive_clip_([w], clip_factor=0.1)
-    >>> w.grad  # unit 0 capped at 0.1 * 5; unit 1 under 0.1 * eps
-    tensor([[5.0000e-01, 0.0000e+00],
-            [1.0000e-06, 0.0000e+00]])
-    """
-    with_grad = [p for p in params if p.grad is not None]
-    if with_grad:
-        _agc_with_fraction(with_grad, clip_factor, eps)
-
-
-class AutoClip:
-    """AutoClip (Seetharaman et al. 2020): the threshold is the ``percentile``-th percentile of the
-    total gradient norms seen so far (the current one included), over the last ``window`` finite ones.
-
-    The history is a device tensor; non-finite norms never enter it.
-    """
-
-    def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
-        self.percentile = number("percentile", percentile, low=0, high=100, low_open=True)
-        self.window = integer("window", window, low=1)
-        self.history: Tensor | None = None
-
-    def threshold(self, total_norm: Tensor) -> Tensor:
-        """Record ``total_norm`` (if finite) and return the current threshold (NaN: nothing seen yet)."""
-        norm = total_norm.detach().float().reshape(1)
-        if self.history is None:
-            self.history = torch.full((self.window,), math.nan, device=norm.device)
-        self.history = self.history.to(norm.device)  # e.g. loaded from a checkpoint on the CPU
-        shifted = torch.cat([self.history[1:], norm])
-        self.history = torch.where(torch.isfinite(norm), shifted, self.history)
-        return torch.nanquantile(self.history, self.percentile / 100.0)
-
-    def reset(self) -> None:
-        """Forget the norms seen (a new run)."""
-        self.history = None
-
-    def state_dict(self) -> dict[str, Any]:
-        """The recorded norms, oldest first (empty slots are not stored)."""
-        if self.history is None:
-            return {"history": []}
-        return {"history": self.history[torch.isfinite(self.history)].tolist()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        history = state.get("history")
-        if history:
-            values = torch.tensor(history, dtype=torch.float32)[-self.window :]
-            self.history = torch.cat([torch.full((self.window - len(values),), math.nan), values])
-
-
-class ZClip:
-    """Z-score clipping (Kumar et al. 2025) over an EMA of the gradient norm's mean and variance.
-
-    The first ``warmup`` finite norms initialise the mean and variance (clipping only to
-    ``max_norm`` meanwhile). Then a norm whose z-score exceeds ``z_thresh`` is clipped to
-    ``mean + z_thresh * std / (z / z_thresh)`` (the paper's adaptive scaling), the EMA is updated
-    with the clipped value, and ``max_norm`` (1.0 by default, as the reference's ``max_grad_norm``;
-    ``None``: no cap) caps every threshold. Matches the reference ``zclip`` package (mode "zscore",
-    clip_option "adaptive_scaling") for the same arguments, without its host syncs.
-
-    >>> rule = ZClip(warmup=2)
-    >>> [float(rule.threshold(torch.tensor(n))) for n in (0.5, 40.0)]  # warm-up: only the cap applies
-    [0.5, 1.0]
-    """
-
-    def __init__(
-        self,
-        alpha: float = 0.97,
-        z_thresh: float = 2.5,
-        warmup: int = 25,
-        max_norm: float | None = ZCLIP_MAX_NORM,
-        eps: float = 1e-6,
-    ) -> None:
-        self.alpha = number("alpha", alpha, low=0, high=1, low_open=True, high_open=True)
-        self.z_thresh = number("z_thresh", z_thresh, low=0, low_open=True)
-        self.warmup = integer("warmup", warmup, low=1)
-        self.max_norm = number("max_norm", max_norm, low=0, low_open=True, optional=True, infinite=True)
-        self.eps = number("eps", eps, low=0, low_open=True)
-        self.buffer: Tensor | None = None  # warm-up norms, NaN where not yet seen
-        self.mean: Tensor | None = None
-        self.var: Tensor | None = None
-        self.seen: Tensor | None = None  # finite norms seen (a device counter)
-
-    def reset(self) -> None:
-        """Forget the statistics (a new run): the next norms warm up again."""
-        self.buffer = self.mean = self.var = self.seen = None
-
-    def _init(self, device: torch.device) -> None:
-        self.buffer = torch.full((self.warmup,), math.nan, device=device)
-        self.mean = torch.zeros((), device=device)
-        self.var = torch.zeros((), device=device)
-        self.seen = torch.zeros((), device=device)
-
-    def threshold(self, total_norm: Tensor) -> Tensor:
-        """Update the statistics with ``total_norm`` (if finite) and return the norm to clip to.
-
-        Returns ``total_norm`` itself (no clipping) when it is not a spike and no cap applies.
-        """
-        g = total_norm.detach().float().reshape(())
-        if self.buffer is None:
-            self._init(g.device)
-        assert self.buffer is not None and self.mean is not None and self.var is not None and self.seen is not None
-        if self.buffer.device != g.device:  # e.g. loaded from a checkpoint on the CPU
-            self.buffer, self.mean, self.var, self.seen = (t.to(g.device) for t in (self.buffer, self.mean, self.var, self.seen))
-        finite = torch.isfinite(g)
-        warm = self.seen < self.warmup
-        # warm-up: collect; the norm that fills the buffer initialises mean and (population) variance
-        slot = torch.arange(self.warmup, device=g.device) == self.seen.long()
-        buffer = torch.where(slot & finite & warm, g, self.buffer)
-        filled = warm & finite & (self.seen + 1 >= self.warmup)
-        init_mean = buffer.nanmean()
-        init_var = ((buffer - init_mean) ** 2).nanmean()
-        # after warm-up: z-score against the EMA
-        std = self.var.sqrt()
-        z = (g - self.mean) / (std + self.eps)
-        spike = z > self.z_thresh
-        adaptive = self.mean + (self.z_thresh * std) / (z / self.z_thresh)
-        clip_to = torch.where(spike & ~warm, adaptive, g)
-        new_mean = self.alpha * self.mean + (1 - self.alpha) * clip_to
-        new_var = self.alpha * self.var + (1 - self.alpha) * (clip_to - new_mean) ** 2
-        update = finite & ~warm
-        self.mean = torch.where(filled, init_mean, torch.where(update, new_mean, self.mean))
-        self.var = torch.where(filled, init_var, torch.where(update, new_var, self.var))
-        self.buffer = buffer
-        self.seen = self.seen + finite.float()
-        if self.max_norm is not None:
-            clip_to = torch.clamp(clip_to, max=self.max_norm)
-        return clip_to
-
-    def state_dict(self) -> dict[str, Any]:
-        """Mean, variance, count and the warm-up norms recorded so far (no NaN placeholders)."""
-        if self.buffer is None:
-            return {}
-        state = {k: getattr(self, k).item() for k in ("mean", "var", "seen")}
-        state["buffer"] = self.buffer[torch.isfinite(self.buffer)].tolist()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "seen" in state:
-            self._init(torch.device("cpu"))
-            recorded = torch.tensor(state.get("buffer", []), dtype=torch.float32)[: self.warmup]
-            self.buffer = torch.cat([recorded, torch.full((self.warmup - len(recorded),), math.nan)])
-            for k in ("mean", "var", "seen"):
-                setattr(self, k, torch.tensor(float(state[k])))
 
 
 @dataclass
@@ -371,7 +184,7 @@ class GradientClipper:
             if self.sharded or copies is not None:
                 raise agc_refused("FSDP (sharded parameters)")
             clipped = [p for p in params if id(p) not in self.exclude]
-            fraction = _agc_with_fraction(clipped, self.clip_factor, self.eps) if clipped else torch.zeros_like(total)
+            fraction = agc_with_fraction(clipped, self.clip_factor, self.eps) if clipped else torch.zeros_like(total)
             return ClipStats(total_norm=total, clipped_units=fraction)
         if self.method == "norm":
             max_norm = float(self.max_norm)
@@ -452,36 +265,3 @@ def agc_refused(splitter: str) -> ValueError:
         "across ranks: use method='zclip', 'autoclip' or 'norm' (their norm is taken over all ranks), or a "
         "strategy that does not shard parameters ('ddp')."
     )
-
-
-def final_layer_parameters(module: torch.nn.Module) -> list[Tensor]:
-    """The parameters of the last ``nn.Linear`` in ``module`` (the classifier AGC's paper leaves unclipped)."""
-    last = None
-    for m in module.modules():
-        if isinstance(m, torch.nn.Linear):
-            last = m
-    return [] if last is None else list(last.parameters())
-
-
-def _agc_with_fraction(params: Sequence[Tensor], clip_factor: float, eps: float) -> Tensor:
-    """:func:`adaptive_clip_`, returning the fraction of units clipped (a device scalar)."""
-    clipped, units = [], 0
-    for p in params:
-        assert p.grad is not None
-        max_norm = unitwise_norm(p).clamp_min(eps) * clip_factor
-        grad_norm = unitwise_norm(p.grad)
-        clip = torch.isfinite(grad_norm) & (grad_norm > max_norm)
-        p.grad.mul_(torch.where(clip, max_norm / grad_norm.clamp_min(1e-6), torch.ones_like(grad_norm)).to(p.grad.dtype))
-        clipped.append(clip.sum())
-        units += clip.numel()
-    return torch.stack(clipped).sum().float() / max(units, 1)
-
-
-def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[Tensor]]:
-    devices = {t.device for t in tensors}
-    if len(devices) == 1:
-        return {devices.pop(): list(tensors)}
-    groups: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.device, []).append(t)
-    return groups

@@ -64,6 +64,28 @@ class IncidentCause(StrEnum):
     BROKEN_PIPELINE = "broken_pipeline"
 
 
+class IncidentAction(StrEnum):
+    """What was done (:attr:`Incident.action`). Members are ``str``; the file keeps the plain words.
+
+    >>> IncidentAction.RECOVERED.by("CheckpointRollback"), IncidentAction.LEFT_OUT.samples(2, 8)
+    ('recovered by CheckpointRollback', 'left out 2 of 8 samples')
+    """
+
+    SKIPPED = "skipped"  # the step was skipped: nothing changed
+    RAISED = "raised"  # skipping could not help and nothing recovered: NonFiniteError
+    RECOVERED = "recovered"  # an escalation handler restored a finite state: "recovered by <Name>"
+    FOUND_AFTER_TRAINING = "found after training"  # the final weights, checked once training ended
+    LEFT_OUT = "left out"  # val/test: "left out the batch", or "left out <k> of <n> samples" of the epoch's values
+
+    def by(self, name: str) -> str:
+        """``"<action> by <name>"``, e.g. the handler that recovered."""
+        return f"{self.value} by {name}"
+
+    def samples(self, left_out: int, of: int) -> str:
+        """``"left out <k> of <n> samples"``."""
+        return f"{self.value} {left_out} of {of} samples"
+
+
 KINDS: tuple[str, ...] = tuple(k.value for k in IncidentKind)
 #: The kinds found outside training: they never skip a step, back the LR off or roll back.
 EVAL_KINDS: tuple[str, ...] = (IncidentKind.VAL.value, IncidentKind.TEST.value)
@@ -95,8 +117,8 @@ class Incident:
         bisection: what BatchBisection's search found (:class:`~lightning_nan.core.records.BisectionRecord`).
         localization: where the NaN first appeared (:class:`~lightning_nan.core.records.LocalizationRecord`).
         rollback: the rollback this incident triggered, done or refused (:class:`~lightning_nan.core.rollback.RollbackRecord`).
-        action: ``skipped``, ``escalated``, ``raised``, ``recovered by <Name>``, or for ``val``/``test``
-            what was left out of the epoch's metrics.
+        action: what was done (:class:`IncidentAction`): ``skipped``, ``raised``, ``recovered by <Name>``,
+            ``found after training``, or for ``val``/``test`` what was left out of the epoch's metrics.
         time: wall-clock time of the check, seconds since the epoch.
     """
 
@@ -111,7 +133,7 @@ class Incident:
     ranks: list[int] = field(default_factory=lambda: [0])
     params: list[str] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)
-    action: str = "skipped"
+    action: str = IncidentAction.SKIPPED.value
     time: float = field(default_factory=time.time, compare=False)
     triggers: list[int] | None = None
     rollback: RollbackRecord | None = None
@@ -127,6 +149,8 @@ class Incident:
             self.cause = self.cause.value
         if isinstance(self.rollback, dict):  # as a JSON line gives it back
             self.rollback = RollbackRecord.from_dict(self.rollback)
+        if isinstance(self.action, enum.Enum):
+            self.action = self.action.value
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (primitives, lists and dicts only)."""

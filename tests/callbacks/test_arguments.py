@@ -150,7 +150,7 @@ def test_the_guards_norm_bound_is_used_only_where_ranks_hold_whole_gradients(mon
     import torch
 
     import lightning_nan.core.clipping as clipping
-    from lightning_nan.callbacks._shared_grads import StepGrads, publish
+    from lightning_nan.core.step_grads import StepGrads
 
     class Trainer:  # a stand-in (weak references to it are taken)
         def __init__(self) -> None:
@@ -168,6 +168,12 @@ def test_the_guards_norm_bound_is_used_only_where_ranks_hold_whole_gradients(mon
     clip.setup(trainer, module, "fit")
     params = list(module.parameters())
     norms = torch.stack([p.grad.norm() for p in params])
-    publish(trainer, opt, StepGrads(params, norms, False, float(norms.norm())))
+    checked = StepGrads(params, norms, False, float(norms.norm()))
+
+    class Guard:  # hands out the step's gradients, as NaNGuard does once it checked the step
+        def step_grads(self, trainer, pl_module, optimizer):
+            return checked
+
+    trainer.callbacks = [Guard()]
     clip.on_before_optimizer_step(trainer, module, opt)
     assert calls == ([] if trusted else [1])

@@ -127,7 +127,7 @@ def test_guard_decides_first_and_skipped_steps_stay_out_of_the_statistics(ns, tm
     assert [i.step for i in guard.incidents] == [2, 5]
 
 
-@pytest.mark.parametrize("callbacks", ["clip", "guard+clip", "clip+guard", "guard+clip+monitor"])
+@pytest.mark.parametrize("callbacks", ["clip", "guard+clip", "clip+guard", "guard+clip+monitor", "clip+monitor", "monitor+clip"])
 def test_one_pass_over_the_gradients_per_step(ns, tmp_path, monkeypatch, callbacks):
     grad_passes: list[int] = []  # per step: _foreach_norm calls over the gradients
     other_passes: list[int] = []  # per step: over anything else (the monitor's weights and updates)
