@@ -22,7 +22,7 @@ from lightning_nan.callbacks._step_traces import LoggedValues, result_collection
 from lightning_nan.core.batches import batch_size
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.events import IncidentEvent, notify_eval
-from lightning_nan.core.incident import Incident
+from lightning_nan.core.incident import Incident, IncidentAction
 from lightning_nan.core.metric_states import MetricStates, find_metrics
 from lightning_nan.core.norms import iter_tensors, tensor_norms
 
@@ -76,7 +76,7 @@ class EvalGuard:
             batch_idx=[batch_idx],
             ranks=ranks or [0],
             detail={"nonfinite": sorted({n for names in views for n in names}), "dataloader_idx": dataloader_idx, "stage": stage},
-            action="left out the batch",
+            action=f"{IncidentAction.LEFT_OUT} the batch",
         )
         if trainer.sanity_checking:
             incident.detail["sanity_check"] = True
@@ -102,7 +102,7 @@ class EvalGuard:
             return incident
         kept = _size(clean)
         if self._rerun(trainer, pl_module, clean, batch_idx, dataloader_idx, stage, results):
-            incident.action = f"left out {n - kept} of {n} samples"
+            incident.action = IncidentAction.LEFT_OUT.samples(n - kept, n)
             incident.detail["metrics"] = (
                 f"the {stage} step ran again on the {kept} clean samples of batch {batch_idx}: the epoch's values "
                 f"leave out only the {n - kept} dirty sample{'s' if n - kept != 1 else ''}"

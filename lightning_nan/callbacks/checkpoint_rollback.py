@@ -28,7 +28,7 @@ from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, starts_af
 from lightning_nan.callbacks.nan_guard import NaNGuardBase
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import RollbackEvent, announce_rollback
-from lightning_nan.core.incident import Incident
+from lightning_nan.core.incident import Incident, IncidentAction
 from lightning_nan.core.losses import unscaled_loss
 from lightning_nan.core.rollback import RollbackRecord
 from lightning_nan.core.rollback_triggers import SkipTrigger, SpikeTrigger, curable, escalation_reason
@@ -327,7 +327,7 @@ class CheckpointRollbackBase:
             return
         incident.rollback = self._rollback(trainer, pl_module, reason, event.optimizer is not None)
         if incident.rollback.restored:
-            incident.action = f"recovered by {type(self).__name__}"
+            incident.action = IncidentAction.RECOVERED.by(type(self).__name__)
             guard.recovered()  # agreed on every rank, like the guard's own reset after escalation
         # else keep skipping: NaNGuard escalates at its max_consecutive
 
@@ -399,7 +399,7 @@ class CheckpointRollbackBase:
                 cause="divergence",
                 epoch=trainer.current_epoch,
                 detail={"escalation": f"The loss spiked (robust z > {self.detector.threshold:g} for {steps} steps). {record.refused}"},
-                action="raised",
+                action=IncidentAction.RAISED,
                 advice="Lower the learning rate, clip gradients, or check the data around these steps.",
                 rollback=record,
             )
