@@ -17,6 +17,7 @@ import torch
 from lightning_nan.callbacks._bisection_dump import dump_failing
 from lightning_nan.callbacks._trainer import log_metrics, shards_parameters
 from lightning_nan.callbacks._training_step import loss_fn_factory
+from lightning_nan.callbacks._types import TrainerLike
 from lightning_nan.core.batches import BatchSplitError, batch_size
 from lightning_nan.core.culprits import CulpritReport, find_culprits
 from lightning_nan.core.distributed import world
@@ -53,7 +54,7 @@ class RankFindings:
     localization: LocalizationRecord | None = None
 
 
-def search_local(bisection: BatchBisectionBase, trainer: Any, pl_module: Any, event: IncidentEvent, locate: bool) -> RankFindings:
+def search_local(bisection: BatchBisectionBase, trainer: TrainerLike, pl_module: Any, event: IncidentEvent, locate: bool) -> RankFindings:
     """Bisect this rank's batches of ``event``; raises when this rank cannot re-evaluate alone."""
     incident = event.incident
     rank = world()[0]
@@ -143,7 +144,7 @@ def search_local(bisection: BatchBisectionBase, trainer: Any, pl_module: Any, ev
     return found
 
 
-def merge(bisection: BatchBisectionBase, trainer: Any, incident: Incident, views: list[RankFindings], locate: bool) -> None:
+def merge(bisection: BatchBisectionBase, trainer: TrainerLike, incident: Incident, views: list[RankFindings], locate: bool) -> None:
     """Put what every rank found on ``incident``, quarantine its dirty samples, log (the same on every rank)."""
     errors = [f"rank {r}: {v.error}" for r, v in enumerate(views) if v.error]
     records = [r for v in views for r in v.records]

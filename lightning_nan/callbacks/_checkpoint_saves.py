@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._types import TrainerLike
 from lightning_nan.core.known_good import state_norm
 
 #: Lightning's metadata file in a folder of shards (``lightning_fabric.strategies.fsdp._METADATA_FILENAME``).
 _METADATA = "meta.pt"
 
 
-def candidate_saves(trainer: Any) -> list[str]:
+def candidate_saves(trainer: TrainerLike) -> list[str]:
     """Every save of the Trainer's ModelCheckpoints, newest first, each once: their best and last saves
     and every other ``*.ckpt`` in their folders (with ``monitor=None`` and ``save_top_k=-1`` they keep
     all saves without listing them)."""
@@ -41,7 +42,7 @@ def _modified(path: str) -> float:
         return max([os.path.getmtime(path), *(e.stat().st_mtime for e in entries)])
 
 
-def finite_aside(trainer: Any, path: str) -> bool | None:
+def finite_aside(trainer: TrainerLike, path: str) -> bool | None:
     """Whether the save's model weights (and buffers) are all finite, read without loading them into the
     model; ``None`` where the save cannot be read aside (a DeepSpeed folder). This rank's part only: the
     caller agrees across ranks. A folder of shards is read with ``torch.distributed.checkpoint``, a

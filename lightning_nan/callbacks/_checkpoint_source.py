@@ -21,6 +21,7 @@ from lightning_nan.callbacks._checkpoint_saves import (
 from lightning_nan.callbacks._rank_agreement import agree_any
 from lightning_nan.callbacks._rollback_sources import Restoration, Restored, RollbackSource, not_finite_at_start
 from lightning_nan.callbacks._trainer import partitions_state
+from lightning_nan.callbacks._types import TrainerLike
 from lightning_nan.core.distributed import gather_objects
 from lightning_nan.core.known_good import state_norm
 from lightning_nan.core.rollback_triggers import NON_FINITE_WEIGHTS
@@ -37,10 +38,10 @@ class CheckpointSource(RollbackSource):
     def reset(self) -> None:
         self._start_step = 0  # the step this fit started from
 
-    def start(self, trainer: Any, pl_module: Any, extra: Callable[[], dict[str, Any]]) -> None:
+    def start(self, trainer: TrainerLike, pl_module: Any, extra: Callable[[], dict[str, Any]]) -> None:
         self._start_step = trainer.global_step
 
-    def restore(self, trainer: Any, pl_module: Any, reason: str) -> Restoration | str:
+    def restore(self, trainer: TrainerLike, pl_module: Any, reason: str) -> Restoration | str:
         found = self._find(trainer)
         if isinstance(found, str):
             step = trainer.global_step
@@ -63,7 +64,7 @@ class CheckpointSource(RollbackSource):
 
         return Restoration(int(ckpt.get("global_step", -1)), f"the ModelCheckpoint save {path}", weights, rest)
 
-    def _find(self, trainer: Any) -> tuple[str, dict[str, Any]] | str:
+    def _find(self, trainer: TrainerLike) -> tuple[str, dict[str, Any]] | str:
         """The newest ModelCheckpoint save (by rank zero's reckoning) whose weights are finite, loaded.
 
         Where the strategy loads a save into the model and optimizers in place (ModelParallelStrategy,
@@ -93,7 +94,7 @@ class CheckpointSource(RollbackSource):
         )
 
 
-def _apply_checkpoint(trainer: Any, ckpt: dict[str, Any]) -> None:
+def _apply_checkpoint(trainer: TrainerLike, ckpt: dict[str, Any]) -> None:
     """Model, optimizer, scheduler and precision-plugin states of a Lightning checkpoint (callbacks: the caller)."""
     trainer.strategy.load_model_state_dict(ckpt)
     if "optimizer_states" in ckpt:

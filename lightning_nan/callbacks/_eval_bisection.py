@@ -21,6 +21,7 @@ import torch
 
 from lightning_nan.callbacks._trainer import log_metrics
 from lightning_nan.callbacks._training_step import patched
+from lightning_nan.callbacks._types import TrainerLike
 from lightning_nan.core.batches import select
 from lightning_nan.core.culprits import find_culprits
 from lightning_nan.core.distributed import gather_objects, world
@@ -120,7 +121,7 @@ def bisect_eval(bisection: BatchBisectionBase, event: IncidentEvent) -> None:
     log_metrics(trainer, {"bisection/forward_passes": float(passes)}, step=incident.step)
 
 
-def _loader(trainer: Any, stage: str, dataloader_idx: int) -> Any:
+def _loader(trainer: TrainerLike, stage: str, dataloader_idx: int) -> Any:
     loaders = trainer.val_dataloaders if stage == "validation" else trainer.test_dataloaders
     if isinstance(loaders, (list, tuple)):
         return loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
@@ -142,7 +143,7 @@ def _fixed_order_indices(loader: Any, batch_idx: int, size: int) -> list[int] | 
     return order if len(order) == size else None
 
 
-def _eval_loss_fn(trainer: Any, pl_module: Any, stage: str, batch_idx: int, dataloader_idx: int) -> Any:
+def _eval_loss_fn(trainer: TrainerLike, pl_module: Any, stage: str, batch_idx: int, dataloader_idx: int) -> Any:
     """``loss_fn(sub_batch)``: 0 when the evaluation step's output and logged values are finite, else NaN."""
     step = getattr(pl_module, f"{stage}_step")
     loaders = trainer.val_dataloaders if stage == "validation" else trainer.test_dataloaders

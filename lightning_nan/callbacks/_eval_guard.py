@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lightning_nan.callbacks._step_traces import LoggedValues, result_collection
+from lightning_nan.callbacks._types import TrainerLike
 from lightning_nan.core.batches import batch_size
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.events import IncidentEvent, notify_eval
@@ -44,12 +45,12 @@ class EvalGuard:
         self.metrics = MetricStates(find_metrics(pl_module))
         self.logged = LoggedValues()
 
-    def save(self, trainer: Any) -> None:
+    def save(self, trainer: TrainerLike) -> None:
         self.logged.save(result_collection(trainer))
         self.metrics.save()
 
     def check(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str,
+        self, trainer: TrainerLike, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str,
         listeners: list[Any], reduce: Any,
     ) -> Incident | None:
         """Check the batch just evaluated; on a fault return the incident, with the epoch's values cleaned."""
@@ -128,7 +129,7 @@ class EvalGuard:
         return found
 
     def _rerun(
-        self, trainer: Any, pl_module: Any, clean: Any, batch_idx: int, dataloader_idx: int, stage: str,
+        self, trainer: TrainerLike, pl_module: Any, clean: Any, batch_idx: int, dataloader_idx: int, stage: str,
         results: Any,
     ) -> bool:
         """The evaluation step once more on ``clean``, logging live; whether all it gave was finite."""

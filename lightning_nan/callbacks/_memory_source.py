@@ -19,6 +19,7 @@ import torch
 from lightning_nan.callbacks._rank_agreement import agree_any, agree_step
 from lightning_nan.callbacks._rollback_sources import Restoration, Restored, RollbackSource, not_finite_at_start
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, partitions_state
+from lightning_nan.callbacks._types import TrainerLike
 from lightning_nan.core.known_good import check_known_good, state_norm
 from lightning_nan.core.rollback_triggers import SpikeTrigger
 from lightning_nan.core.snapshots import Snapshot, SnapshotStore
@@ -57,14 +58,14 @@ class MemorySource(RollbackSource):
         self._next_step = 0  # the step of the next snapshot
         self._start_not_finite: int | None = None  # the step this fit started from, when its weights were not finite
 
-    def check(self, trainer: Any) -> None:
+    def check(self, trainer: TrainerLike) -> None:
         if partitions_state(trainer):
             raise ValueError(
                 f"CheckpointRollback(source='memory') copies the full state on every rank, which "
                 f"{type(trainer.strategy).__name__} shards: use strategy='ddp', or source='checkpoint'."
             )
 
-    def start(self, trainer: Any, pl_module: Any, extra: Callable[[], dict[str, Any]]) -> None:
+    def start(self, trainer: TrainerLike, pl_module: Any, extra: Callable[[], dict[str, Any]]) -> None:
         """Find the resumed run's snapshots on disk again, and take (and trust, when finite) the start."""
         step = trainer.global_step
         if self._resume_good and self.store.dirpath is not None:
@@ -90,7 +91,7 @@ class MemorySource(RollbackSource):
         self._resume_good = []
         self._next_step = (step // self.every_n_steps + 1) * self.every_n_steps
 
-    def take(self, trainer: Any, pl_module: Any, extra: Callable[[], dict[str, Any]]) -> bool:
+    def take(self, trainer: TrainerLike, pl_module: Any, extra: Callable[[], dict[str, Any]]) -> bool:
         step = trainer.global_step
         if step < self._next_step:
             return False
@@ -102,7 +103,7 @@ class MemorySource(RollbackSource):
         pending = self.store.pending
         return pending is not None and step >= pending.step + self.confirm_steps
 
-    def confirm(self, trainer: Any, pl_module: Any, last_incident_step: int | None, spikes: SpikeTrigger) -> None:
+    def confirm(self, trainer: TrainerLike, pl_module: Any, last_incident_step: int | None, spikes: SpikeTrigger) -> None:
         """Promote the pending snapshot if it is known-good, else discard it (agreed across ranks)."""
         pending = self.store.pending
         if pending is None:
@@ -132,7 +133,7 @@ class MemorySource(RollbackSource):
             self.rejected.append((pending.step, reason))
             self.store.discard()
 
-    def restore(self, trainer: Any, pl_module: Any, reason: str) -> Restoration | str:
+    def restore(self, trainer: TrainerLike, pl_module: Any, reason: str) -> Restoration | str:
         snap = self._choose()
         if snap is None and self._start_not_finite is not None:
             return not_finite_at_start(self._start_not_finite)
@@ -173,6 +174,6 @@ class MemorySource(RollbackSource):
             newest = self.store.newest
         return newest
 
-    def _snapshot(self, trainer: Any, pl_module: Any, extra: dict[str, Any]) -> Snapshot:
+    def _snapshot(self, trainer: TrainerLike, pl_module: Any, extra: dict[str, Any]) -> Snapshot:
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         return self.store.take(trainer.global_step, pl_module, trainer.optimizers, schedulers, grad_scaler(trainer), extra)

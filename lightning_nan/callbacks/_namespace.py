@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_nan.callbacks._types import TrainerLike
+
 #: Root module of a Lightning namespace -> (its name in messages, the lightning_nan module serving it).
 _NAMESPACES = {
     "pytorch_lightning": ("pytorch_lightning", "lightning_nan"),
@@ -31,7 +33,7 @@ def _namespace_of(cls: type) -> str | None:
     return root if root in _NAMESPACES else None
 
 
-def check_namespace(callback: Any, trainer: Any) -> None:
+def check_namespace(callback: Any, trainer: TrainerLike) -> None:
     """Raise ``TypeError`` naming the right import if ``callback`` and ``trainer`` are from different namespaces.
 
     A callback without a Lightning ``Callback`` base (a namespace-free ``...Base``) or a trainer

@@ -12,27 +12,26 @@ Each helper is one collective (an element-wise max) under DDP and a no-op in a s
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from lightning_nan.callbacks._trainer import max_reducer
+from lightning_nan.callbacks._types import TrainerLike
 from lightning_nan.core.distributed import world
 
 
-def distributed(trainer: Any) -> bool:
+def distributed(trainer: TrainerLike) -> bool:
     """Whether more than one rank trains."""
     return world()[1] > 1 or getattr(trainer, "world_size", 1) > 1
 
 
-def agree_any(trainer: Any, flag: bool, device: torch.device) -> bool:
+def agree_any(trainer: TrainerLike, flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` holds on any rank (the same answer on every rank)."""
     if not distributed(trainer):
         return flag
     return bool(max_reducer(trainer)(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
-def agree_step(trainer: Any, step: int, device: torch.device) -> None:
+def agree_step(trainer: TrainerLike, step: int, device: torch.device) -> None:
     """Raise ``RuntimeError`` unless every rank is about to restore the snapshot of the same ``step``."""
     if not distributed(trainer):
         return

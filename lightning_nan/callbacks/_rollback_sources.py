@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from lightning_nan.callbacks._types import TrainerLike, callbacks_of
 from lightning_nan.core.events import RestoredOnRollback
 from lightning_nan.core.rollback_triggers import SpikeTrigger
 
@@ -55,16 +56,16 @@ class RollbackSource(abc.ABC):
     #: The ``source`` argument of CheckpointRollback that picks it.
     name: ClassVar[str]
 
-    def check(self, trainer: Any) -> None:  # noqa: B027 (optional hook)
+    def check(self, trainer: TrainerLike) -> None:  # noqa: B027 (optional hook)
         """Refuse, in ``setup``, a strategy this source cannot serve (``ValueError`` saying what to do)."""
 
     def reset(self) -> None:  # noqa: B027
         """Forget the per-fit state (a new fit starts)."""
 
-    def start(self, trainer: Any, pl_module: Any, extra: Callable[[], dict[str, Any]]) -> None:  # noqa: B027
+    def start(self, trainer: TrainerLike, pl_module: Any, extra: Callable[[], dict[str, Any]]) -> None:  # noqa: B027
         """Training starts: the state it starts from may be taken (``extra()``: what else to keep with it)."""
 
-    def take(self, trainer: Any, pl_module: Any, extra: Callable[[], dict[str, Any]]) -> bool:
+    def take(self, trainer: TrainerLike, pl_module: Any, extra: Callable[[], dict[str, Any]]) -> bool:
         """After a batch: take a copy of the live state if one is due; whether one was taken."""
         return False
 
@@ -72,11 +73,11 @@ class RollbackSource(abc.ABC):
         """Whether a copy taken earlier is to be confirmed (or rejected) at ``step``."""
         return False
 
-    def confirm(self, trainer: Any, pl_module: Any, last_incident_step: int | None, spikes: SpikeTrigger) -> None:  # noqa: B027
+    def confirm(self, trainer: TrainerLike, pl_module: Any, last_incident_step: int | None, spikes: SpikeTrigger) -> None:  # noqa: B027
         """Declare the copy taken earlier good, unless an incident or a loss spike came near it."""
 
     @abc.abstractmethod
-    def restore(self, trainer: Any, pl_module: Any, reason: str) -> Restoration | str:
+    def restore(self, trainer: TrainerLike, pl_module: Any, reason: str) -> Restoration | str:
         """The newest good state to restore, or why there is none (a message naming the fix)."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -92,18 +93,18 @@ def state_key(callback: Any) -> str:
     return str(getattr(callback, "state_key", type(callback).__qualname__))
 
 
-def callback_states(trainer: Any, exclude: Any) -> dict[str, Any]:
+def callback_states(trainer: TrainerLike, exclude: Any) -> dict[str, Any]:
     """The states of the trainer's :class:`RestoredOnRollback` callbacks (but ``exclude``), by ``state_key``."""
     return {
         state_key(cb): cb.state_dict()
-        for cb in trainer.callbacks
+        for cb in callbacks_of(trainer)
         if isinstance(cb, RestoredOnRollback) and cb is not exclude
     }
 
 
-def load_callback_states(trainer: Any, states: dict[str, Any], exclude: Any) -> None:
+def load_callback_states(trainer: TrainerLike, states: dict[str, Any], exclude: Any) -> None:
     """Hand each :class:`RestoredOnRollback` callback (but ``exclude``) its state in ``states``."""
-    for cb in trainer.callbacks:
+    for cb in callbacks_of(trainer):
         if isinstance(cb, RestoredOnRollback) and cb is not exclude and state_key(cb) in states:
             cb.load_state_dict(states[state_key(cb)])
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_nan.callbacks._types import TrainerLike, callbacks_of
 from lightning_nan.core.norms import tensor_norms
 from lightning_nan.core.step_grads import GradsSource, HeldGrads, StepGrads
 
 __all__ = ["find_step_grads", "skip_step", "step_grads"]
 
 
-def find_step_grads(trainer: Any, pl_module: Any, optimizer: Any) -> StepGrads | None:
+def find_step_grads(trainer: TrainerLike, pl_module: Any, optimizer: Any) -> StepGrads | None:
     """The step's gradients as a peer has them (a guard checks the step now if it has not yet), or ``None``."""
-    for callback in trainer.callbacks:
+    for callback in callbacks_of(trainer):
         if isinstance(callback, GradsSource):
             grads = callback.step_grads(trainer, pl_module, optimizer)
             if grads is not None:
@@ -27,7 +28,7 @@ def find_step_grads(trainer: Any, pl_module: Any, optimizer: Any) -> StepGrads |
     return None
 
 
-def step_grads(trainer: Any, pl_module: Any, optimizer: Any, held: HeldGrads) -> StepGrads:
+def step_grads(trainer: TrainerLike, pl_module: Any, optimizer: Any, held: HeldGrads) -> StepGrads:
     """The step's gradients: a peer's (:func:`find_step_grads`), else computed here and kept in ``held``."""
     grads = held.get(optimizer, trainer.global_step) or find_step_grads(trainer, pl_module, optimizer)
     if grads is not None:
@@ -36,7 +37,7 @@ def step_grads(trainer: Any, pl_module: Any, optimizer: Any, held: HeldGrads) ->
     return held.hold(optimizer, trainer.global_step, StepGrads(params, tensor_norms([p.grad for p in params]) if params else None))
 
 
-def skip_step(trainer: Any, pl_module: Any, optimizer: Any) -> None:
+def skip_step(trainer: TrainerLike, pl_module: Any, optimizer: Any) -> None:
     """Clear the step's gradients, so ``optimizer.step()`` changes nothing, and mark them skipped for the
     callbacks that clip or monitor them (the guard checks the step first, if it has not yet)."""
     grads = find_step_grads(trainer, pl_module, optimizer)

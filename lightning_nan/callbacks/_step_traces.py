@@ -19,12 +19,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_nan.callbacks._types import TrainerLike
 from lightning_nan.core.metric_states import MetricStates, find_metrics
 
 _warned = False
 
 
-def result_collection(trainer: Any) -> Any:
+def result_collection(trainer: Any) -> Any:  # Any: it reads a private attribute no Protocol declares
     """The active loop's collection of ``self.log`` values (private in Lightning: a dict with attributes), or ``None``."""
     global _warned
     try:
@@ -122,7 +123,7 @@ class StepTraces:
         self.logged = LoggedValues()
         self.skipped = False
 
-    def save(self, trainer: Any) -> None:
+    def save(self, trainer: TrainerLike) -> None:
         self.logged.save(result_collection(trainer))
         self.metrics.save()
         self.skipped = False
@@ -130,7 +131,7 @@ class StepTraces:
     def mark_skipped(self) -> None:
         self.skipped = True
 
-    def batch_end(self, trainer: Any) -> bool:
+    def batch_end(self, trainer: TrainerLike) -> bool:
         """After a skipped step, restore what was saved; return whether it did."""
         if not self.skipped:
             return False

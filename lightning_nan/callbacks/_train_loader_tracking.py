@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._types import TrainerLike
 from lightning_nan.core.sampling import TrackingBatchSampler, track, untrack
 
 __all__ = ["TrainLoaderTracking"]
@@ -32,7 +33,7 @@ class TrainLoaderTracking:
     def __getstate__(self) -> dict[str, Any]:
         return {"tracker": None, "loaders": [], "indices": {}}
 
-    def watch(self, trainer: Any, exclude: Callable[[], set[int]]) -> None:
+    def watch(self, trainer: TrainerLike, exclude: Callable[[], set[int]]) -> None:
         """Track the train loader's batch sampler from the moment Lightning has prepared the loader.
 
         Lightning builds the train loader (adding a DistributedSampler under DDP), hands it to
@@ -71,14 +72,14 @@ class TrainLoaderTracking:
 
         strategy.process_dataloader = process_dataloader
 
-    def restore(self, trainer: Any) -> None:
+    def restore(self, trainer: TrainerLike) -> None:
         """Undo :meth:`watch`: the strategy's own method, the loaders' own batch samplers."""
         trainer.strategy.__dict__.pop("process_dataloader", None)
         for loader in self.loaders:
             untrack(loader)
         self.loaders, self.tracker = [], None
 
-    def epoch_start(self, trainer: Any) -> None:
+    def epoch_start(self, trainer: TrainerLike) -> None:
         """Several train loaders (a CombinedLoader): which one a sample came from is unknown."""
         if not isinstance(trainer.train_dataloader, torch.utils.data.DataLoader):
             self.tracker = None

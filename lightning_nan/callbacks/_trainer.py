@@ -10,15 +10,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_nan.callbacks._types import TrainerLike
 from lightning_nan.core.distributed import all_reduce_max
 
 
-def run_dir(trainer: Any) -> str:
+def run_dir(trainer: TrainerLike) -> str:
     """The trainer's log dir, or ``default_root_dir`` without a logger (a collective under DDP)."""
     return trainer.log_dir or trainer.default_root_dir or os.getcwd()
 
 
-def starts_afresh(trainer: Any) -> bool:
+def starts_afresh(trainer: TrainerLike) -> bool:
     """Whether this fit starts a new run: no step taken yet. Call it in ``setup``: a fit that resumes from a
     checkpoint starts afresh there too, and Lightning then hands each callback its saved state
     (``load_state_dict``, after ``setup``); a second ``fit`` of the same Trainer continues its run."""
@@ -29,7 +30,7 @@ def starts_afresh(trainer: Any) -> bool:
 _STRATEGY_MODULES = ("pytorch_lightning.strategies", "lightning.pytorch.strategies")
 
 
-def strategy_is(trainer: Any, *classes: str) -> bool:
+def strategy_is(trainer: TrainerLike, *classes: str) -> bool:
     """Whether the trainer's strategy is an instance of one of Lightning's strategy ``classes`` (by name in
     ``pytorch_lightning.strategies`` or ``lightning.pytorch.strategies``: ``"FSDPStrategy"``), subclasses included.
 
@@ -53,25 +54,25 @@ def strategy_is(trainer: Any, *classes: str) -> bool:
     return False
 
 
-def partitions_state(trainer: Any) -> bool:
+def partitions_state(trainer: TrainerLike) -> bool:
     """Whether the trainer's strategy may leave each rank only a part of the parameters, gradients or
     optimizer state, and loads checkpoints into the model and optimizers in place: FSDP,
     ``ModelParallelStrategy`` or DeepSpeed."""
     return strategy_is(trainer, "FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
 
-def shards_parameters(trainer: Any) -> bool:
+def shards_parameters(trainer: TrainerLike) -> bool:
     """Whether the trainer's strategy may split parameters across ranks: FSDP or ``ModelParallelStrategy``
     (DeepSpeed only at ZeRO stage 3: callers that care about its sharded optimizer state check it themselves)."""
     return strategy_is(trainer, "FSDPStrategy", "ModelParallelStrategy")
 
 
-def grad_scaler(trainer: Any) -> Any:
+def grad_scaler(trainer: TrainerLike) -> Any:
     """The fp16 GradScaler of the trainer's precision plugin, or ``None``."""
     return getattr(trainer.precision_plugin, "scaler", None)
 
 
-def max_reducer(trainer: Any) -> Callable[[Tensor], Tensor]:
+def max_reducer(trainer: TrainerLike) -> Callable[[Tensor], Tensor]:
     """An element-wise max over ranks with one collective and no host sync."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return all_reduce_max
@@ -80,7 +81,7 @@ def max_reducer(trainer: Any) -> Callable[[Tensor], Tensor]:
     return all_reduce_max  # a no-op in a single process
 
 
-def log_metrics(trainer: Any, metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(trainer: TrainerLike, metrics: dict[str, float], step: int | None = None) -> None:
     """Send scalars to every logger of the trainer at ``step`` (default: the global step), rank zero only."""
     if not trainer.is_global_zero:
         return

@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._types import TrainerLike
+
 __all__ = ["loss_fn_factory", "patched", "training_step_loss"]
 
 
-def loss_fn_factory(trainer: Any, pl_module: Any, manual: bool) -> Callable[[int], Callable[[Any], torch.Tensor | None]]:
+def loss_fn_factory(trainer: TrainerLike, pl_module: Any, manual: bool) -> Callable[[int], Callable[[Any], torch.Tensor | None]]:
     """``factory(batch_idx)(sub_batch) -> loss``: the module's ``training_step``, muted, under the trainer's precision."""
     n_optimizers = len(trainer.optimizers)
     context = trainer.precision_plugin.train_step_context

@@ -49,6 +49,19 @@ class TrainerLike(Protocol):
     def training(self) -> bool: ...
     @property
     def checkpoint_callbacks(self) -> list[Any]: ...
+    @property
+    def gradient_clip_val(self) -> int | float | None: ...
+    @property
+    def train_dataloader(self) -> Any: ...
+    @property
+    def val_dataloaders(self) -> Any: ...
+    @property
+    def test_dataloaders(self) -> Any: ...
+
+
+def log_every_n_steps(trainer: TrainerLike) -> int:
+    """The trainer's ``log_every_n_steps`` (set by Lightning's logger connector, not declared on the class)."""
+    return int(getattr(trainer, "log_every_n_steps", 50))
 
 
 def callbacks_of(trainer: TrainerLike) -> list[Any]:

@@ -12,6 +12,7 @@ from lightning_nan.callbacks._quarantine_keeper import QuarantineKeeper
 from lightning_nan.callbacks._train_loader_tracking import TrainLoaderTracking
 from lightning_nan.callbacks._trainer import run_dir, starts_afresh
 from lightning_nan.callbacks._training_step import patched, training_step_loss
+from lightning_nan.callbacks._types import TrainerLike, callbacks_of
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.events import IncidentEvent, Phase
 from lightning_nan.core.quarantine import QUARANTINE_FILE
@@ -205,13 +206,13 @@ class BatchBisectionBase:
         return {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: TrainerLike, pl_module: Any, stage: str) -> None:
         from lightning_nan.callbacks.nan_guard import NaNGuardBase  # it imports this module
 
         check_namespace(self, trainer)
         if stage != "fit":
             return
-        if not any(isinstance(cb, NaNGuardBase) for cb in trainer.callbacks):
+        if not any(isinstance(cb, NaNGuardBase) for cb in callbacks_of(trainer)):
             raise ValueError(
                 "BatchBisection reacts to NaNGuard's incidents, but the Trainer has no NaNGuard: "
                 "use Trainer(callbacks=[NaNGuard(), BatchBisection(...)])."
@@ -224,22 +225,22 @@ class BatchBisectionBase:
         self._localized = self._dumped = False
         self._loader.watch(trainer, exclude=lambda: self._keeper.excluded if self.exclude_quarantined else set())
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def teardown(self, trainer: TrainerLike, pl_module: Any, stage: str) -> None:
         self._loader.restore(trainer)
         if stage == "fit":
             self._fitting = False
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    def on_exception(self, trainer: TrainerLike, pl_module: Any, exception: BaseException) -> None:
         self._loader.restore(trainer)  # Lightning calls no `teardown` hook when fit raises
         self._fitting = False
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_epoch_start(self, trainer: TrainerLike, pl_module: Any) -> None:
         self._loader.epoch_start(trainer)
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: TrainerLike, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._loader.batch_start(batch_idx)
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_end(self, trainer: TrainerLike, pl_module: Any) -> None:
         self._loader.indices = {}
         self._keeper.write([])  # records a write could not take: one more try
 

@@ -20,11 +20,12 @@ import torch
 from lightning_nan.callbacks._checkpoint_source import CheckpointSource
 from lightning_nan.callbacks._memory_source import MemorySource
 from lightning_nan.callbacks._namespace import check_namespace
-from lightning_nan.callbacks._rollback_arguments import check_arguments
 from lightning_nan.callbacks._rank_agreement import distributed
+from lightning_nan.callbacks._rollback_arguments import check_arguments
 from lightning_nan.callbacks._rollback_sources import Restoration, RollbackSource, callback_states, load_callback_states
 from lightning_nan.callbacks._shared_grads import find_step_grads, skip_step
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, starts_afresh
+from lightning_nan.callbacks._types import TrainerLike, callbacks_of
 from lightning_nan.callbacks.nan_guard import NaNGuardBase
 from lightning_nan.core.errors import NonFiniteError
 from lightning_nan.core.events import RollbackEvent, announce_rollback
@@ -210,7 +211,7 @@ class CheckpointRollbackBase:
 
     def _reset(self) -> None:
         """Per-run state (the policy part of it is also in ``state_dict``)."""
-        self._trainer: Any = None
+        self._trainer: TrainerLike | None = None
         self._rank_zero = True
         self.spikes.reset()
         self.skips.steps.clear()
@@ -238,7 +239,7 @@ class CheckpointRollbackBase:
         return state
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: TrainerLike, pl_module: Any, stage: str) -> None:
         check_namespace(self, trainer)
         if stage != "fit":
             return
@@ -258,21 +259,21 @@ class CheckpointRollbackBase:
                 "callbacks so that non-finite weights and skipped steps trigger a rollback too.",
             )
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_start(self, trainer: TrainerLike, pl_module: Any) -> None:
         self._start_step = trainer.global_step
         self.spikes.drop_before(self._start_step)
         self._source.start(trainer, pl_module, lambda: self._kept_with(trainer))
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: TrainerLike, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._drop_left > 0 and not self._dropping:
             self._dropping = True
             self._drop_left -= 1
 
-    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+    def on_before_backward(self, trainer: TrainerLike, pl_module: Any, loss: torch.Tensor) -> None:
         if self.detector is not None:
             self.spikes.record(trainer.global_step, unscaled_loss(loss, grad_scaler(trainer)))
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(self, trainer: TrainerLike, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step
         if step != self._checked_step:  # the first optimizer of this step: the periodic reads
             self._checked_step = step
@@ -296,7 +297,7 @@ class CheckpointRollbackBase:
             skip_step(trainer, pl_module, optimizer)  # the guard checks the step first (and may roll back)
             self._dropped_in_batch = True
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: TrainerLike, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         dropped = self._dropped_in_batch
         if dropped:
             self._dropping = self._dropped_in_batch = False
@@ -379,7 +380,7 @@ class CheckpointRollbackBase:
         self._warned = set(policy.get("warned", []))
 
     # ------------------------------------------------------------------ rollback
-    def _on_spike(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+    def _on_spike(self, trainer: TrainerLike, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         """Trigger 3, from inside an optimizer step (whose update is then dropped)."""
         steps = self.spike_patience
         assert self.detector is not None  # a spike was detected
@@ -407,7 +408,7 @@ class CheckpointRollbackBase:
             raise NonFiniteError(incident, list(guard.incidents) if guard is not None else [])
         self._warn("spike", f"CheckpointRollback could not roll back a {reason}: {record.refused}")
 
-    def _rollback(self, trainer: Any, pl_module: Any, reason: str, in_step: bool, back_off: bool = True) -> RollbackRecord:
+    def _rollback(self, trainer: TrainerLike, pl_module: Any, reason: str, in_step: bool, back_off: bool = True) -> RollbackRecord:
         """Restore the newest good state, or say why not (the same answer on every rank).
 
         ``in_step``: called from inside ``optimizer.step()`` (NaNGuard's check). The weights are
@@ -441,7 +442,7 @@ class CheckpointRollbackBase:
         if self.store.newest is not None:
             metrics["rollback/snapshot_step"] = float(self.store.newest.step)
         log_metrics(trainer, metrics)
-        listeners = [cb for cb in trainer.callbacks if cb is not self]
+        listeners = [cb for cb in callbacks_of(trainer) if cb is not self]
         acted = announce_rollback(listeners, RollbackEvent(step, found.step, reason, lr_to_blame=back_off))
         if back_off and not acted:  # (not after weight corruption: the learning rate is not to blame)
             self._warn(
@@ -451,21 +452,21 @@ class CheckpointRollbackBase:
             )
         return record
 
-    def _finish(self, trainer: Any, restoration: Restoration) -> None:
+    def _finish(self, trainer: TrainerLike, restoration: Restoration) -> None:
         """Everything but the weights: optimizers, schedulers, scaler, opt-in callbacks, loss statistics."""
         restored = restoration.rest()
         load_callback_states(trainer, restored.callbacks, exclude=self)
         if restored.loss_statistics is not None:  # those of the good state, not of the blow-up
             self.spikes.load_statistics(restored.loss_statistics)
 
-    def _kept_with(self, trainer: Any) -> dict[str, Any]:
+    def _kept_with(self, trainer: TrainerLike) -> dict[str, Any]:
         """What a snapshot keeps besides the training state: opt-in callback states, the loss statistics."""
         return {"callbacks": callback_states(trainer, exclude=self), "detector": self.spikes.statistics()}
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _guard(trainer: Any) -> NaNGuardBase | None:
-        return next((cb for cb in trainer.callbacks if isinstance(cb, NaNGuardBase)), None)
+    def _guard(trainer: TrainerLike) -> NaNGuardBase | None:
+        return next((cb for cb in callbacks_of(trainer) if isinstance(cb, NaNGuardBase)), None)
 
     def _objects(self, event: Any) -> tuple[Any, Any]:
         trainer = event.extra.get("trainer", self._trainer)

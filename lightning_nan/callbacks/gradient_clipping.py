@@ -9,6 +9,7 @@ import torch
 from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._shared_grads import step_grads
 from lightning_nan.callbacks._trainer import log_metrics, partitions_state, starts_afresh, strategy_is
+from lightning_nan.callbacks._types import TrainerLike, log_every_n_steps
 from lightning_nan.core.clipping import (
     DEFAULT,
     DefaultType,
@@ -124,7 +125,7 @@ class GradientClippingBase:
     def method(self) -> str:
         return self.clipper.method
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: TrainerLike, pl_module: Any, stage: str) -> None:
         check_namespace(self, trainer)
         if stage != "fit":
             return
@@ -144,25 +145,25 @@ class GradientClippingBase:
         if self.method == "agc" and self.clipper.sharded:
             raise agc_refused(type(trainer.strategy).__name__)
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_fit_start(self, trainer: TrainerLike, pl_module: Any) -> None:
         if self.method == "agc" and is_sharded(list(pl_module.parameters())):  # sharded in configure_model (FSDP2)
             raise agc_refused(type(trainer.strategy).__name__)
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(self, trainer: TrainerLike, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         grads = step_grads(trainer, pl_module, optimizer, self._grads)
         if grads.skipped or not grads.params:
             return
         self.last = self.clipper.clip_(grads.params, grads.norms, grads.norm_bound if self._bound_holds else None).as_dict()
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.log_every_n_steps or log_every_n_steps(trainer)
         if self.last and trainer.global_step % every == 0 and trainer.loggers:
             values = torch.stack([v.float().reshape(()) for v in self.last.values()]).tolist()
             log_metrics(trainer, {f"grad_clip/{k}": v for k, v in zip(self.last, values)})
 
-    def step_grads(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> StepGrads | None:
+    def step_grads(self, trainer: TrainerLike, pl_module: Any, optimizer: torch.optim.Optimizer) -> StepGrads | None:
         """The step's gradient norms if this callback computed them (no guard in the Trainer), else ``None``."""
         return self._grads.get(optimizer, trainer.global_step)
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def teardown(self, trainer: TrainerLike, pl_module: Any, stage: str) -> None:
         self._grads.clear()  # let go of the parameters
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,13 +9,13 @@ import torch
 
 from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, starts_afresh
+from lightning_nan.callbacks._types import TrainerLike, log_every_n_steps
 from lightning_nan.core.diagnosis import DIVERGENCE_ADVICE
 from lightning_nan.core.events import IncidentEvent, Phase, RollbackEvent
 from lightning_nan.core.losses import unscaled_loss
 from lightning_nan.core.lr_backoff import LRBackoffController
 from lightning_nan.core.lr_scaling import has_numeric_lr
 from lightning_nan.core.validate import boolean, integer
-
 
 #: The diagnosed causes a lower learning rate cures; dirty data, unsafe operations, weight corruption,
 #: a broken pipeline and causes the evidence does not decide leave the learning rate alone.
@@ -206,7 +206,7 @@ class LRBackoffBase:
         self.controller.back_off(incident.step, f"incident: {incident.kind}")
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: TrainerLike, pl_module: Any, stage: str) -> None:
         check_namespace(self, trainer)
         if stage != "fit":
             return
@@ -219,7 +219,7 @@ class LRBackoffBase:
             )
         self.controller.reduce = max_reducer(trainer)
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_start(self, trainer: TrainerLike, pl_module: Any) -> None:
         unscalable = [
             f"optimizer {i} ({type(opt).__name__}) param group {g} (lr={group.get('lr', '<none>')!r})"
             for i, opt in enumerate(trainer.optimizers)
@@ -239,18 +239,18 @@ class LRBackoffBase:
         self._loss, self._dirty, self._logged = None, False, {}
         self._observed_step = trainer.global_step
 
-    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+    def on_before_backward(self, trainer: TrainerLike, pl_module: Any, loss: torch.Tensor) -> None:
         if self.controller.wants_losses:
             loss = unscaled_loss(loss, grad_scaler(trainer))  # fp16 AMP hands the hook the scaled loss
             self._loss = loss if self._loss is None else self._loss + loss
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(self, trainer: TrainerLike, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         if not trainer.loggers:
             return
         optimizers = trainer.optimizers
         index = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
         factor = self.controller.step_factor(optimizer)
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.log_every_n_steps or log_every_n_steps(trainer)
         if self._logged.get(index) == factor and (trainer.global_step // max(len(optimizers), 1)) % every != 0:
             return
         self._logged[index] = factor
@@ -260,7 +260,7 @@ class LRBackoffBase:
         metrics.update({(f"lr_backoff/lr-{index}-{g}" if several else "lr_backoff/lr"): lr for g, lr in enumerate(lrs) if lr is not None})
         log_metrics(trainer, metrics)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: TrainerLike, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self._observed_step:  # accumulating gradients: no step yet
             return
         self._observed_step = trainer.global_step
@@ -268,16 +268,16 @@ class LRBackoffBase:
         clean, self._dirty = not self._dirty, False
         self.controller.observe(trainer.global_step - 1, loss, clean)
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    def on_exception(self, trainer: TrainerLike, pl_module: Any, exception: BaseException) -> None:
         # Lightning calls `on_exception`, not `teardown`, when fit raises: put the scheduled LRs back and
         # take the hooks off, or a later manual `optimizer.step()` would still be scaled.
         self.controller.detach()
         self._loss = None
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_end(self, trainer: TrainerLike, pl_module: Any) -> None:
         self.controller.detach()
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def teardown(self, trainer: TrainerLike, pl_module: Any, stage: str) -> None:
         self.controller.detach()
         self._loss = None
 

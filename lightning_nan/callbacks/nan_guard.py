@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
-from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._eval_guard import EvalGuard
+from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._step_traces import StepTraces
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir, starts_afresh
+from lightning_nan.callbacks._types import TrainerLike, callbacks_of, log_every_n_steps
 from lightning_nan.core.errors import NonFiniteWarning
 from lightning_nan.core.events import EscalationHandler, EvalIncidentListener, IncidentListener, phase_of
 from lightning_nan.core.incident import Incident
@@ -173,7 +174,7 @@ class NaNGuardBase:
         self._rank_zero = True
         self._grads = HeldGrads()  # the step checked last, for the callbacks that clip or monitor it
         self._verdict = StepVerdict()
-        self._trainer: Any = None
+        self._trainer: TrainerLike | None = None
         self._incidents_at_start = 0
 
     @property
@@ -202,10 +203,10 @@ class NaNGuardBase:
         return state
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: TrainerLike, pl_module: Any, stage: str) -> None:
         check_namespace(self, trainer)
         self._eval_listeners = sorted(
-            (cb for cb in trainer.callbacks if cb is not self and isinstance(cb, EvalIncidentListener)),
+            (cb for cb in callbacks_of(trainer) if cb is not self and isinstance(cb, EvalIncidentListener)),
             key=phase_of,
         )
         if stage != "fit":  # validate / test: their incidents are recorded as fit's are
@@ -219,7 +220,7 @@ class NaNGuardBase:
         # Listeners that establish facts (BatchBisection: the samples) hear of an incident before those
         # that act on it (LRBackoff, CheckpointRollback), whatever their order in `callbacks`.
         self.guard.listeners = sorted(
-            (cb for cb in trainer.callbacks if cb is not self and isinstance(cb, (IncidentListener, EscalationHandler))),
+            (cb for cb in callbacks_of(trainer) if cb is not self and isinstance(cb, (IncidentListener, EscalationHandler))),
             key=phase_of,
         )
         self.guard.on_record = self._record
@@ -232,7 +233,7 @@ class NaNGuardBase:
         self._trainer = trainer
         self._incidents_at_start = len(self.guard.incidents)
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_start(self, trainer: TrainerLike, pl_module: Any) -> None:
         self.guard.set_parameter_names(pl_module)  # again: a strategy may have replaced them (FSDP2's ``fully_shard``)
         # Here, not in setup: the strategy has moved the module to its device (new buffer tensors) by now.
         self._norm_stats = norm_running_stats(pl_module) if self.restore_norm_stats else []
@@ -247,7 +248,7 @@ class NaNGuardBase:
                     "Use another optimizer, or remove NaNGuard from the Trainer's callbacks."
                 )
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: TrainerLike, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self.guard._window:  # the first micro-batch of this optimizer step
             if self._norm_stats:
                 torch._foreach_copy_(self._norm_stats_before, self._norm_stats)
@@ -255,49 +256,49 @@ class NaNGuardBase:
                 self._traces.save(trainer)
         self.guard.observe_batch(batch, batch_idx, check_inputs=self.check_inputs)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: TrainerLike, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # After training_step, manual optimization's steps and their logs included; before Lightning
         # logs the step and before any epoch-end hook reads the epoch's values.
         self._traces.batch_end(trainer)
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_epoch_end(self, trainer: TrainerLike, pl_module: Any) -> None:
         self._traces.epoch_end()  # runs before EarlyStopping's and ModelCheckpoint's (monitoring callbacks go last)
 
-    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+    def on_before_backward(self, trainer: TrainerLike, pl_module: Any, loss: torch.Tensor) -> None:
         self.guard.observe_loss(loss)
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(self, trainer: TrainerLike, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         self.step_grads(trainer, pl_module, optimizer)
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.log_every_n_steps or log_every_n_steps(trainer)
         if self._verdict.incident is not None or trainer.global_step % every == 0:
             log_metrics(trainer, self.metrics())
 
     # ------------------------------------------------------------------ validation and test
-    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_validation_start(self, trainer: TrainerLike, pl_module: Any) -> None:
         self._eval.start(pl_module)
 
-    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_test_start(self, trainer: TrainerLike, pl_module: Any) -> None:
         self._eval.start(pl_module)
 
-    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(self, trainer: TrainerLike, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.check_eval:
             self._eval.save(trainer)
 
-    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_start(self, trainer: TrainerLike, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.check_eval:
             self._eval.save(trainer)
 
     def on_validation_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: TrainerLike, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._check_eval(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, "validation")
 
     def on_test_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: TrainerLike, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._check_eval(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, "test")
 
-    def _check_eval(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+    def _check_eval(self, trainer: TrainerLike, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
         if not self.check_eval:
             return
         incident = self._eval.check(
@@ -307,7 +308,7 @@ class NaNGuardBase:
             self.guard.incidents.append(incident)
             self._record(incident)
 
-    def step_grads(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> StepGrads:
+    def step_grads(self, trainer: TrainerLike, pl_module: Any, optimizer: torch.optim.Optimizer) -> StepGrads:
         """The current step's gradients and their norms, checking the step first if it has not been yet.
 
         Callbacks that clip or monitor gradients call this (through
@@ -332,7 +333,7 @@ class NaNGuardBase:
         grads = StepGrads(guard.last_grad_params, guard.last_grad_norms, skipped, guard.last_grad_norm_bound)
         return self._grads.hold(optimizer, trainer.global_step, grads)
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_end(self, trainer: TrainerLike, pl_module: Any) -> None:
         if self.guard.check_params_every_n_steps > 0:
             self.guard.check_parameters(
                 pl_module.parameters(),
@@ -343,19 +344,18 @@ class NaNGuardBase:
         self._write([])  # incidents a write could not take: one more try
         self._print_summary(trainer)
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    def on_exception(self, trainer: TrainerLike, pl_module: Any, exception: BaseException) -> None:
         self._print_summary(trainer)
 
-    def _print_summary(self, trainer: Any) -> None:
+    def _print_summary(self, trainer: TrainerLike) -> None:
         """The run's incidents as a table on the console (rank zero, only when there were some)."""
         incidents = self.guard.incidents[self._incidents_at_start :]
         if not self._rank_zero or not incidents:
             return
+        from lightning_nan.callbacks.batch_bisection import BatchBisectionBase  # it imports this module
         from lightning_nan.core.summary import summary_table
 
-        from lightning_nan.callbacks.batch_bisection import BatchBisectionBase  # it imports this module
-
-        bisection = next((cb for cb in trainer.callbacks if isinstance(cb, BatchBisectionBase)), None)
+        bisection = next((cb for cb in callbacks_of(trainer) if isinstance(cb, BatchBisectionBase)), None)
         path = None if bisection is None else bisection.quarantine_file
         records = [] if bisection is None else bisection.quarantine_records  # written or not (an unwritable file)
         print(summary_table(incidents, records, quarantine_path=path, max_rows=SUMMARY_ROWS))

@@ -15,6 +15,7 @@ from lightning_nan.core.errors import NonFiniteError, NonFiniteWarning
 from lightning_nan.core.events import EscalationHandler, IncidentEvent, IncidentListener
 from lightning_nan.core.incident import Incident, IncidentAction, IncidentCause, IncidentKind
 from lightning_nan.core.jsonl import append_jsonl, read_jsonl
+from lightning_nan.core.known_good import state_norm
 from lightning_nan.core.localize import Localization, localize
 from lightning_nan.core.lr_backoff import LRBackoffController
 from lightning_nan.core.metric_states import MetricStates, find_metrics
@@ -22,7 +23,6 @@ from lightning_nan.core.norms import any_nonfinite, iter_tensors, tensor_norms, 
 from lightning_nan.core.quarantine import Quarantine
 from lightning_nan.core.reevaluate import preserved
 from lightning_nan.core.sampling import TrackingBatchSampler, track
-from lightning_nan.core.known_good import state_norm
 from lightning_nan.core.snapshots import Snapshot, SnapshotStore
 from lightning_nan.core.spikes import LossSpikeDetector
 from lightning_nan.core.step_guard import DEFAULT_MAX_CONSECUTIVE, StepGuard, StepVerdict

@@ -31,7 +31,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-
 from lightning_nan.core.files import fsync_dir
 from lightning_nan.core.fingerprint import sample_fingerprint as sample_fingerprint  # where callers have always found it
 from lightning_nan.core.jsonl import append_jsonl, locked, read_jsonl_lines
