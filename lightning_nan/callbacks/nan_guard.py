@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lightning_nan.callbacks._eval_guard import EvalGuard
+from lightning_nan.callbacks._incident_output import log_incident_text, norm_running_stats, print_summary
 from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._step_traces import StepTraces
 from lightning_nan.callbacks._trainer import grad_scaler, log_metrics, max_reducer, run_dir, starts_afresh
@@ -26,8 +27,6 @@ from lightning_nan.core.validate import boolean, fs_path, integer
 INCIDENTS_FILE = "nan_incidents.jsonl"
 #: Listeners hear of an incident in the order of their declared phase (:class:`~lightning_nan.core.events.Phase`), then
 #: in the order of ``callbacks``: fact finders (bisection 10, diagnosis 20) before actors (50).
-#: The end-of-run console table shows the first and last incidents, this many in all.
-SUMMARY_ROWS = 12
 
 
 class NaNGuardBase:
@@ -350,16 +349,9 @@ class NaNGuardBase:
     def _print_summary(self, trainer: TrainerLike) -> None:
         """The run's incidents as a table on the console (rank zero, only when there were some)."""
         incidents = self.guard.incidents[self._incidents_at_start :]
-        if not self._rank_zero or not incidents:
-            return
-        from lightning_nan.callbacks.batch_bisection import BatchBisectionBase  # it imports this module
-        from lightning_nan.core.summary import summary_table
-
-        bisection = next((cb for cb in callbacks_of(trainer) if isinstance(cb, BatchBisectionBase)), None)
-        path = None if bisection is None else bisection.quarantine_file
-        records = [] if bisection is None else bisection.quarantine_records  # written or not (an unwritable file)
-        print(summary_table(incidents, records, quarantine_path=path, max_rows=SUMMARY_ROWS))
-        self._incidents_at_start = len(self.guard.incidents)
+        if self._rank_zero and incidents:
+            print_summary(trainer, incidents)
+            self._incidents_at_start = len(self.guard.incidents)
 
     def state_dict(self) -> dict[str, Any]:
         return self.guard.state_dict()
@@ -394,10 +386,8 @@ class NaNGuardBase:
         if not self._rank_zero:
             return
         self._write([incident.to_dict()])
-        for logger in getattr(self._trainer, "loggers", None) or []:
-            add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
-            if type(logger).__name__ == "TensorBoardLogger" and add_text is not None:
-                add_text("nan_guard/incidents", incident_markdown(incident), incident.step)
+        if self._trainer is not None:
+            log_incident_text(self._trainer, incident)
         warnings.warn(f"NaNGuard: {incident.summary()}", NonFiniteWarning, stacklevel=2)
 
     def _write(self, records: list[dict[str, Any]]) -> None:
@@ -405,28 +395,3 @@ class NaNGuardBase:
         path = self._path
         if path is not None and self._rank_zero:
             self._unwritten.write(path, records, lambda batch: append_jsonl(path, batch))
-
-
-def norm_running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The running-statistics buffers of the normalisation layers in ``module`` (BatchNorm, InstanceNorm)."""
-    norm_base = torch.nn.modules.batchnorm._NormBase
-    return [
-        buf
-        for m in module.modules()
-        if isinstance(m, norm_base) and m.track_running_stats
-        for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
-        if buf is not None
-    ]
-
-
-def incident_markdown(incident: Incident) -> str:
-    """The incident as a few lines of Markdown, for TensorBoard's TEXT tab."""
-    lines = [f"**step {incident.step}: non-finite {incident.kind}, cause {incident.cause}** ({incident.action})", ""]
-    where = incident.where()
-    if where:
-        lines.append(f"- where: {where}")
-    for fact in incident.detail.get("evidence", []):
-        lines.append(f"- {fact}")
-    if incident.advice:
-        lines += ["", incident.advice]
-    return "\n".join(lines)
