@@ -326,6 +326,22 @@ class EveryOtherStep(pl.Callback):
             self.coefs += [cb.last["coef"] for cb in self.callbacks if isinstance(cb, GradientClipping) and "coef" in cb.last]
 
 
+class LogOnly(pl.Callback):
+    """Logs the keys NormMonitor would log (``norms/{weight,grad,update_ratio}/<parameter>``) with made-up
+    values through each logger's ``log_metrics``, one call per step, and computes nothing: what logging
+    those scalars costs any callback (Lightning's ``LearningRateMonitor`` logs the same way)."""
+
+    def setup(self, trainer, pl_module, stage):
+        names = [name for name, _ in pl_module.named_parameters()]
+        self.keys = [f"norms/{q}/{name}" for name in names for q in ("weight", "grad", "update_ratio")]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1  # the step just taken, as NormMonitor logs it
+        metrics = {key: step + i * 1e-3 for i, key in enumerate(self.keys)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+
 class OddStepClipCNN(BenchCNN):
     """Lightning's own clipping (what ``Trainer(gradient_clip_val=max_norm)`` runs) on odd steps only;
     with ``every_step``, on every step."""
@@ -366,16 +382,19 @@ def _paired_fits(make, *, runs: int, warmup: int, steps: int, batch_size: int, d
 
 def alternating(
     *, logger: Callable[[str], Logger], runs: int, warmup: int, steps: int, batch_size: int, data, root: str,
-    control: bool = False,
+    control: bool = False, floor: bool = False,
 ):
     """Per run: the median time of the steps the monitor logs and of the steps between them, in the same
     fit (neighbouring steps, so the machine's drift cancels). Returns ``[(logging, other, load, mean
     difference), ...]``: the mean difference counts the rare slow steps (a TensorBoard writer's flush, say),
     which the medians leave out. ``control``: a callback that does nothing
-    stands in for the monitor, so the result shows what the method reads when there is nothing to find."""
+    stands in for the monitor, so the result shows what the method reads when there is nothing to find.
+    ``floor``: :class:`LogOnly` stands in for it: the monitor's keys logged, nothing computed (the cost of
+    the logger's ``log_metrics`` alone)."""
 
     def make():
-        return BenchCNN(), EveryOtherStep(pl.Callback() if control else NormMonitor(every_n_steps=1))
+        stand_in = pl.Callback() if control else LogOnly() if floor else NormMonitor(every_n_steps=1)
+        return BenchCNN(), EveryOtherStep(stand_in)
 
     return _paired_fits(make, runs=runs, warmup=warmup, steps=steps, batch_size=batch_size, data=data, root=root, logger=logger)
 
@@ -444,6 +463,10 @@ def main(argv: list[str] | None = None) -> None:
         help="alternating comparisons with nothing in the measured variant's place (what the method reads for 0)",
     )
     parser.add_argument(
+        "--floor", action="store_true",
+        help="alternating NormMonitor comparison with a callback that only logs the monitor's keys (log_metrics alone)",
+    )
+    parser.add_argument(
         "--max-norm", type=float, default=1.0,
         help="max_norm of the clipping comparisons (default 1.0; the model's gradient norms are about 0.1-0.15)",
     )
@@ -501,10 +524,11 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as root:
             alt = alternating(
                 logger=LOGGERS[args.logger], runs=args.runs, warmup=args.warmup, steps=args.alternating_steps,
-                batch_size=args.batch_size, data=data, root=root, control=args.control,
+                batch_size=args.batch_size, data=data, root=root, control=args.control, floor=args.floor,
             )
         print()
         name = args.logger + (" (control: a do-nothing callback in the monitor's place)" if args.control else "")
+        name += " (floor: a callback logging the monitor's keys, computing nothing)" if args.floor else ""
         print_alternating(alt, f"NormMonitor on every other step, logger {name}: logging steps against the steps between them")
     if args.only == "clipping-alternating":
         with tempfile.TemporaryDirectory() as root:
