@@ -32,7 +32,7 @@ Then the per-step work is timed in a hot loop on the same model with real gradie
 clipping, the guard plus GradientClipping (which reuses the guard's gradient norms), NormMonitor on a
 logging step and on another step, and their parts.
 
-Last, paired in one fit (``--only alternating``): a ``NormMonitor(every_n_steps=1)`` runs on even
+Paired in one fit (``--only alternating``): a ``NormMonitor(every_n_steps=1)`` runs on even
 steps only, every step is timed from one ``on_train_batch_start`` to the next, and the median even
 (logging) step is compared with the median odd step of the same fit, ``--runs`` fits in all.
 Neighbouring steps share the machine's drift, which the interleaved rounds cannot cancel. The same
@@ -40,9 +40,14 @@ pairing for clipping (``--only clipping-alternating``): NaNGuard + GradientClipp
 steps, Lightning's own clipping (``configure_gradient_clipping`` -> ``clip_gradients(1.0, "norm")``, what
 ``gradient_clip_val=1.0`` runs) on odd steps.
 
+Side by side (``--only side-by-side``): ``--runs`` rounds of three such paired fits, in an order rotating
+from round to round: the monitor; the floor (``--floor``: a callback that logs the monitor's keys through
+the same ``log_metrics`` and computes nothing, what logging them costs any callback); the control.
+
     python benchmarks/clipping_overhead.py                          # default: 20 rounds, ~3 min here
     python benchmarks/clipping_overhead.py --logger tensorboard --only monitor
     python benchmarks/clipping_overhead.py --only alternating     # ~1 min
+    python benchmarks/clipping_overhead.py --only side-by-side --logger tensorboard  # monitor, floor, control; ~5 min
     python benchmarks/clipping_overhead.py --only clipping-alternating [--control]
     python benchmarks/clipping_overhead.py --quick                  # smoke run, a few seconds
 """
@@ -331,6 +336,22 @@ class EveryOtherStep(pl.Callback):
             self.coefs += [cb.last["coef"] for cb in self.callbacks if isinstance(cb, GradientClipping) and "coef" in cb.last]
 
 
+class LogOnly(pl.Callback):
+    """Logs the keys NormMonitor would log (``norms/{weight,grad,update_ratio}/<parameter>``) with made-up
+    values through each logger's ``log_metrics``, one call per step, and computes nothing: what logging
+    those scalars costs any callback (Lightning's ``LearningRateMonitor`` logs the same way)."""
+
+    def setup(self, trainer, pl_module, stage):
+        names = [name for name, _ in pl_module.named_parameters()]
+        self.keys = [f"norms/{q}/{name}" for name in names for q in ("weight", "grad", "update_ratio")]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1  # the step just taken, as NormMonitor logs it
+        metrics = {key: step + i * 1e-3 for i, key in enumerate(self.keys)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+
 class OddStepClipCNN(BenchCNN):
     """Lightning's own clipping (what ``Trainer(gradient_clip_val=max_norm)`` runs) on odd steps only;
     with ``every_step``, on every step."""
@@ -371,18 +392,50 @@ def _paired_fits(make, *, runs: int, warmup: int, steps: int, batch_size: int, d
 
 def alternating(
     *, logger: Callable[[str], Logger], runs: int, warmup: int, steps: int, batch_size: int, data, root: str,
-    control: bool = False,
+    control: bool = False, floor: bool = False,
 ):
     """Per run: the median time of the steps the monitor logs and of the steps between them, in the same
     fit (neighbouring steps, so the machine's drift cancels). Returns ``[(logging, other, load, mean
     difference), ...]``: the mean difference counts the rare slow steps (a TensorBoard writer's flush, say),
     which the medians leave out. ``control``: a callback that does nothing
-    stands in for the monitor, so the result shows what the method reads when there is nothing to find."""
+    stands in for the monitor, so the result shows what the method reads when there is nothing to find.
+    ``floor``: :class:`LogOnly` stands in for it: the monitor's keys logged, nothing computed (the cost of
+    the logger's ``log_metrics`` alone)."""
 
     def make():
-        return BenchCNN(), EveryOtherStep(pl.Callback() if control else NormMonitor(every_n_steps=1))
+        stand_in = pl.Callback() if control else LogOnly() if floor else NormMonitor(every_n_steps=1)
+        return BenchCNN(), EveryOtherStep(stand_in)
 
     return _paired_fits(make, runs=runs, warmup=warmup, steps=steps, batch_size=batch_size, data=data, root=root, logger=logger)
+
+
+SIDE_BY_SIDE = ("NormMonitor(every_n_steps=1)", "floor: its keys through log_metrics, nothing computed", "control: a do-nothing callback")
+
+
+def side_by_side(*, logger: Callable[[str], Logger], rounds: int, warmup: int, steps: int, batch_size: int, data, root: str):
+    """``rounds`` rounds of three paired fits (:func:`alternating`, one fit each): the monitor, the floor
+    (``floor=True``) and the control, in an order rotating from round to round, so that the machine's
+    drift hits all three alike. Returns ``{variant: [(logging, other, load, mean difference), ...]}``."""
+    out: dict[str, list] = {name: [] for name in SIDE_BY_SIDE}
+    for r in range(rounds):
+        for k in [(r + i) % 3 for i in range(3)]:
+            out[SIDE_BY_SIDE[k]] += alternating(
+                logger=logger, runs=1, warmup=warmup, steps=steps, batch_size=batch_size, data=data,
+                root=os.path.join(root, f"{r}-{k}"), control=k == 2, floor=k == 1,
+            )
+    return out
+
+
+def print_side_by_side(results: dict[str, list], logger: str) -> None:
+    print(f"## Side by side, logger {logger}: each variant's steps against the plain steps between them\n")
+    print("| variant | overhead per step (median over fits) | range | us per step (median) | plain step, ms (median) | fits |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, fits in results.items():
+        pct = sorted(100 * (log_t / other_t - 1) for log_t, other_t, _, _ in fits)
+        us = statistics.median((log_t - other_t) * 1e6 for log_t, other_t, _, _ in fits)
+        plain = statistics.median(other_t * 1e3 for _, other_t, _, _ in fits)
+        print(f"| {name} | {statistics.median(pct):+.1f}% | {pct[0]:+.1f}% to {pct[-1]:+.1f}% | {us:.0f} | {plain:.2f} | {len(fits)} |")
+    print_load([load for fits in results.values() for _, _, load, _ in fits if load is not None])
 
 
 def alternating_clipping(
@@ -437,8 +490,10 @@ def main(argv: list[str] | None = None) -> None:
         "--logger", choices=sorted(LOGGERS), default="memory", help="the NormMonitor runs' logger (default memory)"
     )
     parser.add_argument(
-        "--only", choices=("clipping", "monitor", "alternating", "clipping-alternating"), default=None,
-        help="run one comparison only (clipping-alternating: the clipping pair in one fit, never run by default)"
+        "--only", choices=("clipping", "monitor", "alternating", "side-by-side", "clipping-alternating"), default=None,
+        help="run one comparison only (side-by-side: the monitor, the --floor and the --control variants of the "
+        "alternating comparison in rotating rounds, --runs of them; clipping-alternating: the clipping pair in one fit; "
+        "neither runs by default)"
     )
     parser.add_argument("--runs", type=int, default=10, help="fits of the alternating comparison (default 10)")
     parser.add_argument(
@@ -447,6 +502,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--control", action="store_true",
         help="alternating comparisons with nothing in the measured variant's place (what the method reads for 0)",
+    )
+    parser.add_argument(
+        "--floor", action="store_true",
+        help="alternating NormMonitor comparison with a callback that only logs the monitor's keys (log_metrics alone)",
     )
     parser.add_argument(
         "--max-norm", type=float, default=1.0,
@@ -506,11 +565,20 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as root:
             alt = alternating(
                 logger=LOGGERS[args.logger], runs=args.runs, warmup=args.warmup, steps=args.alternating_steps,
-                batch_size=args.batch_size, data=data, root=root, control=args.control,
+                batch_size=args.batch_size, data=data, root=root, control=args.control, floor=args.floor,
             )
         print()
         name = args.logger + (" (control: a do-nothing callback in the monitor's place)" if args.control else "")
+        name += " (floor: a callback logging the monitor's keys, computing nothing)" if args.floor else ""
         print_alternating(alt, f"NormMonitor on every other step, logger {name}: logging steps against the steps between them")
+    if args.only == "side-by-side":
+        with tempfile.TemporaryDirectory() as root:
+            sides = side_by_side(
+                logger=LOGGERS[args.logger], rounds=args.runs, warmup=args.warmup, steps=args.alternating_steps,
+                batch_size=args.batch_size, data=data, root=root,
+            )
+        print()
+        print_side_by_side(sides, args.logger)
     if args.only == "clipping-alternating":
         with tempfile.TemporaryDirectory() as root:
             alt, clipped = alternating_clipping(

@@ -56,6 +56,13 @@ def test_alternating_monitor_benchmark_logs_on_even_steps_only(tmp_path):
     )
     assert len(control) == 1 and control[0][0] > 0  # timed, with nothing logged in the monitor's place
     assert not any(k.startswith("norms/") for _, metrics in loggers[1].records for k in metrics)
+    floor = clipping_overhead.alternating(
+        logger=memory, runs=1, warmup=2, steps=8, batch_size=4, data=make_data(60), root=str(tmp_path), floor=True
+    )
+    assert len(floor) == 1 and floor[0][0] > 0  # the monitor's keys logged, at its steps, nothing computed
+    logged = [(step, list(metrics)) for step, metrics in loggers[2].records if any(k.startswith("norms/") for k in metrics)]
+    monitor_keys = [list(metrics) for _, metrics in loggers[0].records if any(k.startswith("norms/") for k in metrics)]
+    assert [step for step, _ in logged] == steps and all(keys == monitor_keys[0] for _, keys in logged)
 
 
 def test_gpu_checks_script_runs_on_the_cpu(capsys):

@@ -10,9 +10,9 @@ Used by BatchBisection to re-run sub-batches and by ``lightning-nan replay``.
 ...         self.layer = torch.nn.Linear(2, 1)
 ...     def training_step(self, batch, batch_idx):
 ...         self.log("loss", 1.0)  # muted: no Trainer here
-...         return self.layer(batch).sum() * 0
+...         return self.layer(batch).sum() * 0 + 1
 >>> training_step_loss(Model(), torch.ones(3, 2), 0, manual=False)
-tensor(0., grad_fn=<MulBackward0>)
+tensor(1., grad_fn=<AddBackward0>)
 """
 
 from __future__ import annotations

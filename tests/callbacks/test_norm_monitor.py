@@ -302,18 +302,18 @@ def test_holds_no_tensors_after_fit(ns, tmp_path):
 
 def test_rows_group_and_divide_on_the_host_like_torch_would():
     """Ratios, module grouping and repeated names computed on the host after the one transfer."""
-    from lightning_nan.callbacks.norm_monitor import _Keys
+    from lightning_nan.callbacks._norm_values import Keys
 
     names = ["a.weight", "a.bias", "b.weight", "a.weight"]  # a.weight stepped twice: its last values count
     weights, grads, updates = [1.0, 2.0, 3.0, 4.0], [0.5, 0.0, 1.0, 2.0], [0.1, 0.0, 0.3, 0.2]
-    keys = _Keys(names, by_module=True)
+    keys = Keys(names, by_module=True)
     assert keys.keys == [f"norms/{q}/{m}" for m in ("a", "b") for q in ("weight", "grad", "update_ratio")]
     t = torch.tensor
     a_w, a_g, a_u = (math.hypot(c[3], c[1]) for c in (weights, grads, updates))
     expected = [a_w, a_g, a_u / (a_w + 1e-12), 3.0, 1.0, 0.3 / (3.0 + 1e-12)]
     assert keys.rows(weights, grads, updates, 1e-12) == pytest.approx(expected, rel=1e-12)
     # a zero weight with eps=0 gives what torch gives (inf, or nan for 0/0), not ZeroDivisionError
-    per_param = _Keys(["w", "z"], by_module=False)
+    per_param = Keys(["w", "z"], by_module=False)
     ratios = per_param.rows([0.0, 0.0], [1.0, 0.0], [0.5, 0.0], 0.0)[2::3]
     torch_ratios = (t([0.5, 0.0]) / t([0.0, 0.0])).tolist()
     assert math.isinf(ratios[0]) and ratios[0] == torch_ratios[0] and math.isnan(ratios[1]) and math.isnan(torch_ratios[1])
