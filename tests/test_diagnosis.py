@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_nan.core.diagnosis import StepRecord, diagnose
 from lightning_nan.core.errors import NonFiniteError
+from lightning_nan.core.events import Evidence, evidence_of
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.records import BatchRecord, BisectionRecord, LocalizationRecord
 
@@ -129,8 +130,23 @@ def test_rules_on_hand_made_evidence():
     # without bisection a NaN input is still the data's fault, but nothing claims a quarantine
     alone = diagnose(Incident(step=3, kind="input"), steady)
     assert "quarantined" not in alone.advice and "BatchBisection would find" in alone.advice
-    assert "BatchBisection would find" not in diagnose(Incident(step=3, kind="input"), steady, present={"BatchBisection"}).advice
-    assert not any("add BatchBisection" in m for m in diagnose(Incident(step=10, kind="loss"), steady, present={"BatchBisection"}).missing)
+    assert "BatchBisection would find" not in diagnose(Incident(step=3, kind="input"), steady, finders={Evidence.SAMPLES, Evidence.LOCALIZATION}).advice
+    assert not any("add BatchBisection" in m for m in diagnose(Incident(step=10, kind="loss"), steady, finders={Evidence.SAMPLES, Evidence.LOCALIZATION}).missing)
+
+
+def test_missing_evidence_follows_what_the_finders_in_the_trainer_establish():
+    from lightning_nan import BatchBisection
+
+    steady = [StepRecord(s, loss=1.0, grad_norm=1.0) for s in range(10)]
+
+    def missing(*listeners: object) -> str:
+        found = diagnose(Incident(step=10, kind="loss"), steady, finders=evidence_of(listeners))
+        return next(m for m in found.missing if m.startswith("no localization"))
+
+    assert "add BatchBisection" in missing(object())
+    assert "localizes each incident" in missing(BatchBisection())
+    assert "localize='every'" in missing(BatchBisection(localize="never"))
+    assert "localizes each incident" in missing(BatchBisection(localize="first"))  # its first incident
 
 
 def test_nonfinite_error_leads_with_cause_and_advice():

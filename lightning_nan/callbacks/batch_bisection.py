@@ -14,7 +14,7 @@ from lightning_nan.callbacks._trainer import run_dir, starts_afresh
 from lightning_nan.callbacks._training_step import patched, training_step_loss
 from lightning_nan.callbacks._types import TrainerLike, callbacks_of
 from lightning_nan.core.distributed import gather_objects, world
-from lightning_nan.core.events import IncidentEvent, Phase
+from lightning_nan.core.events import Evidence, IncidentEvent, Phase
 from lightning_nan.core.quarantine import QUARANTINE_FILE
 from lightning_nan.core.records import BisectionRecord
 from lightning_nan.core.validate import boolean, choice, fs_path, integer
@@ -181,6 +181,12 @@ class BatchBisectionBase:
         self._loader = TrainLoaderTracking()
         self._localized = False
         self._dumped = False
+
+    @property
+    def incident_evidence(self) -> frozenset[Evidence]:
+        """What it establishes about the next incident: the samples, and where the NaN starts when it localizes it."""
+        localizes = self.localize == "every" or (self.localize == "first" and not self._localized)
+        return frozenset({Evidence.SAMPLES, Evidence.LOCALIZATION} if localizes else {Evidence.SAMPLES})
 
     @property
     def quarantine_file(self) -> str | None:

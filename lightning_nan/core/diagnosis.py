@@ -44,6 +44,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_nan.core.events import Evidence
 from lightning_nan.core.incident import Incident
 from lightning_nan.core.records import BisectionRecord, LocalizationRecord
 
@@ -120,12 +121,12 @@ def diagnose(
     incident: Incident,
     history: Sequence[StepRecord] = (),
     *,
-    present: Collection[str] = (),
+    finders: Collection[Evidence] = (),
 ) -> Diagnosis:
     """Decide the cause of ``incident`` from its own details and the ``history`` of the steps before it.
 
-    ``present``: the class names of the callbacks taking part, so that ``missing`` never asks for one
-    that is there. The advice for divergence is :data:`DIVERGENCE_ADVICE`, to which LRBackoff, acting
+    ``finders``: what the fact finders taking part establish (:func:`~lightning_nan.core.events.evidence_of`),
+    so that the advice and ``missing`` never ask for one that is there. The advice for divergence is :data:`DIVERGENCE_ADVICE`, to which LRBackoff, acting
     after the diagnosis, adds what it knows about a safe learning rate.
     """
     detail = incident.detail or {}
@@ -178,7 +179,7 @@ def diagnose(
                 "and check the data pipeline (normalisation, missing values, corrupted files)."
             )
         else:
-            find = "" if "BatchBisection" in present else " BatchBisection would find and quarantine the samples."
+            find = "" if Evidence.SAMPLES in finders else " BatchBisection would find and quarantine the samples."
             advice = f"Dirty data: the batch holds NaN/Inf inputs; clean the data set.{find}"
         return Diagnosis("dirty_data", evidence, advice)
 
@@ -243,11 +244,12 @@ def diagnose(
 
     missing = []
     if incident.localization is None:
-        missing.append(
-            "no localization (BatchBisection localizes each incident it can re-evaluate)"
-            if "BatchBisection" in present
-            else "no localization (add BatchBisection to name the module and operation)"
-        )
+        if Evidence.LOCALIZATION in finders:
+            missing.append("no localization (BatchBisection localizes each incident it can re-evaluate)")
+        elif Evidence.SAMPLES in finders:
+            missing.append("no localization (BatchBisection(localize='every') names the module and operation)")
+        else:
+            missing.append("no localization (add BatchBisection to name the module and operation)")
     if not before:
         missing.append("no history of the steps before the incident")
     if bisection.whole_batch:

@@ -113,6 +113,37 @@ class EscalationHandler(Protocol):
     def on_nan_escalation(self, event: IncidentEvent) -> bool: ...
 
 
+class Evidence(enum.Enum):
+    """What a fact finder establishes about an incident (:class:`EvidenceSource`), so that the diagnosis
+    never asks for a finder that is there.
+
+    >>> class Finder:
+    ...     incident_evidence = frozenset({Evidence.SAMPLES})
+    >>> evidence_of([Finder(), object()]) == {Evidence.SAMPLES}
+    True
+    """
+
+    SAMPLES = "samples"  # which samples make the step fail (bisection)
+    LOCALIZATION = "localization"  # which module and operation made the first NaN/Inf
+
+
+@runtime_checkable
+class EvidenceSource(Protocol):
+    """A listener that establishes facts about the coming incidents (BatchBisection)."""
+
+    @property
+    def incident_evidence(self) -> frozenset[Evidence]: ...
+
+
+def evidence_of(listeners: Iterable[Any]) -> frozenset[Evidence]:
+    """Everything the listeners that are :class:`EvidenceSource` establish about the next incident."""
+    found: frozenset[Evidence] = frozenset()
+    for listener in listeners:
+        if isinstance(listener, EvidenceSource):
+            found |= listener.incident_evidence
+    return found
+
+
 @runtime_checkable
 class EvalIncidentListener(Protocol):
     """Establishes facts about a validation/test incident (bisection)."""

@@ -23,7 +23,7 @@ from lightning_nan.core.diagnosis import StepRecord, diagnose
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.divergence import DivergenceWatch
 from lightning_nan.core.errors import NonFiniteError
-from lightning_nan.core.events import IncidentEvent, Phase, escalate, notify, phase_of
+from lightning_nan.core.events import IncidentEvent, Phase, escalate, evidence_of, notify, phase_of
 from lightning_nan.core.incident import Incident, IncidentAction
 from lightning_nan.core.norms import total_norm
 from lightning_nan.core.recurrence import Recurrence, batch_key, joined_key
@@ -266,8 +266,7 @@ class StepIncidents:
         """Fill ``cause``, ``advice`` and ``detail["evidence"]`` from the incident and the history."""
         if incident.cause != "unknown":  # a listener already decided
             return
-        present = {type(listener).__name__ for listener in self.listeners}
-        found = diagnose(incident, list(self.history), present=present)
+        found = diagnose(incident, list(self.history), finders=evidence_of(self.listeners))
         previous = self.incidents[-1] if self.incidents else None
         if (
             found.cause == "unknown"
