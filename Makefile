@@ -30,7 +30,7 @@ bench: $(STAMP)  ## guard overhead vs plain vs detect_anomaly (see BENCHMARKS.md
 
 lint: $(STAMP)  ## ruff, and mypy on the package and on the Python snippets of README.md and docs/
 	$(BIN)/ruff check lightning_nan tests scripts conftest.py
-	$(BIN)/python scripts/check_readme.py README.md docs/*.md
+	$(BIN)/python scripts/check_readme.py README.md docs/*.md docs/callbacks/*.md
 test: lint  # `make test` runs the lint first
 .PHONY: lint
 
