@@ -550,3 +550,33 @@ def test_the_divergence_advice_gets_what_was_learnt_before_the_incident_and_noth
     assert second.advice == f"{DIVERGENCE_ADVICE} LRBackoff has the learning rate at 0.5x the schedule."
     assert overflow.advice == "Overflow: ..." and own.advice == "A listener's own advice."
     assert backoff.factor_now == 0.25  # backed off once at step 8, after the advice was written
+
+
+def test_the_spike_test_sees_the_loss_as_computed_under_fp16(tmp_path):
+    """fp16 AMP hands ``on_before_backward`` the loss times GradScaler's scale: the spike window holds the
+    losses the training step computed, not the scaled ones (whose jumps with the scale would look like spikes)."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    computed: list[float] = []
+
+    class Model(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.mse_loss(self.layer(x), y)
+            computed.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    backoff = LRBackoff(spike_zscore=6.0, window=8, min_history=4)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    trainer = pl.Trainer(callbacks=[backoff], plugins=[plugin], **trainer_kwargs(tmp_path, max_epochs=None, max_steps=6))
+    trainer.fit(Model(), loader(dtype=torch.float32))
+    assert len(computed) == 6 and max(computed) < 100  # the scaled losses would be ~1000x these
+    assert backoff.controller.spike_window() == pytest.approx(computed, rel=1e-6)
+    assert backoff.history == []
