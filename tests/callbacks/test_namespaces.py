@@ -49,7 +49,8 @@ def test_every_callback_is_a_written_out_class_of_its_namespace_and_fits(namespa
         # a class written in that module (pickles by name, shows its module in help()), not made with type()
         assert cls.__module__ == lib.NaNGuard.__module__ and cls.__qualname__ == name
         assert inspect.getsource(cls).startswith(f"class {name}({base.__name__}, Callback):")
-        assert cls.__mro__[1:3] == (base, pl.Callback)
+        assert cls.__bases__ == (base, pl.Callback) and cls.__mro__[1] is base  # the Base's hooks (and its mixins') come first
+        assert all(pl.Callback not in k.__mro__ for k in base.__mro__)  # the Base itself stays namespace-free
         assert cls.__doc__ == base.__doc__ and len(cls.__doc__.splitlines()) > 20
         cb = cls(**ARGS.get(name, {}))
         clone = pickle.loads(pickle.dumps(cb))
