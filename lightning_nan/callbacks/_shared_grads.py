@@ -38,11 +38,12 @@ def step_grads(trainer: TrainerLike, pl_module: Any, optimizer: Any, held: HeldG
 
 
 def skip_step(trainer: TrainerLike, pl_module: Any, optimizer: Any) -> None:
-    """Clear the step's gradients, so ``optimizer.step()`` changes nothing, and mark them skipped for the
-    callbacks that clip or monitor them (the guard checks the step first, if it has not yet)."""
+    """Clear the step's gradients, so ``optimizer.step()`` changes nothing, and leave the callbacks that clip
+    or monitor them nothing to see (the guard checks the step first, if it has not yet): a dropped update
+    is neither clipped nor logged."""
     grads = find_step_grads(trainer, pl_module, optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = None
     if grads is not None:
-        grads.skipped = True
+        grads.params, grads.norms, grads.skipped = [], None, True

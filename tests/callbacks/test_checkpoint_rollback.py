@@ -405,6 +405,33 @@ def test_skip_batches_drops_the_next_updates(ns, tmp_path):
     assert not identical(rec.states[30]["model"], rec.states[29]["model"])
 
 
+def test_dropped_updates_are_neither_clipped_nor_monitored(ns, tmp_path):
+    """The updates ``skip_batches`` drops after a rollback leave nothing for a NormMonitor (or clipper) placed
+    after CheckpointRollback: no norms are logged for them, as none were applied."""
+    _, Corrupt, _, _ = helpers(ns.pl)
+
+    class Memory(ns.pl.loggers.logger.Logger):
+        name, version = "memory", 0
+
+        def __init__(self):
+            super().__init__()
+            self.steps: list[int] = []
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            if any(k.startswith("norms/grad/") for k in metrics):
+                self.steps.append(step)
+
+    logger = Memory()
+    rollback = ns.lib.CheckpointRollback(every_n_steps=10, confirm_steps=3, skip_batches=3)
+    monitor = ns.lib.NormMonitor(every_n_steps=1)
+    fit(ns, tmp_path, rollback, callbacks=[Corrupt(25), monitor], max_steps=32, max_epochs=3, logger=logger)
+    assert rollback.history[0]["step"] == 25
+    assert [s for s in range(20, 32) if s not in logger.steps] == [26, 27, 28]  # the three dropped updates
+
+
 def test_resume_after_a_rollback_keeps_the_policy_and_finds_disk_snapshots(ns, tmp_path):
     _, Corrupt, _, _ = helpers(ns.pl)
     snapdir = tmp_path / "snapshots"
