@@ -144,6 +144,7 @@ class LRBackoffBase:
         self.log_every_n_steps = log_every_n_steps
         self._loss: torch.Tensor | None = None  # the losses of the step being taken (spike detection only)
         self._dirty = False  # an incident hit the step being taken
+        self._hint_before: tuple[int, str | None] | None = None  # (step, hint) read just before a rollback backed off
         self._observed_step = -1  # trainer.global_step at the last observation
         self._logged: dict[int, float] = {}  # optimizer index -> factor last logged
 
@@ -191,6 +192,7 @@ class LRBackoffBase:
         (unless the learning rate is not to blame, after weight corruption)."""
         if not event.lr_to_blame:
             return False
+        self._hint_before = (event.step, self.lr_hint())  # a rollback heard before the incident it answers
         self.back_off(event.step, event.reason, since=event.restored_step)
         return True
 
@@ -198,7 +200,10 @@ class LRBackoffBase:
         """Back off on a diagnosed divergence or overflow; add to the divergence advice what is known so far."""
         incident = event.incident
         self._dirty = True
-        hint = self.lr_hint() if incident.cause == "divergence" and incident.advice == DIVERGENCE_ADVICE else None
+        before = self._hint_before  # set when this incident's rollback (earlier in `callbacks`) backed off already
+        self._hint_before = None
+        known = before[1] if before is not None and before[0] == incident.step else self.lr_hint()
+        hint = known if incident.cause == "divergence" and incident.advice == DIVERGENCE_ADVICE else None
         if hint:  # what the run learnt before this incident
             incident.advice = f"{incident.advice} {hint}"
         if incident.cause not in BACKOFF_CAUSES:  # a lower LR cures none of the others: record, do not act
@@ -236,7 +241,7 @@ class LRBackoffBase:
             )
         self.controller.detach()  # a previous fit's optimizers
         self.controller.attach(trainer.optimizers)
-        self._loss, self._dirty, self._logged = None, False, {}
+        self._loss, self._dirty, self._logged, self._hint_before = None, False, {}, None
         self._observed_step = trainer.global_step
 
     def on_before_backward(self, trainer: TrainerLike, pl_module: Any, loss: torch.Tensor) -> None:

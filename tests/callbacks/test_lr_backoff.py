@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_nan
 from lightning_nan import LRBackoff, NaNGuard
-from lightning_nan.core.events import IncidentEvent, notify
+from lightning_nan.core.events import IncidentEvent, RollbackEvent, announce_rollback, notify
 from lightning_nan.core.incident import Incident
 
 LR = 0.1
@@ -550,6 +550,14 @@ def test_the_divergence_advice_gets_what_was_learnt_before_the_incident_and_noth
     assert second.advice == f"{DIVERGENCE_ADVICE} LRBackoff has the learning rate at 0.5x the schedule."
     assert overflow.advice == "Overflow: ..." and own.advice == "A listener's own advice."
     assert backoff.factor_now == 0.25  # backed off once at step 8, after the advice was written
+    # a rollback earlier in `callbacks` answers the next incident first: the advice still says what was known before
+    for step in range(9, 12):
+        backoff.controller.observe(step, clean=True)
+    announce_rollback([backoff], RollbackEvent(step=12, restored_step=10, reason="2 consecutive skipped steps"))
+    third = Incident(step=12, kind="divergence", cause="divergence", advice=DIVERGENCE_ADVICE)
+    notify([backoff], IncidentEvent(third))
+    assert third.advice == f"{DIVERGENCE_ADVICE} LRBackoff has the learning rate at 0.25x the schedule."
+    assert backoff.factor_now < 0.25  # the rollback backed off
 
 
 def test_the_spike_test_sees_the_loss_as_computed_under_fp16(tmp_path):
