@@ -149,6 +149,10 @@ class Incident:
             self.cause = self.cause.value
         if isinstance(self.rollback, dict):  # as a JSON line gives it back
             self.rollback = RollbackRecord.from_dict(self.rollback)
+        if isinstance(self.bisection, dict):
+            self.bisection = BisectionRecord.from_dict(self.bisection)
+        if isinstance(self.localization, dict):
+            self.localization = LocalizationRecord.from_dict(self.localization)
         if isinstance(self.action, enum.Enum):
             self.action = self.action.value
 

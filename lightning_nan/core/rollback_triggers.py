@@ -121,6 +121,11 @@ class SpikeTrigger:
         self.confirm_steps = confirm_steps
         self.reset()
 
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the unread losses (tensors of the step being taken, maybe on a device)."""
+        return {**self.__dict__, "_losses": []}
+
     def reset(self, step: int = 0) -> None:
         """Forget the losses and the statistics (a new fit starting at ``step``)."""
         if self.detector is not None:

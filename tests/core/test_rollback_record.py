@@ -56,3 +56,21 @@ def test_spike_trigger_adds_up_micro_batches_and_scores_what_the_ranks_agree_on(
         spikes.record(step, torch.tensor(40.0))
     spikes.flush(10)
     assert spikes.fired and list(spikes.steps) == [8, 9] and spikes.spiked_near(8) and not spikes.spiked_near(10)
+
+
+def test_records_given_as_dicts_become_records_and_a_copy_of_the_trigger_holds_no_unread_loss():
+    import pickle
+
+    from lightning_nan.core.diagnosis import diagnose
+    from lightning_nan.core.records import BisectionRecord, LocalizationRecord
+
+    loc = {"module": "head", "op": "log", "inputs_finite": True, "op_inputs_finite": True}
+    inc = Incident(step=3, kind="loss", bisection={"step": 3, "forward_passes": 5}, localization=loc)
+    assert isinstance(inc.bisection, BisectionRecord) and inc.bisection.forward_passes == 5
+    assert isinstance(inc.localization, LocalizationRecord) and inc.localization.op == "log"
+    assert diagnose(inc).cause == "unsafe_op"  # the diagnosis reads the records of an incident made by hand
+
+    spikes = SpikeTrigger(LossSpikeDetector(window=10, threshold=6.0), patience=2, confirm_steps=1)
+    spikes.record(4, torch.tensor(0.5))
+    copied = pickle.loads(pickle.dumps(spikes))
+    assert copied._losses == [] and len(spikes._losses) == 1  # the original keeps its own
