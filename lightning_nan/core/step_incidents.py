@@ -23,7 +23,7 @@ from lightning_nan.core.diagnosis import StepRecord, diagnose
 from lightning_nan.core.distributed import gather_objects, world
 from lightning_nan.core.divergence import DivergenceWatch
 from lightning_nan.core.errors import NonFiniteError
-from lightning_nan.core.events import IncidentEvent, Phase, escalate, evidence_of, notify, phase_of
+from lightning_nan.core.events import Evidence, IncidentEvent, Phase, escalate, evidence_of, notify, phase_of
 from lightning_nan.core.incident import Incident, IncidentAction
 from lightning_nan.core.norms import total_norm
 from lightning_nan.core.recurrence import Recurrence, batch_key, joined_key
@@ -216,8 +216,9 @@ class StepIncidents:
             incident.detail["pipeline"] = "; ".join(broken)
         incident.detail["batch_key"] = views[0][1] if len(views) == 1 else joined_key(k for _, k in views)
         phases = [phase_of(listener) for listener in self.listeners]
+        finders = evidence_of(self.listeners)  # what they set out to establish, before they try
         notify([li for li, p in zip(self.listeners, phases) if p < Phase.DIAGNOSIS], event)  # evidence first (bisection)
-        self._diagnose(incident)
+        self._diagnose(incident, finders)
         if incident.cause == "dirty_data" and incident.samples and self.consecutive_skips > 0:
             self.consecutive_skips -= 1  # quarantined: those samples are left out from the next epoch on
         notify([li for li, p in zip(self.listeners, phases) if p > Phase.DIAGNOSIS], event)
@@ -262,11 +263,11 @@ class StepIncidents:
         incident.action = IncidentAction.RAISED
         return True
 
-    def _diagnose(self, incident: Incident) -> None:
+    def _diagnose(self, incident: Incident, finders: frozenset[Evidence] = frozenset()) -> None:
         """Fill ``cause``, ``advice`` and ``detail["evidence"]`` from the incident and the history."""
         if incident.cause != "unknown":  # a listener already decided
             return
-        found = diagnose(incident, list(self.history), finders=evidence_of(self.listeners))
+        found = diagnose(incident, list(self.history), finders=finders)
         previous = self.incidents[-1] if self.incidents else None
         if (
             found.cause == "unknown"
