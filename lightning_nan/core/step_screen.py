@@ -69,6 +69,7 @@ class Layout:
     input: slice
     scale: slice
     bound: slice
+    inverse_scale: bool = False  # the scale is held as 1/scale, so that a max over ranks keeps the lowest
 
     @classmethod
     @functools.cache  # one per shape of step: a run has a handful
@@ -84,16 +85,18 @@ class Layout:
     @functools.cache
     def of_totals(cls, scaled: bool) -> Layout:
         """The vector :meth:`totals` makes: one value per segment, then the bound, then the scale."""
-        return cls(slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4), slice(5, 5 + int(scaled)), bound=slice(4, 5))
+        return cls(slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4), slice(5, 5 + int(scaled)), slice(4, 5), True)
 
     def totals(self, values: Tensor) -> Tensor:
-        """Each segment's sum and the bound's 2-norm, on the device (laid out as :meth:`of_totals`)."""
+        """Each segment's sum, the bound's 2-norm and 1/scale, on the device (laid out as :meth:`of_totals`)."""
         sums = [values[s].sum() for s in (self.grad, self.param, self.loss, self.input)]
-        return torch.stack([*sums, torch.linalg.vector_norm(values[self.bound]), *values[self.scale]])
+        return torch.stack([*sums, torch.linalg.vector_norm(values[self.bound]), *values[self.scale].reciprocal()])
 
     def read(self, values: Sequence[float], min_loss_scale: float) -> Screen:
         """The :class:`Screen` of the values (host arithmetic, in float64)."""
         loss, grad, param, scale = sum(values[self.loss]), sum(values[self.grad]), sum(values[self.param]), values[self.scale]
+        if self.inverse_scale:  # the lowest scale of any rank
+            scale = [math.inf if v == 0 else 1.0 / v for v in scale]
         finite = math.isfinite
         faults = {
             "input": not finite(sum(values[self.input])),
@@ -127,7 +130,7 @@ def screen(
     parts = [norms.reshape(-1).to(device), *(t.reshape(1).to(device, non_blocking=True) for t in tail)]
     values = parts[0] if len(parts) == 1 else torch.cat(parts)
     layout = Layout.of(grads, weights, len(losses), len(inputs), scale is not None)
-    if reduce is not None:  # agree: the largest magnitude of each total over the ranks (NaN counts as Inf)
+    if reduce is not None:  # agree: the largest magnitude of each total (NaN counts as Inf), the lowest scale
         values = reduce(torch.nan_to_num(layout.totals(values).abs(), nan=math.inf, posinf=math.inf))
         layout = Layout.of_totals(scale is not None)
     return layout.read(values.tolist(), min_loss_scale)  # the one transfer

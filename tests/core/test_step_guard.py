@@ -425,3 +425,34 @@ def test_a_cause_carries_over_only_to_the_same_samples():
     assert other.cause == "unknown"
     # and it never asks for a callback that is there
     assert any("add BatchBisection" in m for m in other.detail["missing_evidence"])
+
+
+def test_across_ranks_the_screen_takes_the_worst_of_each_value_and_the_lowest_loss_scale():
+    """What the ranks agree on, with the all-reduce played by an element-wise max against another rank's
+    vector: any rank's non-finite value or collapsed loss scale is everyone's fault."""
+    from lightning_nan.core.step_screen import screen
+
+    def ranks(other: dict):
+        theirs = {}
+
+        def reduce(mine):
+            if not theirs:  # the other rank's totals, built the same way
+                theirs["v"] = screen_vector(**other)
+            return torch.maximum(mine, theirs["v"])
+
+        return reduce
+
+    def screen_vector(norms, losses, scale):
+        captured = {}
+        screen(norms, grads=len(norms), weights=0, losses=losses, inputs=[], scale=scale, min_loss_scale=1.0,
+               reduce=lambda t: captured.setdefault("v", t))
+        return captured["v"]
+
+    mine = dict(norms=torch.tensor([3.0, 4.0]), losses=[torch.tensor(0.5)], scale=torch.tensor(1024.0))
+    low_scale = dict(norms=torch.tensor([3.0, 4.0]), losses=[torch.tensor(0.5)], scale=torch.tensor(0.5))
+    nan_grad = dict(norms=torch.tensor([float("nan"), 4.0]), losses=[torch.tensor(0.5)], scale=torch.tensor(1024.0))
+    healthy = screen(**mine, grads=2, weights=0, inputs=[], min_loss_scale=1.0, reduce=ranks(mine))
+    assert not any(healthy.faults.values()) and healthy.bound == 5.0 and healthy.loss == 0.5
+    assert screen(**mine, grads=2, weights=0, inputs=[], min_loss_scale=1.0, reduce=ranks(low_scale)).faults["scale"]
+    bad = screen(**mine, grads=2, weights=0, inputs=[], min_loss_scale=1.0, reduce=ranks(nan_grad))
+    assert bad.faults["grad"] and not bad.faults["scale"]
