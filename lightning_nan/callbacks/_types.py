@@ -5,7 +5,7 @@ namespace-free ``...Base`` callbacks take either, so their hooks are typed with 
 (a structural type both Trainers satisfy; mypy checks it where the written-out classes combine a Base
 with each namespace's ``Callback``) and ``torch.nn.Module`` for the LightningModule.
 
->>> import pytorch_lightning as pl, lightning.pytorch as L
+>>> import pytorch_lightning as pl
 >>> trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 >>> [type(c).__name__ for c in callbacks_of(trainer)]
 []
