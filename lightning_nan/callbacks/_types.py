@@ -3,7 +3,7 @@
 ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer`` are two classes with one interface; the
 namespace-free ``...Base`` callbacks take either, so their hooks are typed with :class:`TrainerLike`
 (a structural type both Trainers satisfy; mypy checks it where the written-out classes combine a Base
-with each namespace's ``Callback``) and ``torch.nn.Module`` for the LightningModule.
+with each namespace's ``Callback``). ``callbacks_of`` reads the callbacks Lightning sets on a Trainer.
 
 >>> import pytorch_lightning as pl
 >>> trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
