@@ -12,10 +12,36 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Localization"]
+__all__ = ["Localization", "LocalizationFacts"]
+
 
 @dataclass
-class Localization:
+class LocalizationFacts:
+    """The facts of a localization (each explained on :class:`Localization`), shared by :class:`Localization`
+    (what the search found) and its JSON form, :class:`~lightning_nan.core.records.LocalizationRecord`
+    (non-finite floats as text)."""
+
+    module: str | None = None
+    module_type: str | None = None
+    inputs_finite: bool | None = None
+    input_range: Any = None  # (min, max); the record keeps non-finite bounds as text
+    output_nonfinite: int | None = None
+    first_nonfinite_input: str | None = None
+    grad_param: str | None = None
+    loss_finite: bool | None = None
+    op: str | None = None
+    op_location: str | None = None
+    op_inputs: list[dict[str, Any]] | None = None
+    op_output_nonfinite: int | None = None
+    op_inputs_finite: bool | None = None
+    backward_op: str | None = None
+    backward_location: str | None = None
+    backward_module: str | None = None
+    backward_module_type: str | None = None
+
+
+@dataclass
+class Localization(LocalizationFacts):
     """Where a forward (and backward) pass first turned non-finite.
 
     Attributes:
@@ -61,23 +87,7 @@ class Localization:
         backward_module: the module whose ``forward`` holds that line; ``backward_module_type`` its class.
     """
 
-    module: str | None = None
-    module_type: str | None = None
-    inputs_finite: bool | None = None
     input_range: tuple[float, float] | None = None
-    output_nonfinite: int | None = None
-    first_nonfinite_input: str | None = None
-    grad_param: str | None = None
-    loss_finite: bool | None = None
-    op: str | None = None
-    op_location: str | None = None
-    op_inputs: list[dict[str, Any]] | None = None
-    op_output_nonfinite: int | None = None
-    op_inputs_finite: bool | None = None
-    backward_op: str | None = None
-    backward_location: str | None = None
-    backward_module: str | None = None
-    backward_module_type: str | None = None
 
     def summary(self) -> str:
         """One line for a log or an incident record.

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from lightning_nan.core.localization import LocalizationFacts
+
 __all__ = ["BatchRecord", "BisectionRecord", "LocalizationRecord"]
 
 _R = TypeVar("_R")
@@ -136,29 +138,13 @@ class BisectionRecord:
 
 
 @dataclass
-class LocalizationRecord:
+class LocalizationRecord(LocalizationFacts):
     """Where the NaN first appeared (``incident.localization``): the fields of
     :class:`~lightning_nan.core.localize.Localization` (non-finite floats as ``"nan"``/``"inf"`` text),
     its ``summary`` line and the ``model``'s class name.
     """
 
-    module: str | None = None
-    module_type: str | None = None
-    inputs_finite: bool | None = None
     input_range: list[Any] | None = None
-    output_nonfinite: int | None = None
-    first_nonfinite_input: str | None = None
-    grad_param: str | None = None
-    loss_finite: bool | None = None
-    op: str | None = None
-    op_location: str | None = None
-    op_inputs: list[dict[str, Any]] | None = None
-    op_output_nonfinite: int | None = None
-    op_inputs_finite: bool | None = None
-    backward_op: str | None = None
-    backward_location: str | None = None
-    backward_module: str | None = None
-    backward_module_type: str | None = None
     summary: str = ""
     model: str | None = None
 
