@@ -29,9 +29,10 @@ class TrainLoaderTracking:
         self.loaders: list[torch.utils.data.DataLoader] = []  # to give their batch samplers back
         #: batch_idx -> the data set indices of that batch
         self.indices: dict[int, list[int] | None] = {}
+        self._own: Any = None  # the strategy instance's own process_dataloader before watch(), if it had one
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"tracker": None, "loaders": [], "indices": {}}
+        return {"tracker": None, "loaders": [], "indices": {}, "_own": None}
 
     def watch(self, trainer: TrainerLike, exclude: Callable[[], set[int]]) -> None:
         """Track the train loader's batch sampler from the moment Lightning has prepared the loader.
@@ -59,8 +60,10 @@ class TrainLoaderTracking:
         only, for the fit, and :meth:`restore` gives the strategy its own method back.
         """
         strategy = trainer.strategy
-        strategy.__dict__.pop("process_dataloader", None)
-        original = strategy.process_dataloader
+        original, own = strategy.process_dataloader, vars(strategy).get("process_dataloader")
+        if getattr(own, "_tracks_train_loader", False):  # a wrapper an interrupted fit left: start from what it had
+            original, own = own.__wrapped__, own.own_before
+        self._own = own
 
         def process_dataloader(dataloader: Any) -> Any:
             dataloader = original(dataloader)
@@ -70,11 +73,20 @@ class TrainLoaderTracking:
                     self.loaders.append(dataloader)
             return dataloader
 
+        process_dataloader.__wrapped__ = original  # type: ignore[attr-defined]
+        process_dataloader._tracks_train_loader = True  # type: ignore[attr-defined]
+        process_dataloader.own_before = own  # type: ignore[attr-defined]
         strategy.process_dataloader = process_dataloader
 
     def restore(self, trainer: TrainerLike) -> None:
-        """Undo :meth:`watch`: the strategy's own method, the loaders' own batch samplers."""
-        trainer.strategy.__dict__.pop("process_dataloader", None)
+        """Undo :meth:`watch`: the strategy's own method (or what the instance had), the loaders' own batch samplers."""
+        strategy = trainer.strategy
+        if getattr(vars(strategy).get("process_dataloader"), "_tracks_train_loader", False):
+            if self._own is not None:
+                strategy.process_dataloader = self._own
+            else:
+                del strategy.process_dataloader
+        self._own = None
         for loader in self.loaders:
             untrack(loader)
         self.loaders, self.tracker = [], None

@@ -92,14 +92,15 @@ def _sandbox(pl_module: Any, manual: bool, n_optimizers: int) -> Iterator[list[t
 def patched(pl_module: Any, patches: dict[str, Any]) -> Iterator[None]:
     """Shadow methods of this module instance (``self.log``, ...) with ``patches`` for the block, then put
     back exactly what the instance had (its class's methods are never touched)."""
-    saved = {name: pl_module.__dict__[name] for name in patches if name in pl_module.__dict__}
+    own = vars(pl_module)  # the instance's own attributes (a shadow set before, by the user or a test)
+    saved = {name: own[name] for name in patches if name in own}
     try:
         for name, fn in patches.items():
-            object.__setattr__(pl_module, name, fn)  # past nn.Module.__setattr__: plain attributes, not submodules
+            setattr(pl_module, name, fn)  # a plain function: nn.Module keeps it as an instance attribute
         yield
     finally:
         for name in patches:
             if name in saved:
-                object.__setattr__(pl_module, name, saved[name])
-            else:
-                pl_module.__dict__.pop(name, None)
+                setattr(pl_module, name, saved[name])
+            elif name in vars(pl_module):
+                delattr(pl_module, name)  # the class's method shows through again

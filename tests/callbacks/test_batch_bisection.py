@@ -455,6 +455,26 @@ def test_a_fit_that_raises_gives_the_strategy_and_the_loader_back(ns, tmp_path):
     assert rows.shape == (32, 4) and torch.equal(rows.isnan().nonzero(), torch.tensor([[1, 1]]))  # sample 1 is back
 
 
+def test_a_strategy_with_its_own_process_dataloader_keeps_it(ns, tmp_path):
+    """A strategy instance whose `process_dataloader` the user shadowed: bisection tracks what it returns,
+    and after fit the instance has the user's function again, not the class's method."""
+    seen = []
+
+    def own(dataloader):
+        seen.append(dataloader)
+        return dataloader
+
+    strategy = ns.pl.strategies.SingleDeviceStrategy(device="cpu")
+    strategy.process_dataloader = own
+    guard, bisection = ns.NaNGuard(), ns.lib.BatchBisection(quarantine_path=tmp_path / "q.jsonl")
+    kwargs = {**trainer_kwargs(tmp_path, max_epochs=2), "strategy": strategy}
+    kwargs.pop("accelerator", None)
+    trainer = ns.pl.Trainer(callbacks=[guard, bisection], **kwargs)
+    trainer.fit(module_class(ns.pl)(), DataLoader(Indexed(n=16, poison={5: "nan"}), batch_size=4))
+    assert seen and bisection.quarantined == {5}  # the user's function ran, and the tracker saw the indices
+    assert vars(trainer.strategy)["process_dataloader"] is own
+
+
 def test_the_users_loader_is_given_back_after_fit_and_tracked_again_by_the_next(ns, tmp_path):
     class Model(module_class(ns.pl)):
         def validation_step(self, batch, batch_idx):
