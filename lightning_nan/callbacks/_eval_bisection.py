@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torchmetrics import Metric
 
 from lightning_nan.callbacks._trainer import log_metrics
 from lightning_nan.callbacks._training_step import patched
@@ -165,7 +166,9 @@ def _capturing_log(pl_module: Any) -> Iterator[list[Any]]:
     logged: list[Any] = []
 
     def value_of(value: Any) -> Any:
-        return getattr(value, "_forward_cache", None) if hasattr(value, "compute") else value
+        # A logged Metric's value for this batch is what its forward returned; torchmetrics keeps it only in
+        # `_forward_cache` (no public accessor), which Lightning's own on-step logging of a Metric reads too.
+        return value._forward_cache if isinstance(value, Metric) else value
 
     patches = {
         "log": lambda name, value, *args, **kwargs: logged.append(value_of(value)),

@@ -9,19 +9,16 @@ Use log_softmax.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
+from lightning_nan.callbacks._trainer import tensorboard_writers
 from lightning_nan.callbacks._types import TrainerLike, callbacks_of
 from lightning_nan.core.incident import Incident
 
 #: The end-of-run console table shows the first and last incidents, this many in all.
 SUMMARY_ROWS = 12
-#: The modules of Lightning's TensorBoard logger, one per namespace.
-_LOGGER_MODULES = ("pytorch_lightning.loggers", "lightning.pytorch.loggers")
 
 
 def print_summary(trainer: TrainerLike, incidents: Sequence[Incident]) -> None:
@@ -37,15 +34,8 @@ def print_summary(trainer: TrainerLike, incidents: Sequence[Incident]) -> None:
 
 def log_incident_text(trainer: TrainerLike, incident: Incident) -> None:
     """Add the incident to the TEXT tab of every TensorBoardLogger of the trainer (either namespace)."""
-    kinds: tuple[Any, ...] = tuple(
-        cls
-        for cls in (getattr(sys.modules.get(module), "TensorBoardLogger", None) for module in _LOGGER_MODULES)
-        if isinstance(cls, type)
-    )
-    for logger in trainer.loggers:
-        if kinds and isinstance(logger, kinds):
-            writer: Any = logger.experiment
-            writer.add_text("nan_guard/incidents", incident_markdown(incident), incident.step)
+    for writer in tensorboard_writers(trainer.loggers):
+        writer.add_text("nan_guard/incidents", incident_markdown(incident), incident.step)
 
 
 def incident_markdown(incident: Incident) -> str:

@@ -1,5 +1,5 @@
 """NormMonitor's TensorBoard extras: the custom-scalars layout and the weight and gradient histograms,
-both through the public ``SummaryWriter`` that a logger exposes as ``experiment``."""
+both through the public ``SummaryWriter`` of each TensorBoardLogger (its ``experiment``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import Tensor
+
+from lightning_nan.callbacks._trainer import tensorboard_writers
 
 #: The TensorBoard custom-scalars page: one multi-line chart per quantity, one line per layer.
 LAYOUT = {
@@ -20,20 +22,9 @@ LAYOUT = {
 }
 
 
-def writers(loggers: Iterable[Any], method: str) -> list[Any]:
-    """The loggers' ``experiment`` objects that have ``method`` (``SummaryWriter``'s ``add_histogram``, say).
-
-    >>> class Logger:
-    ...     experiment = None
-    >>> writers([Logger()], "add_histogram")
-    []
-    """
-    return [w for w in (getattr(logger, "experiment", None) for logger in loggers) if hasattr(w, method)]
-
-
 def add_layout(loggers: Iterable[Any]) -> None:
     """Write :data:`LAYOUT` to every logger with a TensorBoard ``SummaryWriter`` (the "CUSTOM SCALARS" tab)."""
-    for writer in writers(loggers, "add_custom_scalars"):
+    for writer in tensorboard_writers(loggers):
         writer.add_custom_scalars(LAYOUT)
 
 

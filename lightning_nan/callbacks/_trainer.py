@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -26,16 +26,30 @@ def starts_afresh(trainer: TrainerLike) -> bool:
     return getattr(trainer, "global_step", 0) == 0
 
 
-#: The modules of Lightning's strategy classes, one per namespace.
-_STRATEGY_MODULES = ("pytorch_lightning.strategies", "lightning.pytorch.strategies")
+def lightning_instance(obj: Any, package: str, *classes: str) -> bool:
+    """Whether ``obj`` is an instance of one of Lightning's ``classes`` of ``package`` (``"strategies"``,
+    ``"loggers"``) in either namespace, subclasses included.
+
+    Only namespaces already imported are looked at (an object of one was made by its module, so nothing is
+    imported here); a class that a Lightning version lacks matches nothing.
+
+    >>> from pytorch_lightning.loggers import CSVLogger
+    >>> lightning_instance(CSVLogger("."), "loggers", "TensorBoardLogger"), lightning_instance(CSVLogger("."), "loggers", "CSVLogger")
+    (False, True)
+    """
+    for namespace in ("pytorch_lightning", "lightning.pytorch"):
+        module = sys.modules.get(f"{namespace}.{package}")
+        if module is None:
+            continue
+        kinds = tuple(cls for cls in (getattr(module, name, None) for name in classes) if isinstance(cls, type))
+        if kinds and isinstance(obj, kinds):
+            return True
+    return False
 
 
-def strategy_is(trainer: TrainerLike, *classes: str) -> bool:
+def strategy_is(trainer: Any, *classes: str) -> bool:
     """Whether the trainer's strategy is an instance of one of Lightning's strategy ``classes`` (by name in
     ``pytorch_lightning.strategies`` or ``lightning.pytorch.strategies``: ``"FSDPStrategy"``), subclasses included.
-
-    Only namespaces already imported are looked at (a strategy of one was made by its module, so nothing is
-    imported here); a class that a Lightning version lacks matches nothing.
 
     >>> from types import SimpleNamespace
     >>> from pytorch_lightning.strategies import DDPStrategy
@@ -43,15 +57,17 @@ def strategy_is(trainer: TrainerLike, *classes: str) -> bool:
     >>> strategy_is(trainer, "FSDPStrategy"), strategy_is(trainer, "ParallelStrategy"), strategy_is(trainer, "NoSuchStrategy")
     (False, True, False)
     """
-    strategy = trainer.strategy
-    for module in _STRATEGY_MODULES:
-        namespace = sys.modules.get(module)
-        if namespace is None:
-            continue
-        kinds = tuple(cls for cls in (getattr(namespace, name, None) for name in classes) if isinstance(cls, type))
-        if kinds and isinstance(strategy, kinds):
-            return True
-    return False
+    return lightning_instance(trainer.strategy, "strategies", *classes)
+
+
+def tensorboard_writers(loggers: Iterable[Any]) -> list[Any]:
+    """The ``SummaryWriter`` of every Lightning ``TensorBoardLogger`` (either namespace) among ``loggers``.
+
+    >>> from pytorch_lightning.loggers import CSVLogger
+    >>> tensorboard_writers([CSVLogger(".")])
+    []
+    """
+    return [logger.experiment for logger in loggers if lightning_instance(logger, "loggers", "TensorBoardLogger")]
 
 
 def partitions_state(trainer: TrainerLike) -> bool:

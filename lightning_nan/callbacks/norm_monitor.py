@@ -11,10 +11,10 @@ from torch import Tensor
 
 from lightning_nan.callbacks._namespace import check_namespace
 from lightning_nan.callbacks._norm_tensorboard import LAYOUT as LAYOUT
-from lightning_nan.callbacks._norm_tensorboard import add_histograms, add_layout, writers
+from lightning_nan.callbacks._norm_tensorboard import add_histograms, add_layout
 from lightning_nan.callbacks._norm_values import Keys, Plan
 from lightning_nan.callbacks._shared_grads import step_grads
-from lightning_nan.callbacks._trainer import strategy_is
+from lightning_nan.callbacks._trainer import strategy_is, tensorboard_writers
 from lightning_nan.callbacks._types import TrainerLike
 from lightning_nan.core.step_grads import HeldGrads, StepGrads
 from lightning_nan.core.validate import boolean, choice, integer, number, regex
@@ -205,7 +205,7 @@ class NormMonitorBase:
 
     def _histograms(self, trainer: TrainerLike, pending: dict[Plan, Tensor]) -> None:
         """Weight and gradient histograms; a sharded tensor is gathered whole on every rank, rank zero writes."""
-        hist_writers = writers(trainer.loggers, "add_histogram") if trainer.is_global_zero else []
+        hist_writers = tensorboard_writers(trainer.loggers) if trainer.is_global_zero else []
         if not hist_writers and all(plan.copies is None for plan in pending):
             return
         named = {name: p for plan in pending for name, p in zip(plan.names, plan.params)}
