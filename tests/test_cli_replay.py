@@ -34,6 +34,20 @@ class MLP(pl.LightningModule):
 """
 
 
+
+def fit_with_dumps(tmp_path, model, data, batch_size):
+    """One epoch under NaNGuard and BatchBisection(dump_dir=...): the guard and the warnings raised."""
+    guard = ln.NaNGuard()
+    trainer = pl.Trainer(
+        callbacks=[guard, ln.BatchBisection(dump_dir=tmp_path / "dumps")], max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=batch_size))
+    return guard, caught
+
+
 def test_a_model_class_of_the_training_script_replays_elsewhere(tmp_path, monkeypatch, capsys):
     """``python train.py`` pickles the model as ``__main__.MLP``, which no other process can import (the
     replay used to end in ``Can't get attribute 'MLP' on <module '__main__'>``): the exported program replays it."""
@@ -44,14 +58,7 @@ def test_a_model_class_of_the_training_script_replays_elsewhere(tmp_path, monkey
     monkeypatch.setattr(sys.modules["__main__"], "MLP", namespace["MLP"], raising=False)
     x, y = torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.randn(32, 1)
     x[13] = 0.0
-    guard = ln.NaNGuard()
-    trainer = pl.Trainer(
-        callbacks=[guard, ln.BatchBisection(dump_dir=tmp_path / "dumps")], max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(namespace["MLP"](), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    guard, caught = fit_with_dumps(tmp_path, namespace["MLP"](), torch.utils.data.TensorDataset(x, y), batch_size=8)
     assert not [w for w in caught if "cannot be replayed" in str(w.message)]  # exported: nothing to warn about
     dump = guard.incidents[0].detail["dump"]
     capsys.readouterr()
@@ -88,14 +95,7 @@ def test_a_dump_that_cannot_be_replayed_elsewhere_warns_when_written(tmp_path, c
 
     x = torch.ones(8, 2)
     x[5, 0] = float("nan")
-    guard = ln.NaNGuard()
-    trainer = pl.Trainer(
-        callbacks=[guard, ln.BatchBisection(dump_dir=tmp_path / "dumps")], max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(Opaque(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4))
+    guard, caught = fit_with_dumps(tmp_path, Opaque(), torch.utils.data.TensorDataset(x), batch_size=4)
     (warning,) = [w for w in caught if "cannot be replayed" in str(w.message)]
     message = str(warning.message)
     assert "nan_dump_step1_rank0.pt cannot be replayed without your source code: torch.export could not" in message
